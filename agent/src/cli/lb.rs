@@ -1,0 +1,120 @@
+//! `keelson-agent lb …`: attach, program and inspect the service load balancer by hand.
+
+use std::{net::SocketAddrV4, path::PathBuf};
+
+use anyhow::Context as _;
+use keelson_agent::lb::{self, AttachOutcome, Frontend, Pins};
+
+/// Where the load balancer's programs and maps are pinned by default.
+const DEFAULT_PINS: &str = "/sys/fs/bpf/keelson";
+
+#[derive(clap::Args)]
+pub struct PinArgs {
+    /// bpffs directory holding the load balancer's pinned link and maps.
+    #[arg(long = "bpffs", default_value = DEFAULT_PINS)]
+    dir: PathBuf,
+}
+
+impl PinArgs {
+    fn pins(&self) -> Pins {
+        Pins::new(&self.dir)
+    }
+}
+
+#[derive(clap::Subcommand)]
+pub enum LbCommand {
+    /// Load the programs and attach them to a cgroup2 directory; kept across agent restarts.
+    Attach {
+        /// cgroup2 directory whose processes get service load balancing (e.g. the node's
+        /// subtree; `/sys/fs/cgroup` on a pure cgroup v2 host covers the whole machine).
+        #[arg(long)]
+        cgroup: PathBuf,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+    /// Create or replace a service: `lb set 10.96.0.10:80/tcp 10.244.0.5:8080 …`.
+    /// With no backends, connects to the service are refused.
+    Set {
+        /// The frontend, `IPV4:PORT[/tcp|/udp]`.
+        frontend: Frontend,
+        /// The backends, `IPV4:PORT`.
+        backends: Vec<SocketAddrV4>,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+    /// Remove a service.
+    Delete {
+        /// The frontend, `IPV4:PORT[/tcp|/udp]`.
+        frontend: Frontend,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+    /// Print every service and its backends.
+    Dump {
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+    /// Remove the pins, which detaches the programs and frees the maps.
+    Detach {
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+}
+
+impl LbCommand {
+    pub fn run(self) -> anyhow::Result<()> {
+        match self {
+            LbCommand::Attach { cgroup, pins } => {
+                match lb::attach(&cgroup, &pins.pins())
+                    .with_context(|| format!("attaching to {}", cgroup.display()))?
+                {
+                    AttachOutcome::Attached => println!(
+                        "attached cgroup/connect4 to {}; pinned under {}",
+                        cgroup.display(),
+                        pins.dir.display()
+                    ),
+                    AttachOutcome::AlreadyAttached => println!(
+                        "already attached (pinned under {}); kept as it is",
+                        pins.dir.display()
+                    ),
+                }
+            }
+            LbCommand::Set {
+                frontend,
+                backends,
+                pins,
+            } => {
+                lb::open(&pins.pins())?.upsert(frontend, &backends)?;
+                println!("service {frontend}: {} backend(s)", backends.len());
+            }
+            LbCommand::Delete { frontend, pins } => {
+                if lb::open(&pins.pins())?.remove(frontend)? {
+                    println!("service {frontend} removed");
+                } else {
+                    anyhow::bail!("service {frontend} does not exist");
+                }
+            }
+            LbCommand::Dump { pins } => {
+                for (frontend, backends) in lb::open(&pins.pins())?.list()? {
+                    let list: Vec<String> = backends.iter().map(ToString::to_string).collect();
+                    let list = if list.is_empty() {
+                        "(no backends: connects refused)".to_owned()
+                    } else {
+                        list.join(" ")
+                    };
+                    println!("{frontend} -> {list}");
+                }
+            }
+            LbCommand::Detach { pins } => {
+                let removed = lb::detach(&pins.pins())?;
+                if removed.is_empty() {
+                    println!("nothing pinned under {}", pins.dir.display());
+                }
+                for path in removed {
+                    println!("removed {}", path.display());
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,20 @@
+//! Service load balancing in eBPF.
+//!
+//! The kernel side (`ebpf/programs`) rewrites `connect(2)` to a service frontend into a connect
+//! to one of its backends, at the `cgroup/connect4` hook. This module loads and attaches that
+//! program, pins it and its maps under a bpffs directory so that they outlive the agent, and
+//! offers a service-level API over the maps ([`ServiceTable`]).
+//!
+//! Requires Linux 5.7 or later (cgroup BPF links) and a bpffs mount.
+
+mod bpffs;
+mod error;
+mod loader;
+mod maps;
+mod service;
+mod table;
+
+pub use error::{Error, Result};
+pub use loader::{AttachOutcome, Pins, attach, detach, open};
+pub use service::{Frontend, ParseError, Protocol};
+pub use table::{ServiceTable, Services};

@@ -1,0 +1,22 @@
+//! `keelson-agent`: the node agent's command line.
+
+mod cli;
+
+use clap::Parser as _;
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli::Cli::parse().run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keelson-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

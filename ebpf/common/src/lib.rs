@@ -1,0 +1,101 @@
+//! Map keys and values shared by Keelson's kernel programs (`keelson-ebpf`) and the agent.
+//!
+//! Every type is `#[repr(C)]` with explicit padding so that the kernel and user space agree
+//! byte for byte. Addresses and ports are kept in network byte order, exactly as the kernel
+//! hands them to `cgroup/connect4`, so the fast path never converts.
+//!
+//! Layout of the load balancer:
+//! - [`SERVICES_MAP`]: `ServiceKey` (virtual IP, port, protocol) → [`ServiceEntry`] (service id
+//!   and number of backend slots).
+//! - [`BACKENDS_MAP`]: [`BackendKey`] (service id, slot) → [`Backend`] (address, port).
+//!
+//! Updating one service writes only its own entries, so the cost of an update does not grow
+//! with the number of services.
+#![no_std]
+#![deny(missing_docs)]
+
+/// Name of the services map; also its pin name under the agent's bpffs directory.
+pub const SERVICES_MAP: &str = "SERVICES";
+/// Name of the backends map; also its pin name under the agent's bpffs directory.
+pub const BACKENDS_MAP: &str = "BACKENDS";
+/// Capacity of the services map.
+pub const MAX_SERVICES: u32 = 65_536;
+/// Capacity of the backends map.
+pub const MAX_BACKENDS: u32 = 262_144;
+/// Most backend slots one service may have.
+pub const MAX_BACKENDS_PER_SERVICE: u32 = 4_096;
+
+/// IP protocol number of TCP.
+pub const IPPROTO_TCP: u8 = 6;
+/// IP protocol number of UDP.
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Identifies a service frontend: a virtual IPv4 address, port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// IPv4 address, network byte order.
+    pub addr: u32,
+    /// Port, network byte order.
+    pub port: u16,
+    /// IP protocol number ([`IPPROTO_TCP`] or [`IPPROTO_UDP`]).
+    pub proto: u8,
+    /// Explicit padding; always zero.
+    pub pad: u8,
+}
+
+/// What the kernel needs to know of a service to pick a backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceEntry {
+    /// Service id: the first half of every [`BackendKey`] of this service.
+    pub id: u32,
+    /// Number of backend slots `0..count`; zero means no ready backend: connects are refused.
+    pub count: u32,
+}
+
+/// Identifies one backend slot of a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BackendKey {
+    /// The [`ServiceEntry::id`] this slot belongs to.
+    pub service_id: u32,
+    /// Slot index, `0..ServiceEntry::count`.
+    pub slot: u32,
+}
+
+/// A backend endpoint.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backend {
+    /// IPv4 address, network byte order.
+    pub addr: u32,
+    /// Port, network byte order.
+    pub port: u16,
+    /// Explicit padding; always zero.
+    pub pad: u16,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all four types are `#[repr(C)]`, `Copy`, made only of integers, with every
+    // padding byte an explicit field, so any bit pattern is a valid value.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceEntry {}
+    unsafe impl aya::Pod for super::BackendKey {}
+    unsafe impl aya::Pod for super::Backend {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<ServiceKey>(), 8);
+        assert_eq!(size_of::<ServiceEntry>(), 8);
+        assert_eq!(size_of::<BackendKey>(), 8);
+        assert_eq!(size_of::<Backend>(), 8);
+    }
+}
