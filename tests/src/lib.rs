@@ -124,7 +124,10 @@ impl Netns {
     /// When the descriptor cannot be duplicated.
     pub fn try_clone(&self) -> Result<Netns> {
         Ok(Netns {
-            ns: self.ns.try_clone().context("duplicating the netns handle")?,
+            ns: self
+                .ns
+                .try_clone()
+                .context("duplicating the netns handle")?,
         })
     }
 

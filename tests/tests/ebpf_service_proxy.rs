@@ -28,7 +28,12 @@ fn lb(pins: &Path, args: &[&str]) -> Result<String> {
 
 /// Connects from a fresh process placed in `netns` (and `cgroup`, if given) to `addr`.
 /// Returns the server's reply, or the client's error text.
-fn probe(netns: &Netns, cgroup: Option<&Cgroup2>, addr: &str, msg: &str) -> Result<Result<String, String>> {
+fn probe(
+    netns: &Netns,
+    cgroup: Option<&Cgroup2>,
+    addr: &str,
+    msg: &str,
+) -> Result<Result<String, String>> {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_netprobe"));
     cmd.args(["tcp", addr, msg]);
     let fds = place(&mut cmd, netns, cgroup)?;
@@ -61,7 +66,10 @@ fn connect4_sends_service_connects_to_ready_backends_only_inside_its_cgroup() ->
     ensure!(out.contains("attached"), "attach said: {out}");
     // Attaching again keeps the pinned program (what an agent restart does).
     let out = lb(&pins, &["attach", "--cgroup", cg])?;
-    ensure!(out.contains("already attached"), "second attach said: {out}");
+    ensure!(
+        out.contains("already attached"),
+        "second attach said: {out}"
+    );
 
     // One backend: the bytes arrive at it and its answer comes back.
     lb(&pins, &["set", VIP, &a.addr().to_string()])?;
@@ -74,7 +82,10 @@ fn connect4_sends_service_connects_to_ready_backends_only_inside_its_cgroup() ->
     assert!(err.contains("unreachable"), "unexpected error: {err}");
 
     // Two backends: new connections spread over both.
-    lb(&pins, &["set", VIP, &a.addr().to_string(), &b.addr().to_string()])?;
+    lb(
+        &pins,
+        &["set", VIP, &a.addr().to_string(), &b.addr().to_string()],
+    )?;
     let mut seen = BTreeSet::new();
     for i in 0..40 {
         let reply = probe(&netns, Some(&cgroup), VIP, &i.to_string())?
@@ -96,7 +107,10 @@ fn connect4_sends_service_connects_to_ready_backends_only_inside_its_cgroup() ->
     // A service with no ready backend refuses at once instead of hanging.
     lb(&pins, &["set", "10.96.0.11:80"])?;
     let refused = probe(&netns, Some(&cgroup), "10.96.0.11:80", "x")?;
-    assert!(refused.is_err(), "a service without backends must refuse: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "a service without backends must refuse: {refused:?}"
+    );
 
     let dump = lb(&pins, &["dump"])?;
     assert_eq!(
@@ -129,7 +143,10 @@ fn lb_commands_report_clear_errors() -> Result<()> {
         .output()?;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("is the load balancer attached"), "stderr: {err}");
+    assert!(
+        err.contains("is the load balancer attached"),
+        "stderr: {err}"
+    );
 
     // A pin directory that is not on a bpffs is refused with the fix in the message.
     let not_bpf = tempfile::tempdir()?;

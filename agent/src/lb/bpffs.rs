@@ -27,7 +27,10 @@ fn is_bpffs(path: &Path) -> bool {
 /// [`Error::NotBpffs`] when the location is not on a bpffs, or [`Error::Io`] when the mount or
 /// the directory cannot be made.
 pub(crate) fn ensure_dir(dir: &Path) -> Result<()> {
-    let anchor = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let anchor = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
     if !is_bpffs(anchor) {
         let default = Path::new(DEFAULT_MOUNT);
         if !(dir.starts_with(default) && default.is_dir() && !is_bpffs(default)) {

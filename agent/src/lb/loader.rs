@@ -14,7 +14,9 @@ use aya::{
     maps::{HashMap as BpfHashMap, Map, MapData},
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
-use keelson_ebpf_common::{BACKENDS_MAP, Backend, BackendKey, SERVICES_MAP, ServiceEntry, ServiceKey};
+use keelson_ebpf_common::{
+    BACKENDS_MAP, Backend, BackendKey, SERVICES_MAP, ServiceEntry, ServiceKey,
+};
 
 use super::{
     bpffs::{ensure_dir, io_err},
@@ -91,10 +93,12 @@ pub fn attach(cgroup: &Path, pins: &Pins) -> Result<AttachOutcome> {
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pins.dir())
         .load(OBJECT)?;
-    let program_err = |op| move |source| Error::Program {
-        program: CONNECT4,
-        op,
-        source,
+    let program_err = |op| {
+        move |source| Error::Program {
+            program: CONNECT4,
+            op,
+            source,
+        }
     };
     let program: &mut CgroupSockAddr = ebpf
         .program_mut(CONNECT4)
@@ -111,7 +115,9 @@ pub fn attach(cgroup: &Path, pins: &Pins) -> Result<AttachOutcome> {
     let link_id = program
         .attach(&cgroup_dir, CgroupAttachMode::Single)
         .map_err(program_err("attach"))?;
-    let link = program.take_link(link_id).map_err(program_err("take link"))?;
+    let link = program
+        .take_link(link_id)
+        .map_err(program_err("take link"))?;
     let link: FdLink = link.try_into().map_err(|source| Error::Link {
         program: CONNECT4,
         source,

@@ -43,7 +43,7 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
         pad: 0,
     };
     // SAFETY: map values are only read here; user space replaces entries whole.
-    let Some(service) = (unsafe { SERVICES.get(&key) }) else {
+    let Some(service) = (unsafe { SERVICES.get(key) }) else {
         return ALLOW;
     };
     if service.count == 0 {
@@ -57,7 +57,7 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
         slot,
     };
     // SAFETY: as above, read-only access to a map value.
-    match unsafe { BACKENDS.get(&backend_key) } {
+    match unsafe { BACKENDS.get(backend_key) } {
         Some(backend) => {
             sa.user_ip4 = backend.addr;
             sa.user_port = u32::from(backend.port);
