@@ -1,9 +1,10 @@
 //! The agent's eBPF service proxy, end to end with the real `keelson-agent` binary.
 //!
-//! Inside a network namespace and a cgroup2 directory that the test creates, `cgroup/connect4`
-//! must turn a connect to a service's virtual IP into a connect to a backend listening in that
-//! namespace. The namespace has only `lo`: a connect that is *not* rewritten fails with
-//! "Network is unreachable", so nothing can leave it.
+//! Inside a network namespace and a cgroup2 directory that the test creates, the programs must
+//! turn a connect (or a UDP send) to a service's virtual IP into one to a backend listening in
+//! that namespace, and show the application the virtual IP as its peer. The namespace has only
+//! `lo`: a connect that is *not* rewritten fails with "Network is unreachable", so nothing can
+//! leave it.
 
 use std::{collections::BTreeSet, path::Path, process::Command};
 
@@ -26,59 +27,98 @@ fn lb(pins: &Path, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Connects from a fresh process placed in `netns` (and `cgroup`, if given) to `addr`.
-/// Returns the server's reply, or the client's error text.
-fn probe(
-    netns: &Netns,
-    cgroup: Option<&Cgroup2>,
-    addr: &str,
-    msg: &str,
-) -> Result<Result<String, String>> {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_netprobe"));
-    cmd.args(["tcp", addr, msg]);
-    let fds = place(&mut cmd, netns, cgroup)?;
-    let out = cmd.output().context("starting netprobe")?;
-    drop(fds);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    Ok(if out.status.success() {
-        Ok(stdout
-            .strip_prefix("reply: ")
-            .unwrap_or(&stdout)
-            .trim_end()
-            .to_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
-    })
+/// What a client saw: the reply and the peer address, as the application sees them.
+#[derive(Debug, PartialEq, Eq)]
+struct Seen {
+    reply: String,
+    peer: String,
+}
+
+/// A client in its own process, placed in `netns` (and `cgroup`, if given).
+struct Client<'a> {
+    netns: &'a Netns,
+    cgroup: Option<&'a Cgroup2>,
+}
+
+impl Client<'_> {
+    /// Sends `msg` over `proto` ("tcp" or "udp") to `addr`: what came back, or the client's
+    /// error text.
+    fn send(&self, proto: &str, addr: &str, msg: &str) -> Result<Result<Seen, String>> {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_netprobe"));
+        cmd.args([proto, addr, msg]);
+        let fds = place(&mut cmd, self.netns, self.cgroup)?;
+        let out = cmd.output().context("starting netprobe")?;
+        drop(fds);
+        if !out.status.success() {
+            return Ok(Err(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let field = |name: &str| {
+            stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        Ok(Ok(Seen {
+            reply: field("reply: "),
+            peer: field("peer: "),
+        }))
+    }
+
+    /// The backend name that answered a TCP request to `addr`.
+    fn backend(&self, addr: &str) -> Result<String> {
+        let seen = self
+            .send("tcp", addr, "who")?
+            .map_err(|e| anyhow::anyhow!("request to {addr} failed: {e}"))?;
+        Ok(seen.reply.split(':').next().unwrap_or_default().to_owned())
+    }
 }
 
 #[test]
-fn connect4_sends_service_connects_to_ready_backends_only_inside_its_cgroup() -> Result<()> {
+fn service_connects_reach_ready_backends_only_inside_the_cgroup() -> Result<()> {
     require_root()?;
     let netns = Netns::new()?;
     let cgroup = Cgroup2::new("lb")?;
     let bpffs = Bpffs::mount()?;
     let pins = bpffs.path().join("keelson");
-    let a = EchoServer::start(&netns, "backend-a")?;
-    let b = EchoServer::start(&netns, "backend-b")?;
+    let a = EchoServer::tcp(&netns, "backend-a")?;
+    let b = EchoServer::tcp(&netns, "backend-b")?;
     let cg = cgroup.path().to_str().context("cgroup path")?;
+    let inside = Client {
+        netns: &netns,
+        cgroup: Some(&cgroup),
+    };
+    let outside = Client {
+        netns: &netns,
+        cgroup: None,
+    };
 
     let out = lb(&pins, &["attach", "--cgroup", cg])?;
     ensure!(out.contains("attached"), "attach said: {out}");
-    // Attaching again keeps the pinned program (what an agent restart does).
+    // Attaching again keeps the pinned programs (what an agent restart does).
     let out = lb(&pins, &["attach", "--cgroup", cg])?;
     ensure!(
         out.contains("already attached"),
         "second attach said: {out}"
     );
 
-    // One backend: the bytes arrive at it and its answer comes back.
+    // One backend: the bytes arrive there, the answer comes back, and the application sees
+    // the service address as its peer.
     lb(&pins, &["set", VIP, &a.addr().to_string()])?;
-    let reply = probe(&netns, Some(&cgroup), VIP, "hello")?;
-    assert_eq!(reply, Ok("backend-a:hello".to_owned()));
+    let seen = inside.send("tcp", VIP, "hello")?;
+    assert_eq!(
+        seen,
+        Ok(Seen {
+            reply: "backend-a:hello".into(),
+            peer: VIP.into()
+        })
+    );
 
     // The same connect from outside the cgroup is not touched: the VIP is unroutable there.
-    let outside = probe(&netns, None, VIP, "hello")?;
-    let err = outside.expect_err("a connect outside the cgroup must not reach a backend");
+    let err = outside
+        .send("tcp", VIP, "hello")?
+        .expect_err("a connect outside the cgroup must not reach a backend");
     assert!(err.contains("unreachable"), "unexpected error: {err}");
 
     // Two backends: new connections spread over both.
@@ -86,31 +126,27 @@ fn connect4_sends_service_connects_to_ready_backends_only_inside_its_cgroup() ->
         &pins,
         &["set", VIP, &a.addr().to_string(), &b.addr().to_string()],
     )?;
-    let mut seen = BTreeSet::new();
-    for i in 0..40 {
-        let reply = probe(&netns, Some(&cgroup), VIP, &i.to_string())?
-            .map_err(|e| anyhow::anyhow!("connect {i} failed: {e}"))?;
-        seen.insert(reply.split(':').next().unwrap_or_default().to_owned());
-    }
+    let seen: BTreeSet<String> = (0..40)
+        .map(|_| inside.backend(VIP))
+        .collect::<Result<_>>()?;
     assert_eq!(
         seen,
-        BTreeSet::from(["backend-a".to_owned(), "backend-b".to_owned()])
+        BTreeSet::from(["backend-a".into(), "backend-b".into()])
     );
 
     // Only backend b stays ready: every new connection goes to it.
     lb(&pins, &["set", VIP, &b.addr().to_string()])?;
-    for i in 0..10 {
-        let reply = probe(&netns, Some(&cgroup), VIP, "x")?;
-        assert_eq!(reply, Ok("backend-b:x".to_owned()), "connect {i}");
+    for _ in 0..10 {
+        assert_eq!(inside.backend(VIP)?, "backend-b");
     }
 
-    // A service with no ready backend refuses at once instead of hanging.
+    // A service with no ready backend refuses at once, as kube-proxy does; so does a port
+    // that no service exposes on a known virtual IP.
     lb(&pins, &["set", "10.96.0.11:80"])?;
-    let refused = probe(&netns, Some(&cgroup), "10.96.0.11:80", "x")?;
-    assert!(
-        refused.is_err(),
-        "a service without backends must refuse: {refused:?}"
-    );
+    for addr in ["10.96.0.11:80", "10.96.0.10:81"] {
+        let err = inside.send("tcp", addr, "x")?.expect_err("must be refused");
+        assert!(err.contains("Connection refused"), "{addr}: {err}");
+    }
 
     let dump = lb(&pins, &["dump"])?;
     assert_eq!(
@@ -121,12 +157,52 @@ fn connect4_sends_service_connects_to_ready_backends_only_inside_its_cgroup() ->
         ]
     );
 
-    // Detaching removes the pins and with them the program: connects are plain again.
+    // Detaching removes the pins and with them the programs: connects are plain again.
     let out = lb(&pins, &["detach"])?;
     ensure!(out.contains("removed"), "detach said: {out}");
-    let after = probe(&netns, Some(&cgroup), VIP, "hello")?;
-    let err = after.expect_err("after detach the VIP must not be rewritten");
+    let err = inside
+        .send("tcp", VIP, "hello")?
+        .expect_err("after detach the VIP must not be rewritten");
     assert!(err.contains("unreachable"), "unexpected error: {err}");
+    Ok(())
+}
+
+#[test]
+fn udp_datagrams_to_a_service_are_answered_from_the_service_address() -> Result<()> {
+    require_root()?;
+    let netns = Netns::new()?;
+    let cgroup = Cgroup2::new("lb-udp")?;
+    let bpffs = Bpffs::mount()?;
+    let pins = bpffs.path().join("keelson");
+    let dns = EchoServer::udp(&netns, "dns-a")?;
+    let cg = cgroup.path().to_str().context("cgroup path")?;
+    let frontend = "10.96.0.53:53";
+
+    lb(&pins, &["attach", "--cgroup", cg])?;
+    lb(
+        &pins,
+        &["set", &format!("{frontend}/udp"), &dns.addr().to_string()],
+    )?;
+    let inside = Client {
+        netns: &netns,
+        cgroup: Some(&cgroup),
+    };
+    for i in 0..5 {
+        let seen = inside.send("udp", frontend, &format!("q{i}"))?;
+        // `recvmsg4` shows the reply as coming from the service, not the backend.
+        assert_eq!(
+            seen,
+            Ok(Seen {
+                reply: format!("dns-a:q{i}"),
+                peer: frontend.into()
+            })
+        );
+    }
+    // The TCP port of the same number is not a service.
+    let err = inside
+        .send("tcp", frontend, "x")?
+        .expect_err("no TCP service on that port");
+    assert!(err.contains("Connection refused"), "{err}");
     Ok(())
 }
 

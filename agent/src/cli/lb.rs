@@ -69,7 +69,7 @@ impl LbCommand {
                     .with_context(|| format!("attaching to {}", cgroup.display()))?
                 {
                     AttachOutcome::Attached => println!(
-                        "attached cgroup/connect4 to {}; pinned under {}",
+                        "attached the load balancer to {}; pinned under {}",
                         cgroup.display(),
                         pins.dir.display()
                     ),

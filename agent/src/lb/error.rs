@@ -41,6 +41,12 @@ pub enum Error {
         #[source]
         source: aya::programs::ProgramError,
     },
+    /// The embedded object lacks a program the agent expects (a build mismatch).
+    #[error("program {program} is missing from the embedded eBPF object")]
+    MissingProgram {
+        /// The program's name.
+        program: &'static str,
+    },
     /// A program's link could not be turned into a pinnable link.
     #[error("program {program}: link is not a BPF link (kernel older than 5.7?)")]
     Link {

@@ -1,8 +1,8 @@
 //! Loading, attaching, pinning and detaching the load balancer's programs and maps.
 //!
-//! Everything lives under one bpffs directory: the maps (pinned by name by the loader) and
-//! the `cgroup/connect4` link. Because the link is pinned, the program stays attached when
-//! the agent exits or restarts; removing the pins detaches it.
+//! Everything lives under one bpffs directory: the maps (pinned by name by the loader) and one
+//! link per program. Because the links are pinned, the programs stay attached when the agent
+//! exits or restarts; removing the pins detaches them.
 
 use std::{
     fs::File,
@@ -10,12 +10,12 @@ use std::{
 };
 
 use aya::{
-    EbpfLoader,
+    Ebpf, EbpfLoader, Pod,
     maps::{HashMap as BpfHashMap, Map, MapData},
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
 use keelson_ebpf_common::{
-    BACKENDS_MAP, Backend, BackendKey, SERVICES_MAP, ServiceEntry, ServiceKey,
+    BACKENDS_MAP, Backend, BackendKey, REVNAT_MAP, SERVICES_MAP, ServiceEntry, ServiceKey, VIPS_MAP,
 };
 
 use super::{
@@ -27,13 +27,16 @@ use super::{
 /// The eBPF object built from `ebpf/programs` by the build script.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keelson-ebpf"));
 
-/// Name of the connect program in the object, also the pin name of its link.
-const CONNECT4: &str = "connect4";
+/// The programs of the object, each attached to the cgroup and pinned under its own name.
+const PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
+/// The maps of the object, pinned by name.
+const MAPS: [&str; 4] = [SERVICES_MAP, BACKENDS_MAP, VIPS_MAP, REVNAT_MAP];
 
 /// A service table over the kernel maps.
 pub type KernelServiceTable = ServiceTable<
     BpfHashMap<MapData, ServiceKey, ServiceEntry>,
     BpfHashMap<MapData, BackendKey, Backend>,
+    BpfHashMap<MapData, u32, u32>,
 >;
 
 /// The pins of one load balancer instance under its bpffs directory.
@@ -53,11 +56,7 @@ impl Pins {
         &self.dir
     }
 
-    fn link(&self) -> PathBuf {
-        self.dir.join(CONNECT4)
-    }
-
-    fn map(&self, name: &str) -> PathBuf {
+    fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
 }
@@ -65,69 +64,76 @@ impl Pins {
 /// What [`attach`] did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum AttachOutcome {
-    /// The program was loaded, attached and pinned.
+    /// Programs were loaded, attached and pinned.
     Attached,
-    /// A pinned attachment already existed and was kept (e.g. after an agent restart).
+    /// Every program was already attached and pinned (e.g. after an agent restart); kept.
     AlreadyAttached,
 }
 
-/// Loads the load balancer, attaches `cgroup/connect4` to the cgroup2 directory `cgroup` and
-/// pins link and maps under `pins`. Idempotent: an existing pinned attachment is kept, so
-/// established and new connections are not disturbed by an agent restart.
+/// Loads the load balancer, attaches its programs (`connect4`, `sendmsg4`, `recvmsg4`,
+/// `getpeername4`) to the cgroup2 directory `cgroup` and pins links and maps under `pins`.
+/// Idempotent: programs already pinned are kept, so established and new connections are not
+/// disturbed by an agent restart.
 ///
 /// Requires Linux 5.7 or later (BPF links for cgroups).
 ///
 /// # Errors
 /// The pin directory is not on a bpffs, the cgroup cannot be opened, or the kernel refuses to
-/// load or attach the program.
+/// load or attach a program.
 pub fn attach(cgroup: &Path, pins: &Pins) -> Result<AttachOutcome> {
     ensure_dir(pins.dir())?;
-    let link_pin = pins.link();
-    if link_pin.exists() {
+    let missing: Vec<&str> = PROGRAMS
+        .into_iter()
+        .filter(|name| !pins.path(name).exists())
+        .collect();
+    if missing.is_empty() {
         return Ok(AttachOutcome::AlreadyAttached);
     }
     let cgroup_dir = File::open(cgroup).map_err(|e| io_err("open cgroup", cgroup.into(), e))?;
 
     // Maps are declared `pinned` in the object: the loader reuses pins found in the directory
-    // and pins new maps there.
+    // and pins new maps there, so every program shares the same maps.
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pins.dir())
         .load(OBJECT)?;
+    for name in missing {
+        attach_one(&mut ebpf, name, &cgroup_dir, &pins.path(name))?;
+    }
+    tracing::info!(cgroup = %cgroup.display(), pins = %pins.dir().display(), "load balancer attached");
+    Ok(AttachOutcome::Attached)
+}
+
+fn attach_one(ebpf: &mut Ebpf, name: &'static str, cgroup: &File, pin: &Path) -> Result<()> {
     let program_err = |op| {
         move |source| Error::Program {
-            program: CONNECT4,
+            program: name,
             op,
             source,
         }
     };
     let program: &mut CgroupSockAddr = ebpf
-        .program_mut(CONNECT4)
-        .ok_or(Error::Program {
-            program: CONNECT4,
-            op: "find",
-            source: aya::programs::ProgramError::UnexpectedProgramType,
-        })?
+        .program_mut(name)
+        .ok_or(Error::MissingProgram { program: name })?
         .try_into()
         .map_err(program_err("cast"))?;
     program.load().map_err(program_err("load"))?;
     // BPF links on a cgroup always coexist with other programs (the kernel attaches them as
     // "multi"); the link API wants no attach flags, which `Single` means here.
     let link_id = program
-        .attach(&cgroup_dir, CgroupAttachMode::Single)
+        .attach(cgroup, CgroupAttachMode::Single)
         .map_err(program_err("attach"))?;
     let link = program
         .take_link(link_id)
         .map_err(program_err("take link"))?;
     let link: FdLink = link.try_into().map_err(|source| Error::Link {
-        program: CONNECT4,
+        program: name,
         source,
     })?;
-    link.pin(&link_pin).map_err(|source| Error::Pin {
-        path: link_pin.clone(),
+    link.pin(pin).map_err(|source| Error::Pin {
+        path: pin.into(),
         source,
     })?;
-    tracing::info!(cgroup = %cgroup.display(), pins = %pins.dir().display(), "load balancer attached");
-    Ok(AttachOutcome::Attached)
+    Ok(())
 }
 
 /// Opens the pinned maps of an attached load balancer as a service table.
@@ -135,30 +141,20 @@ pub fn attach(cgroup: &Path, pins: &Pins) -> Result<AttachOutcome> {
 /// # Errors
 /// The maps are not pinned (nothing attached) or cannot be opened.
 pub fn open(pins: &Pins) -> Result<KernelServiceTable> {
-    let services = BpfHashMap::try_from(open_map(&pins.map(SERVICES_MAP))?).map_err(|source| {
-        Error::OpenPin {
-            path: pins.map(SERVICES_MAP),
-            source,
-        }
-    })?;
-    let backends = BpfHashMap::try_from(open_map(&pins.map(BACKENDS_MAP))?).map_err(|source| {
-        Error::OpenPin {
-            path: pins.map(BACKENDS_MAP),
-            source,
-        }
-    })?;
-    ServiceTable::new(services, backends)
+    ServiceTable::new(
+        open_hash_map(&pins.path(SERVICES_MAP))?,
+        open_hash_map(&pins.path(BACKENDS_MAP))?,
+        open_hash_map(&pins.path(VIPS_MAP))?,
+    )
 }
 
-fn open_map(path: &Path) -> Result<Map> {
-    let data = MapData::from_pin(path).map_err(|source| Error::OpenPin {
+fn open_hash_map<K: Pod, V: Pod>(path: &Path) -> Result<BpfHashMap<MapData, K, V>> {
+    let open_err = |source| Error::OpenPin {
         path: path.into(),
         source,
-    })?;
-    Map::from_map_data(data).map_err(|source| Error::OpenPin {
-        path: path.into(),
-        source,
-    })
+    };
+    let data = MapData::from_pin(path).map_err(open_err)?;
+    BpfHashMap::try_from(Map::from_map_data(data).map_err(open_err)?).map_err(open_err)
 }
 
 /// Removes the link and map pins, which detaches the program once no process holds it.
@@ -168,7 +164,7 @@ fn open_map(path: &Path) -> Result<Map> {
 /// A pin exists but cannot be removed.
 pub fn detach(pins: &Pins) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    for path in [pins.link(), pins.map(SERVICES_MAP), pins.map(BACKENDS_MAP)] {
+    for path in PROGRAMS.into_iter().chain(MAPS).map(|name| pins.path(name)) {
         match std::fs::remove_file(&path) {
             Ok(()) => removed.push(path),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

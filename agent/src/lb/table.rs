@@ -8,7 +8,7 @@ use std::{collections::HashSet, net::SocketAddrV4};
 
 use keelson_ebpf_common::{
     BACKENDS_MAP, Backend, BackendKey, MAX_BACKENDS_PER_SERVICE, SERVICES_MAP, ServiceEntry,
-    ServiceKey,
+    ServiceKey, VIPS_MAP,
 };
 
 use super::{
@@ -20,24 +20,27 @@ use super::{
 /// Every service in the table with its backends, sorted by frontend.
 pub type Services = Vec<(Frontend, Vec<SocketAddrV4>)>;
 
-/// Services and backends over two maps (kernel maps in production, fakes in tests).
-pub struct ServiceTable<S, B> {
+/// Services and backends over the load balancer's maps (kernel maps in production, fakes in
+/// tests): services, backend slots, and the count of service ports per virtual IP.
+pub struct ServiceTable<S, B, V> {
     services: S,
     backends: B,
+    vips: V,
     used_ids: HashSet<u32>,
     next_id: u32,
 }
 
-impl<S, B> ServiceTable<S, B>
+impl<S, B, V> ServiceTable<S, B, V>
 where
     S: KvMap<ServiceKey, ServiceEntry>,
     B: KvMap<BackendKey, Backend>,
+    V: KvMap<u32, u32>,
 {
-    /// Wraps the two maps, learning which service ids are taken from what is already there.
+    /// Wraps the maps, learning which service ids are taken from what is already there.
     ///
     /// # Errors
     /// When the services map cannot be read.
-    pub fn new(services: S, backends: B) -> Result<Self> {
+    pub fn new(services: S, backends: B, vips: V) -> Result<Self> {
         let used_ids: HashSet<u32> = services
             .entries()
             .map_err(map_err("iterate", SERVICES_MAP))?
@@ -48,6 +51,7 @@ where
         Ok(ServiceTable {
             services,
             backends,
+            vips,
             used_ids,
             next_id,
         })
@@ -90,8 +94,9 @@ where
             self.used_ids.remove(&id);
             return Err(e);
         }
-        if let Some(old) = old {
-            self.release(old)?;
+        match old {
+            Some(old) => self.release(old)?,
+            None => self.count_vip(key.addr, 1)?,
         }
         Ok(())
     }
@@ -113,7 +118,24 @@ where
             .remove(&key)
             .map_err(map_err("delete", SERVICES_MAP))?;
         self.release(old)?;
+        self.count_vip(key.addr, -1)?;
         Ok(true)
+    }
+
+    /// Adjusts the number of service ports on a virtual IP, dropping the entry at zero.
+    fn count_vip(&mut self, addr: u32, delta: i32) -> Result<()> {
+        let current = self
+            .vips
+            .get(&addr)
+            .map_err(map_err("lookup", VIPS_MAP))?
+            .unwrap_or(0);
+        match current.saturating_add_signed(delta) {
+            0 => self.vips.remove(&addr).map_err(map_err("delete", VIPS_MAP)),
+            n => self
+                .vips
+                .insert(addr, n)
+                .map_err(map_err("insert", VIPS_MAP)),
+        }
     }
 
     /// Every service and its backends, sorted by frontend.
@@ -199,8 +221,8 @@ where
 
     /// The raw maps, for inspection in tests.
     #[cfg(test)]
-    fn maps(&self) -> (&S, &B) {
-        (&self.services, &self.backends)
+    fn maps(&self) -> (&S, &B, &V) {
+        (&self.services, &self.backends, &self.vips)
     }
 }
 
@@ -214,10 +236,14 @@ mod tests {
 
     use super::*;
 
-    type Fake = ServiceTable<HashMap<ServiceKey, ServiceEntry>, HashMap<BackendKey, Backend>>;
+    type Fake = ServiceTable<
+        HashMap<ServiceKey, ServiceEntry>,
+        HashMap<BackendKey, Backend>,
+        HashMap<u32, u32>,
+    >;
 
     fn table() -> Fake {
-        ServiceTable::new(HashMap::new(), HashMap::new()).unwrap()
+        ServiceTable::new(HashMap::new(), HashMap::new(), HashMap::new()).unwrap()
     }
 
     fn addrs(list: &[&str]) -> Vec<SocketAddrV4> {
@@ -285,7 +311,24 @@ mod tests {
             t.upsert(web, &many),
             Err(Error::TooManyBackends { .. })
         ));
-        assert!(t.maps().0.is_empty() && t.maps().1.is_empty());
+        assert!(t.maps().0.is_empty() && t.maps().1.is_empty() && t.maps().2.is_empty());
+    }
+
+    #[test]
+    fn virtual_ips_are_counted_per_service_port() {
+        let mut t = table();
+        let http: Frontend = "10.96.0.10:80".parse().unwrap();
+        let https: Frontend = "10.96.0.10:443".parse().unwrap();
+        let vip = http.key().addr;
+        t.upsert(http, &addrs(&["10.244.0.2:8080"])).unwrap();
+        t.upsert(https, &[]).unwrap();
+        // Replacing backends does not count the port twice.
+        t.upsert(http, &addrs(&["10.244.0.3:8080"])).unwrap();
+        assert_eq!(t.maps().2[&vip], 2);
+        t.remove(http).unwrap();
+        assert_eq!(t.maps().2[&vip], 1);
+        t.remove(https).unwrap();
+        assert!(t.maps().2.is_empty());
     }
 
     #[test]
@@ -293,9 +336,9 @@ mod tests {
         let mut t = table();
         let web: Frontend = "10.96.0.10:80".parse().unwrap();
         t.upsert(web, &addrs(&["10.244.0.2:8080"])).unwrap();
-        let (services, backends) = (t.services, t.backends);
+        let (services, backends, vips) = (t.services, t.backends, t.vips);
         let used = services[&web.key()].id;
-        let mut t = ServiceTable::new(services, backends).unwrap();
+        let mut t = ServiceTable::new(services, backends, vips).unwrap();
         let other: Frontend = "10.96.0.11:80".parse().unwrap();
         t.upsert(other, &addrs(&["10.244.0.3:8080"])).unwrap();
         assert_ne!(t.maps().0[&other.key()].id, used);

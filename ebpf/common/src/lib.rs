@@ -8,6 +8,11 @@
 //! - [`SERVICES_MAP`]: `ServiceKey` (virtual IP, port, protocol) → [`ServiceEntry`] (service id
 //!   and number of backend slots).
 //! - [`BACKENDS_MAP`]: [`BackendKey`] (service id, slot) → [`Backend`] (address, port).
+//! - [`VIPS_MAP`]: virtual IP → number of service ports on it, so that a connect to a port
+//!   that no service exposes on a known virtual IP is refused rather than sent off the node.
+//! - [`REVNAT_MAP`]: [`RevNatKey`] (socket cookie, backend) → [`RevNatValue`] (the frontend the
+//!   socket asked for), written on connect/sendmsg and read by `getpeername4`/`recvmsg4` so
+//!   the application sees the service address as its peer. An LRU map: it never fills up.
 //!
 //! Updating one service writes only its own entries, so the cost of an update does not grow
 //! with the number of services.
@@ -18,10 +23,16 @@
 pub const SERVICES_MAP: &str = "SERVICES";
 /// Name of the backends map; also its pin name under the agent's bpffs directory.
 pub const BACKENDS_MAP: &str = "BACKENDS";
+/// Name of the virtual-IP map; also its pin name.
+pub const VIPS_MAP: &str = "VIPS";
+/// Name of the reverse-translation map; also its pin name.
+pub const REVNAT_MAP: &str = "REVNAT";
 /// Capacity of the services map.
 pub const MAX_SERVICES: u32 = 65_536;
 /// Capacity of the backends map.
 pub const MAX_BACKENDS: u32 = 262_144;
+/// Capacity of the reverse-translation LRU map (one entry per balanced socket and backend).
+pub const MAX_REVNAT: u32 = 262_144;
 /// Most backend slots one service may have.
 pub const MAX_BACKENDS_PER_SERVICE: u32 = 4_096;
 
@@ -76,14 +87,42 @@ pub struct Backend {
     pub pad: u16,
 }
 
+/// Identifies a balanced socket and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RevNatKey {
+    /// The socket's cookie (`bpf_get_socket_cookie`).
+    pub cookie: u64,
+    /// Backend IPv4 address, network byte order.
+    pub addr: u32,
+    /// Backend port, network byte order.
+    pub port: u16,
+    /// Explicit padding; always zero.
+    pub pad: u16,
+}
+
+/// The frontend a socket originally addressed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RevNatValue {
+    /// Virtual IPv4 address, network byte order.
+    pub addr: u32,
+    /// Service port, network byte order.
+    pub port: u16,
+    /// Explicit padding; always zero.
+    pub pad: u16,
+}
+
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all four types are `#[repr(C)]`, `Copy`, made only of integers, with every
+    // SAFETY: all these types are `#[repr(C)]`, `Copy`, made only of integers, with every
     // padding byte an explicit field, so any bit pattern is a valid value.
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::ServiceEntry {}
     unsafe impl aya::Pod for super::BackendKey {}
     unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::RevNatKey {}
+    unsafe impl aya::Pod for super::RevNatValue {}
 }
 
 #[cfg(test)]
@@ -97,5 +136,7 @@ mod tests {
         assert_eq!(size_of::<ServiceEntry>(), 8);
         assert_eq!(size_of::<BackendKey>(), 8);
         assert_eq!(size_of::<Backend>(), 8);
+        assert_eq!(size_of::<RevNatKey>(), 16);
+        assert_eq!(size_of::<RevNatValue>(), 8);
     }
 }

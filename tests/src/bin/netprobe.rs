@@ -1,41 +1,66 @@
-//! `netprobe tcp ADDR MESSAGE`: connects, sends MESSAGE, half-closes, and prints the reply.
+//! `netprobe tcp|udp ADDR MESSAGE`: sends MESSAGE to ADDR and prints the reply and the address
+//! the reply came from, as the application sees them.
 //!
-//! A client the end-to-end tests start inside the namespaces and cgroups they create. Exit
-//! status 0 with `reply: …` on stdout, or 2 with `error: …` (the OS error) on stderr.
+//! - `tcp`: connect, send, half-close, read to the end; `peer:` is `getpeername(2)`.
+//! - `udp`: an unconnected socket, `sendto` then `recvfrom`; `peer:` is the reply's source.
+//!
+//! A client that the end-to-end tests start inside the namespaces and cgroups they create.
+//! Exit status 0 with `reply: …` and `peer: …` lines on stdout, or 2 with `error: …` (the OS
+//! error) on stderr.
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Shutdown, SocketAddr, TcpStream},
+    net::{Shutdown, SocketAddr, TcpStream, UdpSocket},
     process::ExitCode,
     time::Duration,
 };
 
-fn probe(addr: &str, message: &str) -> std::io::Result<String> {
-    let addr: SocketAddr = addr
-        .parse()
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+fn tcp(addr: SocketAddr, message: &str) -> std::io::Result<(String, SocketAddr)> {
+    let mut conn = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    conn.set_read_timeout(Some(TIMEOUT))?;
+    let peer = conn.peer_addr()?;
     conn.write_all(message.as_bytes())?;
     conn.shutdown(Shutdown::Write)?;
     let mut reply = String::new();
     conn.read_to_string(&mut reply)?;
-    Ok(reply)
+    Ok((reply, peer))
+}
+
+fn udp(addr: SocketAddr, message: &str) -> std::io::Result<(String, SocketAddr)> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(TIMEOUT))?;
+    socket.send_to(message.as_bytes(), addr)?;
+    let mut buf = [0u8; 2048];
+    let (n, from) = socket.recv_from(&mut buf)?;
+    Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
 }
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [mode, addr, message] = args.as_slice() else {
-        eprintln!("usage: netprobe tcp ADDR MESSAGE");
+        eprintln!("usage: netprobe tcp|udp ADDR MESSAGE");
         return ExitCode::from(64);
     };
-    if mode != "tcp" {
-        eprintln!("netprobe: unknown mode {mode:?} (only tcp)");
-        return ExitCode::from(64);
-    }
-    match probe(addr, message) {
-        Ok(reply) => {
-            println!("reply: {reply}");
+    let addr: SocketAddr = match addr.parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("netprobe: {addr:?}: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let result = match mode.as_str() {
+        "tcp" => tcp(addr, message),
+        "udp" => udp(addr, message),
+        other => {
+            eprintln!("netprobe: unknown mode {other:?} (tcp or udp)");
+            return ExitCode::from(64);
+        }
+    };
+    match result {
+        Ok((reply, peer)) => {
+            println!("reply: {reply}\npeer: {peer}");
             ExitCode::SUCCESS
         }
         Err(e) => {
