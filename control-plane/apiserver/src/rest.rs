@@ -1,0 +1,803 @@
+//! Create, read, update, patch and delete of objects, on top of the store.
+
+use std::sync::Arc;
+
+use axum::{
+    body::Body,
+    http::{HeaderMap, HeaderValue, Method, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde_json::{Value, json};
+
+use crate::{
+    Api,
+    object::{self, FieldValidation},
+    patch::{self, PatchType},
+    request::{Query, Target},
+    selectors::{FieldSelector, LabelSelector, extra_fields},
+    services,
+    status::{ApiError, ApiResult, Cause},
+    storage::{Revision, Storage, StorageError},
+    table::{self, IncludeObject},
+    watch,
+};
+
+/// How many times a patch is retried when the object changed underneath it.
+const PATCH_RETRIES: usize = 5;
+
+/// A successful response: a JSON body, its status code, and warnings for the client.
+pub struct Reply {
+    code: StatusCode,
+    body: Value,
+    warnings: Vec<String>,
+}
+
+impl Reply {
+    fn ok(body: Value) -> Self {
+        Reply {
+            code: StatusCode::OK,
+            body,
+            warnings: Vec::new(),
+        }
+    }
+}
+
+impl IntoResponse for Reply {
+    fn into_response(self) -> Response {
+        let mut resp = (self.code, axum::Json(self.body)).into_response();
+        for w in self.warnings {
+            // `299 - "text"` as Kubernetes sends warnings; quotes in the text are escaped.
+            let text = format!("299 - \"{}\"", w.replace('\\', "\\\\").replace('"', "\\\""));
+            if let Ok(v) = HeaderValue::from_str(&text) {
+                resp.headers_mut().append(header::WARNING, v);
+            }
+        }
+        resp
+    }
+}
+
+/// Everything a handler needs from the request.
+pub struct Request {
+    /// The addressed object or collection.
+    pub target: Target,
+    /// The method.
+    pub method: Method,
+    /// Query parameters.
+    pub query: Query,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// The body (already size-limited).
+    pub body: bytes::Bytes,
+}
+
+impl Request {
+    fn header(&self, name: header::HeaderName) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Serves one resource request.
+pub async fn serve(api: Arc<Api>, req: Request) -> Response {
+    let result = match (
+        &req.method,
+        req.target.name.is_some(),
+        req.target.sub.as_deref(),
+    ) {
+        (&Method::GET, false, None) if req.query.flag("watch") => {
+            return watch::serve(api, req).await;
+        }
+        (&Method::GET, false, None) => list(&api, &req).await,
+        (&Method::POST, false, None) => create(&api, &req).await,
+        (&Method::DELETE, false, None) => delete_collection(&api, &req).await,
+        (&Method::GET, true, None | Some("status")) => get(&api, &req).await,
+        (&Method::PUT, true, None) => update(&api, &req, false).await,
+        (&Method::PUT, true, Some("status")) => update(&api, &req, true).await,
+        (&Method::PATCH, true, None) => patch(&api, &req, false).await,
+        (&Method::PATCH, true, Some("status")) => patch(&api, &req, true).await,
+        (&Method::DELETE, true, None) => delete(&api, &req).await,
+        (_, true, Some("scale")) if req.target.resource.has_scale => scale(&api, &req).await,
+        (_, _, Some(sub)) if !known_sub(&req.target, sub) => Err(ApiError::no_route(&format!(
+            "{}/{sub}",
+            req.target.resource.plural
+        ))),
+        _ => Err(ApiError::method_not_allowed()),
+    };
+    match result {
+        Ok(reply) => reply.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+fn known_sub(t: &Target, sub: &str) -> bool {
+    match sub {
+        "status" => t.resource.has_status,
+        "scale" => t.resource.has_scale,
+        _ => false,
+    }
+}
+
+/// Parses a JSON request body into an object.
+fn parse_body(req: &Request) -> ApiResult<Value> {
+    let ct = req
+        .header(header::CONTENT_TYPE)
+        .unwrap_or("application/json");
+    let base = ct.split(';').next().unwrap_or("").trim();
+    if !matches!(base, "application/json" | "" | "*/*") {
+        return Err(ApiError::unsupported_media_type(ct));
+    }
+    let v: Value = serde_json::from_slice(&req.body)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(ApiError::bad_request(
+            "the request body must be a JSON object",
+        ));
+    }
+    Ok(v)
+}
+
+/// Checks the type fields of a submitted object against the addressed resource.
+fn check_type(t: &Target, obj: &mut Value) -> ApiResult<()> {
+    let r = t.resource;
+    match obj.get("apiVersion").and_then(Value::as_str) {
+        Some(v) if v != r.api_version() => {
+            return Err(ApiError::bad_request(format!(
+                "the API version in the data ({v}) does not match the expected API version ({})",
+                r.api_version()
+            )));
+        }
+        _ => obj["apiVersion"] = json!(r.api_version()),
+    }
+    match obj.get("kind").and_then(Value::as_str) {
+        Some(k) if k != r.kind => {
+            return Err(ApiError::bad_request(format!(
+                "the kind in the data ({k}) does not match the expected kind ({})",
+                r.kind
+            )));
+        }
+        _ => obj["kind"] = json!(r.kind),
+    }
+    if let (Some(url_ns), Some(body_ns)) =
+        (t.namespace.as_deref(), object::meta_str(obj, "namespace"))
+        && url_ns != body_ns
+    {
+        return Err(ApiError::bad_request(
+            "the namespace of the provided object does not match the namespace sent on the request",
+        ));
+    }
+    Ok(())
+}
+
+/// Validation shared by create and update: name, required fields, the type's schema.
+fn validate(t: &Target, obj: &mut Value, validation: FieldValidation) -> ApiResult<Vec<String>> {
+    let r = t.resource;
+    let name = object::meta_str(obj, "name").unwrap_or_default().to_owned();
+    let mut causes = Vec::new();
+    if name.is_empty() {
+        causes.push(Cause {
+            reason: "FieldValueRequired",
+            message: "name or generateName is required".into(),
+            field: "metadata.name".into(),
+        });
+    } else if let Some(msg) = object::validate_name(r.names, &name) {
+        causes.push(Cause {
+            reason: "FieldValueInvalid",
+            message: format!("Invalid value: \"{name}\": {msg}"),
+            field: "metadata.name".into(),
+        });
+    }
+    let warnings = object::check_schema(r, obj, validation)?;
+    causes.extend(object::validate_required(r, obj));
+    if !causes.is_empty() {
+        return Err(ApiError::invalid(r, &name, causes));
+    }
+    Ok(warnings)
+}
+
+async fn ensure_namespace(api: &Api, t: &Target) -> ApiResult<()> {
+    let Some(ns) = t.namespace.as_deref() else {
+        return Ok(());
+    };
+    let namespaces = crate::resources::find("", "v1", "namespaces")
+        .ok_or_else(|| ApiError::internal("namespaces are not served"))?;
+    let existing = api
+        .store
+        .get(&namespaces.key(None, ns))
+        .await
+        .map_err(|e| ApiError::from_storage(e, namespaces, ns))?
+        .ok_or_else(|| ApiError::not_found(namespaces, ns))?;
+    let obj = object::decode(namespaces, &existing)?;
+    if obj.pointer("/metadata/deletionTimestamp").is_some() {
+        return Err(ApiError::forbidden(format!(
+            "unable to create new content in namespace {ns} because it is being terminated"
+        )));
+    }
+    Ok(())
+}
+
+const GENERATE_ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+
+fn generated_name(prefix: &str) -> String {
+    let id = uuid::Uuid::new_v4();
+    let suffix: String = id.as_bytes()[..5]
+        .iter()
+        .map(|b| char::from(GENERATE_ALPHABET[usize::from(*b) % GENERATE_ALPHABET.len()]))
+        .collect();
+    format!("{prefix}{suffix}")
+}
+
+async fn create(api: &Api, req: &Request) -> ApiResult<Reply> {
+    let t = &req.target;
+    let r = t.resource;
+    let mut obj = parse_body(req)?;
+    check_type(t, &mut obj)?;
+    if object::meta_str(&obj, "name").is_none_or(str::is_empty)
+        && let Some(prefix) = object::meta_str(&obj, "generateName").map(str::to_owned)
+    {
+        object::metadata_mut(&mut obj).insert("name".into(), json!(generated_name(&prefix)));
+    }
+    let validation = FieldValidation::parse(req.query.get("fieldValidation"))?;
+    let warnings = validate(t, &mut obj, validation)?;
+    ensure_namespace(api, t).await?;
+    object::init_new(&mut obj, t.namespace.as_deref());
+    object::apply_defaults(r, &mut obj);
+    let name = object::meta_str(&obj, "name")
+        .unwrap_or_default()
+        .to_owned();
+    let key = r.key(t.namespace.as_deref(), &name);
+    let dry_run = req.query.dry_run()?;
+    if api
+        .store
+        .get(&key)
+        .await
+        .map_err(|e| ApiError::from_storage(e, r, &name))?
+        .is_some()
+    {
+        return Err(ApiError::already_exists(r, &name));
+    }
+    let allocated = if is_service(r) {
+        Some(services::allocate(api, r, &mut obj, dry_run).await?)
+    } else {
+        None
+    };
+    let body = if dry_run {
+        obj
+    } else {
+        match api.store.create(&key, object::encode(&obj)?).await {
+            Ok(stored) => object::decode(r, &stored)?,
+            Err(e) => {
+                if let Some(a) = allocated {
+                    a.release(api).await;
+                }
+                return Err(ApiError::from_storage(e, r, &name));
+            }
+        }
+    };
+    Ok(Reply {
+        code: StatusCode::CREATED,
+        body,
+        warnings,
+    })
+}
+
+/// The current object, decoded, with its revision.
+async fn current(api: &Api, t: &Target) -> ApiResult<(Value, Revision)> {
+    let v = api
+        .store
+        .get(&t.key())
+        .await
+        .map_err(|e| ApiError::from_storage(e, t.resource, t.name()))?
+        .ok_or_else(|| ApiError::not_found(t.resource, t.name()))?;
+    Ok((object::decode(t.resource, &v)?, v.mod_revision))
+}
+
+async fn get(api: &Api, req: &Request) -> ApiResult<Reply> {
+    let (obj, revision) = current(api, &req.target).await?;
+    if table::wants_table(req.header(header::ACCEPT)) {
+        let include = IncludeObject::parse(req.query.get("includeObject"));
+        let meta = json!({"resourceVersion": revision.to_string()});
+        return Ok(Reply::ok(table::table(
+            req.target.resource,
+            &[obj],
+            meta,
+            include,
+        )));
+    }
+    Ok(Reply::ok(obj))
+}
+
+/// An opaque `continue` token: the last key returned.
+fn continue_token(key: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key)
+}
+
+fn parse_continue(token: &str, prefix: &str) -> ApiResult<String> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .filter(|k| k.starts_with(prefix))
+        .ok_or_else(|| ApiError::bad_request("continue key is not valid"))
+}
+
+/// Lists objects matching the request's selectors, up to `limit` (0: all).
+pub async fn list_objects(api: &Api, req: &Request) -> ApiResult<(Vec<Value>, Value)> {
+    let t = &req.target;
+    let r = t.resource;
+    let labels = LabelSelector::parse(req.query.get("labelSelector").unwrap_or(""))?;
+    let fields = FieldSelector::parse(
+        req.query.get("fieldSelector").unwrap_or(""),
+        extra_fields(r.kind),
+    )?;
+    let limit = usize::try_from(req.query.int("limit")?.unwrap_or(0).max(0)).unwrap_or(0);
+    let prefix = t.prefix();
+    let mut after = req
+        .query
+        .get("continue")
+        .filter(|c| !c.is_empty())
+        .map(|c| parse_continue(c, &prefix))
+        .transpose()?;
+    let mut items = Vec::new();
+    let mut revision = None;
+    let mut last_key = None;
+    let more = loop {
+        let page = api
+            .store
+            .range(&prefix, after.as_deref(), limit.saturating_sub(items.len()))
+            .await
+            .map_err(|e| ApiError::from_storage(e, r, ""))?;
+        revision.get_or_insert(page.revision);
+        for (key, v) in &page.items {
+            let obj = object::decode(r, v)?;
+            if labels.matches(&obj) && fields.matches(&obj) {
+                items.push(obj);
+            }
+            last_key = Some(key.clone());
+        }
+        if !page.more || (limit != 0 && items.len() >= limit) {
+            break page.more;
+        }
+        after = last_key.clone();
+    };
+    let mut meta = json!({"resourceVersion": revision.unwrap_or_default().to_string()});
+    if more && let Some(k) = last_key {
+        meta["continue"] = json!(continue_token(&k));
+    }
+    Ok((items, meta))
+}
+
+async fn list(api: &Api, req: &Request) -> ApiResult<Reply> {
+    let r = req.target.resource;
+    let (items, meta) = list_objects(api, req).await?;
+    if table::wants_table(req.header(header::ACCEPT)) {
+        let include = IncludeObject::parse(req.query.get("includeObject"));
+        return Ok(Reply::ok(table::table(r, &items, meta, include)));
+    }
+    Ok(Reply::ok(json!({
+        "kind": r.list_kind(),
+        "apiVersion": r.api_version(),
+        "metadata": meta,
+        "items": items,
+    })))
+}
+
+/// The revision a write must match: the object's resourceVersion, when it carries one.
+fn precondition(obj: &Value) -> ApiResult<Option<Revision>> {
+    match object::meta_str(obj, "resourceVersion").filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(v) => v.parse().map(Some).map_err(|_| {
+            ApiError::bad_request(format!(
+                "resourceVersion {v:?} is not a valid resource version"
+            ))
+        }),
+    }
+}
+
+/// Writes `new` over the stored object (revision `expected`), finishing deletion when the
+/// last finalizer of a terminating object is removed.
+async fn write(
+    api: &Api,
+    t: &Target,
+    mut new: Value,
+    expected: Revision,
+    dry_run: bool,
+) -> ApiResult<Value> {
+    let r = t.resource;
+    if dry_run {
+        return Ok(new);
+    }
+    // Like Kubernetes, an update that changes nothing writes nothing (and keeps the
+    // resourceVersion).
+    if let Ok(Some(stored)) = api.store.get(&t.key()).await
+        && stored.mod_revision == expected
+        && object::encode(&new).ok().as_deref() == Some(stored.value.as_slice())
+    {
+        return object::decode(r, &stored);
+    }
+    let terminating = new.pointer("/metadata/deletionTimestamp").is_some();
+    let finalizers_left = new
+        .pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .is_some_and(|f| !f.is_empty());
+    if terminating && !finalizers_left {
+        let gone = api
+            .store
+            .delete(&t.key(), Some(expected))
+            .await
+            .map_err(|e| ApiError::from_storage(e, r, t.name()))?;
+        object::metadata_mut(&mut new).insert(
+            "resourceVersion".into(),
+            json!(gone.mod_revision.to_string()),
+        );
+        return Ok(new);
+    }
+    let stored = api
+        .store
+        .update(&t.key(), object::encode(&new)?, Some(expected))
+        .await
+        .map_err(|e| ApiError::from_storage(e, r, t.name()))?;
+    object::decode(r, &stored)
+}
+
+async fn update(api: &Api, req: &Request, status_only: bool) -> ApiResult<Reply> {
+    let t = &req.target;
+    let mut obj = parse_body(req)?;
+    check_type(t, &mut obj)?;
+    if object::meta_str(&obj, "name") != Some(t.name()) {
+        return Err(ApiError::bad_request(format!(
+            "the name of the object ({}) does not match the name on the URL ({})",
+            object::meta_str(&obj, "name").unwrap_or(""),
+            t.name()
+        )));
+    }
+    let validation = FieldValidation::parse(req.query.get("fieldValidation"))?;
+    let warnings = validate(t, &mut obj, validation)?;
+    let wanted = precondition(&obj)?;
+    let (old, revision) = current(api, t).await?;
+    if wanted.is_some_and(|w| w != revision) {
+        return Err(ApiError::conflict(t.resource, t.name()));
+    }
+    object::apply_defaults(t.resource, &mut obj);
+    object::carry_over(t.resource, &old, &mut obj, status_only);
+    if is_service(t.resource) {
+        services::on_update(api, t.resource, &old, &mut obj, req.query.dry_run()?).await?;
+    }
+    let body = write(api, t, obj, revision, req.query.dry_run()?).await?;
+    Ok(Reply {
+        code: StatusCode::OK,
+        body,
+        warnings,
+    })
+}
+
+async fn patch(api: &Api, req: &Request, status_only: bool) -> ApiResult<Reply> {
+    let t = &req.target;
+    let kind = PatchType::from_content_type(req.header(header::CONTENT_TYPE))?;
+    let validation = FieldValidation::parse(req.query.get("fieldValidation"))?;
+    for _ in 0..PATCH_RETRIES {
+        let (old, revision) = current(api, t).await?;
+        let mut new = old.clone();
+        patch::apply(kind, &mut new, &req.body)?;
+        check_type(t, &mut new)?;
+        if object::meta_str(&new, "name") != Some(t.name()) {
+            return Err(ApiError::bad_request(
+                "a patch may not change the object's name",
+            ));
+        }
+        // A patch that names a resourceVersion must match it exactly.
+        let pinned = precondition(&new)?.filter(|v| *v != revision);
+        if pinned.is_some() {
+            return Err(ApiError::conflict(t.resource, t.name()));
+        }
+        let warnings = validate(t, &mut new, validation)?;
+        object::apply_defaults(t.resource, &mut new);
+        object::carry_over(t.resource, &old, &mut new, status_only);
+        if is_service(t.resource) {
+            services::on_update(api, t.resource, &old, &mut new, req.query.dry_run()?).await?;
+        }
+        match write(api, t, new, revision, req.query.dry_run()?).await {
+            Err(e) if e.reason == "Conflict" => continue,
+            result => {
+                return result.map(|body| Reply {
+                    code: StatusCode::OK,
+                    body,
+                    warnings,
+                });
+            }
+        }
+    }
+    Err(ApiError::conflict(t.resource, t.name()))
+}
+
+/// Options of a delete, from the query and an optional `DeleteOptions` body.
+struct DeleteOptions {
+    grace: Option<i64>,
+    uid: Option<String>,
+    revision: Option<Revision>,
+    dry_run: bool,
+}
+
+fn delete_options(req: &Request) -> ApiResult<DeleteOptions> {
+    let body: Value = if req.body.is_empty() {
+        json!({})
+    } else {
+        serde_json::from_slice(&req.body)
+            .map_err(|e| ApiError::bad_request(format!("invalid DeleteOptions: {e}")))?
+    };
+    let grace = match req.query.int("gracePeriodSeconds")? {
+        Some(g) => Some(g),
+        None => body.get("gracePeriodSeconds").and_then(Value::as_i64),
+    };
+    let revision = body
+        .pointer("/preconditions/resourceVersion")
+        .and_then(Value::as_str)
+        .map(|v| {
+            v.parse().map_err(|_| {
+                ApiError::bad_request(format!("invalid precondition resourceVersion {v:?}"))
+            })
+        })
+        .transpose()?;
+    let dry_run = req.query.dry_run()?
+        || body
+            .get("dryRun")
+            .and_then(Value::as_array)
+            .is_some_and(|d| d.iter().any(|x| x == "All"));
+    Ok(DeleteOptions {
+        grace,
+        uid: body
+            .pointer("/preconditions/uid")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        revision,
+        dry_run,
+    })
+}
+
+async fn delete(api: &Api, req: &Request) -> ApiResult<Reply> {
+    let opts = delete_options(req)?;
+    delete_one(api, &req.target, &opts).await.map(Reply::ok)
+}
+
+async fn delete_one(api: &Api, t: &Target, opts: &DeleteOptions) -> ApiResult<Value> {
+    let r = t.resource;
+    let (mut obj, revision) = current(api, t).await?;
+    if opts
+        .uid
+        .as_deref()
+        .is_some_and(|u| Some(u) != object::meta_str(&obj, "uid"))
+        || opts.revision.is_some_and(|v| v != revision)
+    {
+        return Err(ApiError::conflict(r, t.name()));
+    }
+    let has_finalizers = obj
+        .pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .is_some_and(|f| !f.is_empty());
+    // A pod on a node is stopped by its agent first: mark it and let the agent finish.
+    let grace = opts.grace.or_else(|| {
+        obj.pointer("/spec/terminationGracePeriodSeconds")
+            .and_then(Value::as_i64)
+    });
+    let graceful_pod = r.kind == "Pod"
+        && r.group.is_empty()
+        && obj
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .is_some_and(|n| !n.is_empty())
+        && grace.is_some_and(|g| g > 0)
+        && !matches!(
+            obj.pointer("/status/phase").and_then(Value::as_str),
+            Some("Succeeded" | "Failed")
+        );
+    let namespace = r.kind == "Namespace" && r.group.is_empty();
+    if has_finalizers || graceful_pod || namespace {
+        if obj.pointer("/metadata/deletionTimestamp").is_some() {
+            return Ok(obj);
+        }
+        let meta = object::metadata_mut(&mut obj);
+        meta.insert("deletionTimestamp".into(), json!(object::now_rfc3339()));
+        meta.insert(
+            "deletionGracePeriodSeconds".into(),
+            json!(if graceful_pod { grace.unwrap_or(0) } else { 0 }),
+        );
+        if namespace {
+            obj["status"]["phase"] = json!("Terminating");
+        }
+        if opts.dry_run {
+            return Ok(obj);
+        }
+        let stored = api
+            .store
+            .update(&t.key(), object::encode(&obj)?, Some(revision))
+            .await
+            .map_err(|e| ApiError::from_storage(e, r, t.name()))?;
+        if namespace {
+            tokio::spawn(finish_namespace(
+                Arc::clone(&api.store),
+                t.name().to_owned(),
+            ));
+        }
+        return object::decode(r, &stored);
+    }
+    if opts.dry_run {
+        return Ok(obj);
+    }
+    let gone = api
+        .store
+        .delete(&t.key(), Some(revision))
+        .await
+        .map_err(|e| ApiError::from_storage(e, r, t.name()))?;
+    if is_service(r) {
+        services::release(api.store.as_ref(), &obj).await;
+    }
+    object::metadata_mut(&mut obj).insert(
+        "resourceVersion".into(),
+        json!(gone.mod_revision.to_string()),
+    );
+    Ok(obj)
+}
+
+fn is_service(r: &crate::resources::Resource) -> bool {
+    r.group.is_empty() && r.kind == "Service"
+}
+
+/// Deletes everything in a terminating namespace, then the namespace itself unless other
+/// finalizers hold it. Runs in the background like Kubernetes' namespace controller, whose
+/// job this becomes when the controller manager lands.
+async fn finish_namespace(store: Arc<dyn Storage>, ns: String) {
+    for r in crate::resources::RESOURCES.iter().filter(|r| r.namespaced) {
+        let page = match store.range(&r.key_prefix(Some(&ns)), None, 0).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(namespace = %ns, error = %e, "namespace cleanup: listing failed");
+                return;
+            }
+        };
+        for (key, v) in page.items {
+            match store.delete(&key, None).await {
+                Ok(_) | Err(StorageError::NotFound(_)) => {}
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "namespace cleanup: delete failed");
+                    return;
+                }
+            }
+            if is_service(r)
+                && let Ok(obj) = object::decode(r, &v)
+            {
+                services::release(store.as_ref(), &obj).await;
+            }
+        }
+    }
+    let Some(namespaces) = crate::resources::find("", "v1", "namespaces") else {
+        return;
+    };
+    let key = namespaces.key(None, &ns);
+    let Ok(Some(current)) = store.get(&key).await else {
+        return;
+    };
+    let held = object::decode(namespaces, &current)
+        .ok()
+        .and_then(|o| {
+            o.pointer("/metadata/finalizers")
+                .and_then(Value::as_array)
+                .map(|f| !f.is_empty())
+        })
+        .unwrap_or(false);
+    if !held {
+        let _ = store.delete(&key, Some(current.mod_revision)).await;
+    }
+}
+
+async fn delete_collection(api: &Api, req: &Request) -> ApiResult<Reply> {
+    let opts = delete_options(req)?;
+    let (items, meta) = list_objects(api, req).await?;
+    let mut deleted = Vec::new();
+    for obj in items {
+        let target = Target {
+            resource: req.target.resource,
+            namespace: object::meta_str(&obj, "namespace").map(str::to_owned),
+            name: object::meta_str(&obj, "name").map(str::to_owned),
+            sub: None,
+        };
+        match delete_one(api, &target, &opts).await {
+            Ok(o) => deleted.push(o),
+            Err(e) if e.reason == "NotFound" => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let r = req.target.resource;
+    Ok(Reply::ok(json!({
+        "kind": r.list_kind(), "apiVersion": r.api_version(), "metadata": meta, "items": deleted,
+    })))
+}
+
+/// The `autoscaling/v1` Scale view of an object.
+fn scale_of(obj: &Value) -> Value {
+    let selector = obj
+        .pointer("/spec/selector/matchLabels")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default();
+    let meta = obj.get("metadata").cloned().unwrap_or_else(|| json!({}));
+    json!({
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {
+            "name": meta.get("name"), "namespace": meta.get("namespace"), "uid": meta.get("uid"),
+            "resourceVersion": meta.get("resourceVersion"),
+            "creationTimestamp": meta.get("creationTimestamp"),
+        },
+        "spec": {"replicas": obj.pointer("/spec/replicas").cloned().unwrap_or(json!(0))},
+        "status": {
+            "replicas": obj.pointer("/status/replicas").cloned().unwrap_or(json!(0)),
+            "selector": selector,
+        },
+    })
+}
+
+async fn scale(api: &Api, req: &Request) -> ApiResult<Reply> {
+    let t = &req.target;
+    let (obj, revision) = current(api, t).await?;
+    let mut scale = scale_of(&obj);
+    match req.method {
+        Method::GET => return Ok(Reply::ok(scale)),
+        Method::PUT => {
+            scale = parse_body(req)?;
+        }
+        Method::PATCH => {
+            let kind = PatchType::from_content_type(req.header(header::CONTENT_TYPE))?;
+            patch::apply(kind, &mut scale, &req.body)?;
+        }
+        _ => return Err(ApiError::method_not_allowed()),
+    }
+    let replicas = scale
+        .pointer("/spec/replicas")
+        .and_then(Value::as_i64)
+        .filter(|n| *n >= 0)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                t.resource,
+                t.name(),
+                vec![Cause {
+                    reason: "FieldValueInvalid",
+                    message: "must be greater than or equal to 0".into(),
+                    field: "spec.replicas".into(),
+                }],
+            )
+        })?;
+    if precondition(&scale)?.is_some_and(|v| v != revision) {
+        return Err(ApiError::conflict(t.resource, t.name()));
+    }
+    let mut new = obj.clone();
+    new["spec"]["replicas"] = json!(replicas);
+    object::carry_over(t.resource, &obj, &mut new, false);
+    let stored = write(api, t, new, revision, req.query.dry_run()?).await?;
+    Ok(Reply::ok(scale_of(&stored)))
+}
+
+/// An HTTP response with a JSON body.
+pub fn json_response(code: StatusCode, body: &Value) -> Response {
+    (code, axum::Json(body)).into_response()
+}
+
+/// Reads a request body up to `limit` bytes.
+///
+/// # Errors
+/// 413 when the body is larger; 400 when it cannot be read.
+pub async fn read_body(body: Body, limit: usize) -> ApiResult<bytes::Bytes> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+            .any(|e| e.to_string().contains("length limit"));
+        if too_large {
+            ApiError::too_large(limit)
+        } else {
+            ApiError::bad_request(format!("reading the request body: {e}"))
+        }
+    })
+}

@@ -1,0 +1,410 @@
+//! Service address allocation: cluster IPs from the service CIDR and node ports from the
+//! node-port range, done by the API server as in Kubernetes.
+//!
+//! Each allocation is a key in the store created only if absent, so two API servers (or two
+//! requests) can never hand out the same address; deleting the Service deletes its keys.
+
+use std::net::Ipv4Addr;
+
+use serde_json::{Value, json};
+
+use crate::{
+    Api,
+    resources::Resource,
+    status::{ApiError, ApiResult, Cause},
+    storage::{Storage, StorageError},
+};
+
+const IP_KEYS: &str = "/registry/ranges/serviceips/";
+const PORT_KEYS: &str = "/registry/ranges/servicenodeports/";
+
+/// The service CIDR and node-port range.
+#[derive(Clone, Debug)]
+pub struct ServiceRanges {
+    base: u32,
+    size: u32,
+    node_ports: std::ops::RangeInclusive<u16>,
+}
+
+impl ServiceRanges {
+    /// Parses `a.b.c.d/len` (a prefix of at most /28) and a node-port range.
+    ///
+    /// # Errors
+    /// When the CIDR is malformed or too small.
+    pub fn new(cidr: &str, node_ports: std::ops::RangeInclusive<u16>) -> Result<Self, String> {
+        let (addr, len) = cidr
+            .split_once('/')
+            .ok_or_else(|| format!("{cidr:?} is not a CIDR"))?;
+        let addr: Ipv4Addr = addr.parse().map_err(|e| format!("{cidr:?}: {e}"))?;
+        let len: u32 = len.parse().map_err(|e| format!("{cidr:?}: {e}"))?;
+        if !(8..=28).contains(&len) {
+            return Err(format!("service CIDR {cidr} must be between /8 and /28"));
+        }
+        let size = 1u32 << (32 - len);
+        Ok(ServiceRanges {
+            base: u32::from(addr) & !(size - 1),
+            size,
+            node_ports,
+        })
+    }
+
+    /// The first usable address: the `kubernetes` Service's.
+    pub fn first(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.base + 1)
+    }
+
+    fn contains(&self, ip: Ipv4Addr) -> bool {
+        let ip = u32::from(ip);
+        ip > self.base && ip < self.base + self.size - 1
+    }
+}
+
+impl Default for ServiceRanges {
+    fn default() -> Self {
+        ServiceRanges {
+            base: u32::from(Ipv4Addr::new(10, 96, 0, 0)),
+            size: 1 << 20,
+            node_ports: 30000..=32767,
+        }
+    }
+}
+
+fn random_u32() -> u32 {
+    let b = uuid::Uuid::new_v4().into_bytes();
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn invalid(r: &Resource, name: &str, field: &str, message: String) -> ApiError {
+    ApiError::invalid(
+        r,
+        name,
+        vec![Cause {
+            reason: "FieldValueInvalid",
+            message,
+            field: field.into(),
+        }],
+    )
+}
+
+async fn claim(api: &Api, key: String) -> ApiResult<bool> {
+    match api.store.create(&key, Vec::new()).await {
+        Ok(_) => Ok(true),
+        Err(StorageError::AlreadyExists(_)) => Ok(false),
+        Err(e) => Err(ApiError::internal(format!("allocating {key}: {e}"))),
+    }
+}
+
+/// What a new Service got, to give back if its creation fails.
+#[derive(Default)]
+pub struct Allocated {
+    keys: Vec<String>,
+}
+
+impl Allocated {
+    /// Releases everything.
+    pub async fn release(self, api: &Api) {
+        for key in self.keys {
+            let _ = api.store.delete(&key, None).await;
+        }
+    }
+}
+
+fn wants_cluster_ip(spec: &Value) -> bool {
+    spec.get("type").and_then(Value::as_str) != Some("ExternalName")
+}
+
+fn wants_node_ports(spec: &Value) -> bool {
+    matches!(
+        spec.get("type").and_then(Value::as_str),
+        Some("NodePort" | "LoadBalancer")
+    )
+}
+
+/// Allocates the cluster IP and node ports a Service asks for (or needs), writing them into
+/// the object. Nothing is allocated for a dry run.
+///
+/// # Errors
+/// 422 when a requested address is outside the range or taken; 500 when the range is full.
+pub async fn allocate(
+    api: &Api,
+    r: &Resource,
+    obj: &mut Value,
+    dry_run: bool,
+) -> ApiResult<Allocated> {
+    let mut got = Allocated::default();
+    let result = allocate_into(api, r, obj, dry_run, &mut got).await;
+    match result {
+        Ok(()) => Ok(got),
+        Err(e) => {
+            got.release(api).await;
+            Err(e)
+        }
+    }
+}
+
+async fn allocate_into(
+    api: &Api,
+    r: &Resource,
+    obj: &mut Value,
+    dry_run: bool,
+    got: &mut Allocated,
+) -> ApiResult<()> {
+    let ranges = &api.config.service_ranges;
+    let name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let Some(spec) = obj.get_mut("spec").filter(|s| s.is_object()) else {
+        return Ok(());
+    };
+    if wants_cluster_ip(spec) {
+        let requested = spec
+            .get("clusterIP")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned();
+        let ip = match requested.as_str() {
+            "None" => None,
+            "" => Some(if dry_run {
+                ranges.first()
+            } else {
+                allocate_ip(api, ranges, got).await?
+            }),
+            text => {
+                let ip: Ipv4Addr = text.parse().map_err(|_| {
+                    invalid(
+                        r,
+                        &name,
+                        "spec.clusterIPs",
+                        format!("Invalid value: \"{text}\": must be a valid IP address"),
+                    )
+                })?;
+                if !ranges.contains(ip) {
+                    return Err(invalid(
+                        r,
+                        &name,
+                        "spec.clusterIPs",
+                        format!(
+                            "Invalid value: []string{{\"{ip}\"}}: failed to allocate IP {ip}: the provided IP ({ip}) is not in the valid range"
+                        ),
+                    ));
+                }
+                if !dry_run {
+                    let key = format!("{IP_KEYS}{ip}");
+                    if !claim(api, key.clone()).await? {
+                        return Err(invalid(
+                            r,
+                            &name,
+                            "spec.clusterIPs",
+                            format!(
+                                "Invalid value: []string{{\"{ip}\"}}: failed to allocate IP {ip}: provided IP is already allocated"
+                            ),
+                        ));
+                    }
+                    got.keys.push(key);
+                }
+                Some(ip)
+            }
+        };
+        let ip_text = ip.map_or_else(|| "None".to_owned(), |ip| ip.to_string());
+        spec["clusterIP"] = json!(ip_text);
+        spec["clusterIPs"] = json!([ip_text]);
+        if ip.is_some() {
+            spec["ipFamilies"] = json!(["IPv4"]);
+            spec["ipFamilyPolicy"] = json!("SingleStack");
+        }
+        if let Some(o) = spec.as_object_mut() {
+            o.entry("internalTrafficPolicy").or_insert(json!("Cluster"));
+        }
+    }
+    allocate_node_ports(api, r, &name, spec, dry_run, got).await
+}
+
+async fn allocate_node_ports(
+    api: &Api,
+    r: &Resource,
+    name: &str,
+    spec: &mut Value,
+    dry_run: bool,
+    got: &mut Allocated,
+) -> ApiResult<()> {
+    if !wants_node_ports(spec) {
+        return Ok(());
+    }
+    if let Some(o) = spec.as_object_mut() {
+        o.entry("externalTrafficPolicy").or_insert(json!("Cluster"));
+    }
+    let range = api.config.service_ranges.node_ports.clone();
+    let Some(Value::Array(ports)) = spec.get_mut("ports") else {
+        return Ok(());
+    };
+    for (i, p) in ports.iter_mut().enumerate() {
+        let port = match p.get("nodePort").and_then(Value::as_i64) {
+            Some(n) => {
+                let n = u16::try_from(n).ok().filter(|n| range.contains(n)).ok_or_else(|| {
+                    invalid(r, name, &format!("spec.ports[{i}].nodePort"), format!(
+                        "Invalid value: {n}: provided port is not in the valid range. The range of valid ports is {}-{}",
+                        range.start(), range.end()
+                    ))
+                })?;
+                let key = format!("{PORT_KEYS}{n}");
+                // An update keeps the node ports it already has.
+                if !dry_run
+                    && !got.keys.contains(&key)
+                    && api.store.get(&key).await.ok().flatten().is_none()
+                {
+                    if !claim(api, key.clone()).await? {
+                        return Err(invalid(
+                            r,
+                            name,
+                            &format!("spec.ports[{i}].nodePort"),
+                            format!("Invalid value: {n}: provided port is already allocated"),
+                        ));
+                    }
+                    got.keys.push(key);
+                }
+                n
+            }
+            None if dry_run => *range.start(),
+            None => {
+                let span = u32::from(range.end() - range.start()) + 1;
+                let start = random_u32() % span;
+                let mut found = None;
+                for step in 0..span {
+                    let n = *range.start() + u16::try_from((start + step) % span).unwrap_or(0);
+                    let key = format!("{PORT_KEYS}{n}");
+                    if claim(api, key.clone()).await? {
+                        got.keys.push(key);
+                        found = Some(n);
+                        break;
+                    }
+                }
+                found.ok_or_else(|| ApiError::internal("no node ports left to allocate"))?
+            }
+        };
+        p["nodePort"] = json!(port);
+    }
+    Ok(())
+}
+
+async fn allocate_ip(
+    api: &Api,
+    ranges: &ServiceRanges,
+    got: &mut Allocated,
+) -> ApiResult<Ipv4Addr> {
+    // Skip the network address, the first address (kept for the `kubernetes` Service) and
+    // the broadcast address.
+    let usable = ranges.size.saturating_sub(3).max(1);
+    let start = random_u32() % usable;
+    for step in 0..usable {
+        let ip = Ipv4Addr::from(ranges.base + 2 + (start + step) % usable);
+        let key = format!("{IP_KEYS}{ip}");
+        if claim(api, key.clone()).await? {
+            got.keys.push(key);
+            return Ok(ip);
+        }
+    }
+    Err(ApiError::internal(
+        "no cluster IPs left to allocate in the service CIDR",
+    ))
+}
+
+/// Allocates node ports an updated Service newly needs, and keeps its cluster IP.
+///
+/// # Errors
+/// As [`allocate`]; 422 when the cluster IP is changed.
+pub async fn on_update(
+    api: &Api,
+    r: &Resource,
+    old: &Value,
+    new: &mut Value,
+    dry_run: bool,
+) -> ApiResult<()> {
+    let name = new
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let old_ip = old
+        .pointer("/spec/clusterIP")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let new_ip = new
+        .pointer("/spec/clusterIP")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    match old_ip {
+        // An update that leaves the cluster IP out keeps it.
+        Some(o) if new_ip.is_empty() => {
+            if let Some(spec) = new.get_mut("spec").filter(|s| s.is_object()) {
+                spec["clusterIPs"] = old
+                    .pointer("/spec/clusterIPs")
+                    .cloned()
+                    .unwrap_or_else(|| json!([o]));
+                spec["clusterIP"] = json!(o);
+            }
+        }
+        Some(o) if o != new_ip => {
+            return Err(invalid(
+                r,
+                &name,
+                "spec.clusterIPs[0]",
+                format!("Invalid value: \"{new_ip}\": may not change once set"),
+            ));
+        }
+        _ => {}
+    }
+    for field in ["ipFamilies", "ipFamilyPolicy", "internalTrafficPolicy"] {
+        if let (Some(v), Some(spec)) = (
+            old.pointer(&format!("/spec/{field}")),
+            new.get_mut("spec").and_then(Value::as_object_mut),
+        ) {
+            spec.entry(field).or_insert(v.clone());
+        }
+    }
+    let mut got = Allocated::default();
+    if let Some(spec) = new.get_mut("spec").filter(|s| s.is_object())
+        && let Err(e) = allocate_node_ports(api, r, &name, spec, dry_run, &mut got).await
+    {
+        got.release(api).await;
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Releases what a deleted Service held.
+pub async fn release(store: &dyn Storage, obj: &Value) {
+    if let Some(ip) = obj
+        .pointer("/spec/clusterIP")
+        .and_then(Value::as_str)
+        .filter(|ip| *ip != "None" && !ip.is_empty())
+    {
+        let _ = store.delete(&format!("{IP_KEYS}{ip}"), None).await;
+    }
+    if let Some(Value::Array(ports)) = obj.pointer("/spec/ports") {
+        for n in ports
+            .iter()
+            .filter_map(|p| p.get("nodePort").and_then(Value::as_i64))
+        {
+            let _ = store.delete(&format!("{PORT_KEYS}{n}"), None).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_parse_and_bound() {
+        let r = ServiceRanges::new("10.96.0.0/12", 30000..=32767).unwrap();
+        assert_eq!(r.first(), Ipv4Addr::new(10, 96, 0, 1));
+        assert!(r.contains(Ipv4Addr::new(10, 111, 255, 254)));
+        assert!(!r.contains(Ipv4Addr::new(10, 112, 0, 1)));
+        assert!(!r.contains(Ipv4Addr::new(10, 96, 0, 0)));
+        assert!(ServiceRanges::new("10.96.0.0", 1..=2).is_err());
+        assert!(ServiceRanges::new("10.96.0.0/30", 1..=2).is_err());
+    }
+}

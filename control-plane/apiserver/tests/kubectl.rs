@@ -1,0 +1,595 @@
+//! Real `kubectl` (1.33 and 1.27, as installed on these machines) against the API server over
+//! an in-memory store, on loopback.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::Arc,
+    time::Duration,
+};
+
+use keelson_apiserver::{Api, Config, storage::memory::MemoryStore};
+
+/// An API server on 127.0.0.1 with a kubeconfig for it; stopped on drop.
+struct Server {
+    dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    fn start() -> Server {
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+            rt.block_on(async move {
+                let config = Config {
+                    bookmark_interval: Duration::from_millis(200),
+                    ..Config::default()
+                };
+                let api = Api::new(Arc::new(MemoryStore::default()), config);
+                api.bootstrap().await.expect("bootstrap");
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                addr_tx
+                    .send(listener.local_addr().expect("addr"))
+                    .expect("send addr");
+                api.serve(listener, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("serve");
+            });
+        });
+        let addr = addr_rx.recv().expect("server did not start");
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join("kubeconfig"),
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: keelson\n  cluster:\n    server: http://{addr}\n\
+                 contexts:\n- name: keelson\n  context: {{cluster: keelson, user: admin}}\n\
+                 current-context: keelson\nusers:\n- name: admin\n  user: {{}}\n"
+            ),
+        )
+        .expect("kubeconfig");
+        Server {
+            dir,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text).expect("write file");
+        p
+    }
+
+    fn command(&self, version: &str, args: &[&str]) -> Command {
+        let bin = kubectl_path(version);
+        let mut cmd = Command::new(bin);
+        cmd.arg("--kubeconfig").arg(self.kubeconfig()).args(args);
+        // kubectl caches discovery in $HOME; keep each test's cache to itself.
+        cmd.env("HOME", self.dir.path());
+        cmd
+    }
+
+    fn run(&self, version: &str, args: &[&str]) -> Output {
+        self.command(version, args)
+            .output()
+            .expect("running kubectl")
+    }
+
+    /// Runs kubectl and returns stdout, failing the test with stderr if it failed.
+    fn ok(&self, version: &str, args: &[&str]) -> String {
+        let out = self.run(version, args);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs kubectl expecting failure; returns stderr.
+    fn fails(&self, version: &str, args: &[&str]) -> String {
+        let out = self.run(version, args);
+        assert!(!out.status.success(), "kubectl {args:?} should have failed");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn kubectl_path(version: &str) -> PathBuf {
+    let p = Path::new("/usr/lib/google-cloud-sdk/bin").join(format!("kubectl.{version}"));
+    assert!(
+        p.is_file(),
+        "{} is missing: these tests drive the kubectl releases installed on the project's machines",
+        p.display()
+    );
+    p
+}
+
+const MANIFEST: &str = r#"apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: web-config
+  namespace: shop
+data:
+  greeting: hello
+---
+apiVersion: v1
+kind: Secret
+metadata:
+  name: web-secret
+  namespace: shop
+stringData:
+  password: s3cret
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: shop
+  labels: {app: web}
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - name: web
+        image: busybox:1.36
+        ports:
+        - containerPort: 8080
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: shop
+spec:
+  selector: {app: web}
+  ports:
+  - port: 80
+    targetPort: 8080
+"#;
+
+#[test]
+fn kubectl_applies_and_reapplies_a_multi_document_manifest() {
+    let s = Server::start();
+    let manifest = s.write("app.yaml", MANIFEST);
+    let m = manifest.to_str().unwrap();
+
+    let out = s.ok("1.33", &["apply", "-f", m]);
+    for line in [
+        "namespace/shop created",
+        "configmap/web-config created",
+        "secret/web-secret created",
+        "deployment.apps/web created",
+        "service/web created",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+    let secret_rv = s.ok(
+        "1.33",
+        &[
+            "-n",
+            "shop",
+            "get",
+            "secret",
+            "web-secret",
+            "-o",
+            "jsonpath={.metadata.resourceVersion}",
+        ],
+    );
+    let out = s.ok("1.33", &["apply", "-f", m]);
+    // kubectl re-sends `stringData` (the live object only has `data`), so it reports the
+    // Secret as configured; the server sees nothing changed and writes nothing.
+    assert_eq!(out.matches("unchanged").count(), 4, "{out}");
+    assert!(out.contains("secret/web-secret configured"), "{out}");
+    let rv = s.ok(
+        "1.33",
+        &[
+            "-n",
+            "shop",
+            "get",
+            "secret",
+            "web-secret",
+            "-o",
+            "jsonpath={.metadata.resourceVersion}",
+        ],
+    );
+    assert_eq!(rv, secret_rv, "a no-op update must not write");
+
+    // A change is applied as a patch; what the manifest does not mention is kept.
+    s.ok(
+        "1.33",
+        &["-n", "shop", "label", "deploy", "web", "team=blue"],
+    );
+    let changed = s.write("app2.yaml", &MANIFEST.replace("replicas: 2", "replicas: 3"));
+    let out = s.ok("1.33", &["apply", "-f", changed.to_str().unwrap()]);
+    assert!(out.contains("deployment.apps/web configured"), "{out}");
+    let got = s.ok(
+        "1.33",
+        &[
+            "-n",
+            "shop",
+            "get",
+            "deploy",
+            "web",
+            "-o",
+            "jsonpath={.spec.replicas} {.metadata.labels.team} {.metadata.generation}",
+        ],
+    );
+    assert_eq!(got, "3 blue 2");
+
+    // Tables with the familiar columns, and the server's own defaults and allocations.
+    let out = s.ok("1.33", &["-n", "shop", "get", "svc", "web"]);
+    let header: Vec<&str> = out.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "TYPE",
+            "CLUSTER-IP",
+            "EXTERNAL-IP",
+            "PORT(S)",
+            "AGE"
+        ]
+    );
+    let ip = s.ok(
+        "1.33",
+        &[
+            "-n",
+            "shop",
+            "get",
+            "svc",
+            "web",
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ],
+    );
+    let ip: std::net::Ipv4Addr = ip.parse().expect("a cluster IP");
+    assert_eq!(ip.octets()[0], 10);
+    let out = s.ok("1.33", &["-n", "shop", "get", "deploy", "-o", "wide"]);
+    assert!(out.starts_with("NAME"), "{out}");
+    assert!(out.contains("UP-TO-DATE"), "{out}");
+    let secret = s.ok(
+        "1.33",
+        &[
+            "-n",
+            "shop",
+            "get",
+            "secret",
+            "web-secret",
+            "-o",
+            "jsonpath={.data.password}",
+        ],
+    );
+    assert_eq!(
+        secret, "czNjcmV0",
+        "stringData is stored base64-encoded under data"
+    );
+    let yaml = s.ok(
+        "1.33",
+        &["-n", "shop", "get", "cm", "web-config", "-o", "yaml"],
+    );
+    assert!(
+        yaml.contains("resourceVersion:") && yaml.contains("uid:"),
+        "{yaml}"
+    );
+
+    // Deleting the namespace takes everything in it along.
+    s.ok("1.33", &["delete", "ns", "shop"]);
+    let err = s.fails("1.33", &["-n", "shop", "get", "cm", "web-config"]);
+    assert!(err.contains("NotFound"), "{err}");
+}
+
+#[test]
+fn kubectl_edits_scales_patches_and_watches() {
+    let s = Server::start();
+    let manifest = s.write("app.yaml", MANIFEST);
+    s.ok("1.33", &["apply", "-f", manifest.to_str().unwrap()]);
+    let d = ["-n", "shop"];
+    let k = |args: &[&str]| s.ok("1.33", &[&d[..], args].concat());
+
+    let mut watch: Child = s
+        .command(
+            "1.33",
+            &["-n", "shop", "get", "cm", "-w", "--output-watch-events"],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kubectl get -w");
+    std::thread::sleep(Duration::from_millis(1500));
+
+    k(&["annotate", "deploy", "web", "note=hi"]);
+    k(&["scale", "deploy", "web", "--replicas=4"]);
+    assert_eq!(
+        k(&["get", "deploy", "web", "-o", "jsonpath={.spec.replicas}"]),
+        "4"
+    );
+    k(&[
+        "patch",
+        "deploy",
+        "web",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"replicas":5}}"#,
+    ]);
+    k(&[
+        "patch",
+        "deploy",
+        "web",
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/replicas","value":6}]"#,
+    ]);
+    k(&[
+        "patch",
+        "deploy",
+        "web",
+        "-p",
+        r#"{"spec":{"template":{"spec":{"containers":[{"name":"web","image":"busybox:1.37"}]}}}}"#,
+    ]);
+    let got = k(&[
+        "get",
+        "deploy",
+        "web",
+        "-o",
+        "jsonpath={.spec.replicas} {.spec.template.spec.containers[0].image} {.spec.template.spec.containers[0].ports[0].containerPort} {.metadata.annotations.note}",
+    ]);
+    assert_eq!(
+        got, "6 busybox:1.37 8080 hi",
+        "strategic merge keeps the container's other fields"
+    );
+
+    let extra = s.write(
+        "cm.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: extra, namespace: shop}\ndata: {a: b}\n",
+    );
+    k(&["create", "-f", extra.to_str().unwrap()]);
+    k(&["label", "cm", "extra", "x=y"]);
+    k(&["delete", "cm", "extra"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = watch.kill();
+    let out = watch.wait_with_output().expect("watch output");
+    let events = String::from_utf8_lossy(&out.stdout);
+    // EVENT and NAME columns of each row after the header.
+    let lines: Vec<String> = events
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "ADDED web-config",
+            "ADDED extra",
+            "MODIFIED extra",
+            "DELETED extra",
+        ],
+        "watch events:\n{events}"
+    );
+    let out = k(&["get", "deploy", "-l", "app in (web,api)", "-o", "name"]);
+    assert_eq!(out.trim(), "deployment.apps/web");
+    let out = k(&["get", "deploy", "-l", "app=nope", "-o", "name"]);
+    assert_eq!(out.trim(), "");
+}
+
+#[test]
+fn kubectl_sees_kubernetes_errors() {
+    let s = Server::start();
+    let err = s.fails("1.33", &["get", "pod", "nope"]);
+    assert!(
+        err.contains(r#"Error from server (NotFound): pods "nope" not found"#),
+        "{err}"
+    );
+
+    let bad = s.write(
+        "bad.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: Bad_Name}\n",
+    );
+    let err = s.fails("1.33", &["apply", "-f", bad.to_str().unwrap()]);
+    assert!(
+        err.contains(
+            r#"ConfigMap "Bad_Name" is invalid: metadata.name: Invalid value: "Bad_Name""#
+        ),
+        "{err}"
+    );
+
+    let unknown = s.write(
+        "unknown.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: ok}\nbogus: 1\n",
+    );
+    let err = s.fails("1.33", &["apply", "-f", unknown.to_str().unwrap()]);
+    assert!(err.contains(r#"unknown field "bogus""#), "{err}");
+    // With validation relaxed the field is dropped with a warning, and the object stored.
+    let out = s
+        .command(
+            "1.33",
+            &["apply", "--validate=warn", "-f", unknown.to_str().unwrap()],
+        )
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown field"),
+        "a warning is shown"
+    );
+
+    let malformed = s.write(
+        "malformed.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: [\n",
+    );
+    let err = s.fails("1.33", &["apply", "-f", malformed.to_str().unwrap()]);
+    assert!(err.contains("error"), "{err}");
+
+    let missing = s.write(
+        "pod.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: []}\n",
+    );
+    let err = s.fails("1.33", &["apply", "-f", missing.to_str().unwrap()]);
+    assert!(err.contains("spec.containers: Required value"), "{err}");
+
+    // A write against a stale resourceVersion is a conflict.
+    s.ok(
+        "1.33",
+        &[
+            "create",
+            "-f",
+            s.write(
+                "cm.yaml",
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {v: '1'}\n",
+            )
+            .to_str()
+            .unwrap(),
+        ],
+    );
+    let old = s.ok("1.33", &["get", "cm", "c", "-o", "json"]);
+    s.ok(
+        "1.33",
+        &[
+            "patch",
+            "cm",
+            "c",
+            "--type=merge",
+            "-p",
+            r#"{"data":{"v":"2"}}"#,
+        ],
+    );
+    let stale = s.write("stale.json", &old.replace("\"v\": \"1\"", "\"v\": \"3\""));
+    let err = s.fails("1.33", &["replace", "-f", stale.to_str().unwrap()]);
+    assert!(err.contains("the object has been modified"), "{err}");
+    assert_eq!(
+        s.ok("1.33", &["get", "cm", "c", "-o", "jsonpath={.data.v}"]),
+        "2",
+        "nothing stored was lost"
+    );
+
+    let err = s.fails(
+        "1.33",
+        &[
+            "create",
+            "-f",
+            s.write(
+                "dup.yaml",
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n",
+            )
+            .to_str()
+            .unwrap(),
+        ],
+    );
+    assert!(err.contains(r#"configmaps "c" already exists"#), "{err}");
+    let err = s.fails(
+        "1.33",
+        &[
+            "-n",
+            "missing",
+            "create",
+            "-f",
+            s.write(
+                "ns.yaml",
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n",
+            )
+            .to_str()
+            .unwrap(),
+        ],
+    );
+    assert!(err.contains(r#"namespaces "missing" not found"#), "{err}");
+}
+
+#[test]
+fn kubectl_discovery_explain_and_old_clients() {
+    let s = Server::start();
+    let version = s.ok("1.33", &["version", "-o", "json"]);
+    assert!(version.contains("keelson"), "{version}");
+    let resources = s.ok("1.33", &["api-resources", "-o", "name"]);
+    for r in [
+        "pods",
+        "deployments.apps",
+        "endpointslices.discovery.k8s.io",
+        "leases.coordination.k8s.io",
+        "jobs.batch",
+    ] {
+        assert!(
+            resources.lines().any(|l| l == r),
+            "{r} not in:\n{resources}"
+        );
+    }
+    let explain = s.ok("1.33", &["explain", "deployment.spec.replicas"]);
+    assert!(
+        explain.contains("replicas") && explain.contains("integer"),
+        "{explain}"
+    );
+
+    // kubectl 1.27 validates with OpenAPI v2 (protobuf), which the server does not serve
+    // yet; with client-side validation off it works.
+    let manifest = s.write("app.yaml", MANIFEST);
+    let out = s.ok(
+        "1.27",
+        &[
+            "apply",
+            "--validate=false",
+            "-f",
+            manifest.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.matches("created").count(), 5, "{out}");
+    let out = s.ok(
+        "1.27",
+        &[
+            "-n",
+            "shop",
+            "get",
+            "deploy",
+            "web",
+            "-o",
+            "jsonpath={.spec.replicas}",
+        ],
+    );
+    assert_eq!(out, "2");
+    s.ok(
+        "1.27",
+        &["-n", "shop", "scale", "deploy", "web", "--replicas=1"],
+    );
+    // The namespace goes first and takes the rest with it, as in Kubernetes.
+    s.ok(
+        "1.27",
+        &[
+            "delete",
+            "--ignore-not-found",
+            "-f",
+            manifest.to_str().unwrap(),
+        ],
+    );
+    let names = s.ok("1.27", &["get", "ns", "-o", "name"]);
+    assert!(!names.contains("namespace/shop"), "{names}");
+    assert!(names.contains("namespace/kube-system"), "{names}");
+}
