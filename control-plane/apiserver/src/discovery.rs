@@ -54,18 +54,28 @@ fn group_json(group: &str, version: &str) -> Value {
     json!({"name": group, "versions": [gv], "preferredVersion": gv})
 }
 
+/// The group of `SelfSubjectAccessReview`, served outside the resource registry (it is
+/// create-only and never stored).
+const AUTHORIZATION: (&str, &str) = ("authorization.k8s.io", "v1");
+
+fn all_groups() -> Vec<(&'static str, &'static str)> {
+    let mut groups = resources::groups();
+    groups.push(AUTHORIZATION);
+    groups
+}
+
 /// `/apis`.
 pub fn groups() -> Value {
     json!({
         "kind": "APIGroupList",
         "apiVersion": "v1",
-        "groups": resources::groups().into_iter().map(|(g, v)| group_json(g, v)).collect::<Vec<_>>(),
+        "groups": all_groups().into_iter().map(|(g, v)| group_json(g, v)).collect::<Vec<_>>(),
     })
 }
 
 /// `/apis/<group>`, if served.
 pub fn group(name: &str) -> Option<Value> {
-    resources::groups()
+    all_groups()
         .into_iter()
         .find(|(g, _)| *g == name)
         .map(|(g, v)| {
@@ -111,6 +121,15 @@ fn resource_entries(r: &Resource) -> Vec<Value> {
 
 /// `/api/v1` or `/apis/<group>/<version>`, if served.
 pub fn resource_list(group: &str, version: &str) -> Option<Value> {
+    if (group, version) == AUTHORIZATION {
+        return Some(json!({
+            "kind": "APIResourceList",
+            "apiVersion": "v1",
+            "groupVersion": format!("{group}/{version}"),
+            "resources": [{"name": "selfsubjectaccessreviews", "singularName": "selfsubjectaccessreview",
+                "namespaced": false, "kind": "SelfSubjectAccessReview", "verbs": ["create"]}],
+        }));
+    }
     let served: Vec<&Resource> = RESOURCES
         .iter()
         .filter(|r| r.group == group && r.version == version)

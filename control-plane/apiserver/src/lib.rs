@@ -18,10 +18,13 @@
 //! `binding`/`eviction`.
 #![deny(missing_docs)]
 
+pub mod auth;
 mod discovery;
 pub mod object;
 mod openapi;
 pub mod patch;
+pub mod pki;
+mod protobuf;
 pub mod request;
 pub mod resources;
 mod rest;
@@ -30,13 +33,13 @@ pub mod services;
 pub mod status;
 pub mod storage;
 pub mod table;
+pub mod tls;
 mod watch;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
 use axum::{
     Router,
-    body::Body,
     extract::{Path, Query as AxumQuery, State},
     http::{HeaderMap, Method, StatusCode, Uri},
     response::{IntoResponse, Response},
@@ -63,6 +66,8 @@ pub struct Config {
     pub watch_timeout: Duration,
     /// Service cluster IPs and node ports.
     pub service_ranges: services::ServiceRanges,
+    /// Static bearer tokens.
+    pub tokens: auth::StaticTokens,
 }
 
 impl Default for Config {
@@ -72,6 +77,7 @@ impl Default for Config {
             bookmark_interval: Duration::from_secs(60),
             watch_timeout: Duration::from_secs(30 * 60),
             service_ranges: services::ServiceRanges::default(),
+            tokens: auth::StaticTokens::default(),
         }
     }
 }
@@ -169,23 +175,156 @@ impl Api {
             .route("/openapi/v3/{*gv}", get(openapi_document))
             .route("/api/v1/{*rest}", any(core_resource))
             .route("/apis/{group}/{version}/{*rest}", any(group_resource))
+            .route(
+                "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+                axum::routing::post(self_subject_access_review),
+            )
             .fallback(|uri: Uri| async move { ApiError::no_route(uri.path()).into_response() })
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::clone(self),
+                authenticate,
+            ))
             .with_state(Arc::clone(self))
     }
 
-    /// Serves HTTP on `listener` until `shutdown` completes.
+    /// Serves HTTPS on `listener` until `shutdown` completes. Client certificates signed by
+    /// the CA in `tls` identify their users; connections without one may use bearer tokens.
     ///
     /// # Errors
     /// The listener fails.
-    pub async fn serve(
+    pub async fn serve_tls(
         self: &Arc<Self>,
         listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        axum::serve(listener, self.router())
-            .with_graceful_shutdown(shutdown)
-            .await
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let router = self.router();
+        tokio::pin!(shutdown);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                accepted = listener.accept() => accepted?,
+                () = &mut shutdown => return Ok(()),
+            };
+            let acceptor = acceptor.clone();
+            let router = router.clone();
+            tokio::spawn(async move {
+                let tls = match acceptor.accept(tcp).await {
+                    Ok(tls) => tls,
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                };
+                let identity = auth::PeerIdentity(tls::peer_user(tls.get_ref().1));
+                let svc = tower::ServiceExt::map_request(
+                    router,
+                    move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                        req.extensions_mut().insert(identity.clone());
+                        req
+                    },
+                );
+                let svc = hyper_util::service::TowerToHyperService::new(svc);
+                let conn = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                );
+                if let Err(e) = conn
+                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await
+                {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+            });
+        }
     }
+}
+
+/// Paths anyone may read: version and health.
+fn is_public(path: &str) -> bool {
+    matches!(path, "/version" | "/healthz" | "/livez" | "/readyz")
+}
+
+/// Attaches the caller's [`auth::User`] to the request, or answers 401.
+async fn authenticate(
+    State(api): State<Arc<Api>>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let mut user = req
+        .extensions()
+        .get::<auth::PeerIdentity>()
+        .and_then(|p| p.0.clone());
+    if user.is_none()
+        && let Some(token) = req
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+    {
+        user = auth::authenticate_token(&api, token.trim()).await;
+    }
+    match user {
+        Some(u) => {
+            req.extensions_mut().insert(u);
+            next.run(req).await
+        }
+        None if is_public(req.uri().path()) => next.run(req).await,
+        None => ApiError::unauthorized().into_response(),
+    }
+}
+
+async fn self_subject_access_review(
+    State(api): State<Arc<Api>>,
+    axum::Extension(user): axum::Extension<auth::User>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let review = if protobuf::is_protobuf(content_type) {
+        protobuf::self_subject_access_review(&body)
+    } else {
+        serde_json::from_slice::<serde_json::Value>(&body).map_err(|e| e.to_string())
+    };
+    let review = match review {
+        Ok(v) => v,
+        Err(e) => {
+            return ApiError::bad_request(format!("invalid SelfSubjectAccessReview: {e}"))
+                .into_response();
+        }
+    };
+    let attrs = review
+        .pointer("/spec/resourceAttributes")
+        .cloned()
+        .unwrap_or_default();
+    let field = |k: &str| {
+        attrs
+            .get(k)
+            .and_then(serde_json::Value::as_str)
+            .filter(|s| !s.is_empty())
+    };
+    let group = field("group").unwrap_or("");
+    let plural = field("resource").unwrap_or("");
+    let allowed = match resources::RESOURCES
+        .iter()
+        .find(|r| r.group == group && r.plural == plural)
+    {
+        Some(resource) => {
+            let action = auth::Action {
+                verb: field("verb").unwrap_or("get"),
+                resource,
+                sub: field("subresource"),
+                namespace: field("namespace"),
+                name: field("name"),
+            };
+            auth::authorize(&api, &user, &action).await.is_ok()
+        }
+        None => user.in_group("system:masters"),
+    };
+    let mut out = review;
+    out["status"] = json!({"allowed": allowed});
+    json_response(StatusCode::CREATED, &out)
 }
 
 async fn health() -> &'static str {
@@ -220,36 +359,70 @@ async fn group_resources(Path((group, version)): Path<(String, String)>, uri: Ur
     }
 }
 
-struct Incoming {
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    query: std::collections::HashMap<String, String>,
-    body: Body,
-}
-
 async fn resource(
     api: Arc<Api>,
     group: &str,
     version: &str,
     rest: &str,
-    inc: Incoming,
+    req: axum::extract::Request,
 ) -> Response {
-    let target = match Target::parse(group, version, rest, inc.uri.path()) {
+    let (parts, body) = req.into_parts();
+    let query =
+        match AxumQuery::<std::collections::HashMap<String, String>>::try_from_uri(&parts.uri) {
+            Ok(q) => q.0,
+            Err(e) => {
+                return ApiError::bad_request(format!("malformed query: {e}")).into_response();
+            }
+        };
+    let target = match Target::parse(group, version, rest, parts.uri.path()) {
         Ok(t) => t,
         Err(e) => return e.into_response(),
     };
-    let body = match rest::read_body(inc.body, api.config.max_body).await {
+    let Some(user) = parts.extensions.get::<auth::User>().cloned() else {
+        return ApiError::unauthorized().into_response();
+    };
+    let watch = matches!(query.get("watch").map(String::as_str), Some("1" | "true"));
+    let verb = match (&parts.method, target.name.is_some()) {
+        (&Method::GET, true) => "get",
+        (&Method::GET, false) if watch => "watch",
+        (&Method::GET, false) => "list",
+        (&Method::POST, _) => "create",
+        (&Method::PUT, _) => "update",
+        (&Method::PATCH, _) => "patch",
+        (&Method::DELETE, true) => "delete",
+        (&Method::DELETE, false) => "deletecollection",
+        _ => return ApiError::method_not_allowed().into_response(),
+    };
+    let body = match rest::read_body(body, api.config.max_body).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
+    // A create names its object in the body; node credentials may only create their own.
+    let created_name = (verb == "create")
+        .then(|| serde_json::from_slice::<serde_json::Value>(&body).ok())
+        .flatten()
+        .and_then(|v| {
+            v.pointer("/metadata/name")
+                .and_then(|n| n.as_str())
+                .map(str::to_owned)
+        });
+    let action = auth::Action {
+        verb,
+        resource: target.resource,
+        sub: target.sub.as_deref(),
+        namespace: target.namespace.as_deref(),
+        name: target.name.as_deref().or(created_name.as_deref()),
+    };
+    if let Err(e) = auth::authorize(&api, &user, &action).await {
+        return e.into_response();
+    }
     rest::serve(
         api,
         rest::Request {
             target,
-            method: inc.method,
-            query: Query(inc.query),
-            headers: inc.headers,
+            method: parts.method,
+            query: Query(query),
+            headers: parts.headers,
             body,
         },
     )
@@ -259,37 +432,15 @@ async fn resource(
 async fn core_resource(
     State(api): State<Arc<Api>>,
     Path(rest): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    AxumQuery(query): AxumQuery<std::collections::HashMap<String, String>>,
-    body: Body,
+    req: axum::extract::Request,
 ) -> Response {
-    let inc = Incoming {
-        method,
-        uri,
-        headers,
-        query,
-        body,
-    };
-    resource(api, "", "v1", &rest, inc).await
+    resource(api, "", "v1", &rest, req).await
 }
 
 async fn group_resource(
     State(api): State<Arc<Api>>,
     Path((group, version, rest)): Path<(String, String, String)>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    AxumQuery(query): AxumQuery<std::collections::HashMap<String, String>>,
-    body: Body,
+    req: axum::extract::Request,
 ) -> Response {
-    let inc = Incoming {
-        method,
-        uri,
-        headers,
-        query,
-        body,
-    };
-    resource(api, &group, &version, &rest, inc).await
+    resource(api, &group, &version, &rest, req).await
 }
