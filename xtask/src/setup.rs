@@ -25,6 +25,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "unshare/nsenter for kernel checks and the demo",
     ),
     ("busybox-static", "test images and the demo's sample app"),
+    ("runc", "the runtime's command line is checked against runc's"),
+    ("containerd", "a test drives keelson-runtime through containerd's runc shim"),
 ];
 
 /// The bpf-linker release that builds with the LLVM above.
