@@ -29,6 +29,7 @@ pub mod request;
 pub mod resources;
 mod rest;
 pub mod selectors;
+pub mod server;
 pub mod services;
 pub mod status;
 pub mod storage;

@@ -9,11 +9,10 @@ use std::{
 };
 
 use keelson_apiserver::{
-    Api, Config,
-    auth::{StaticTokens, User},
+    Config,
     pki::{self, ClusterCa},
+    server::{self, ServeOptions},
     storage::memory::MemoryStore,
-    tls,
 };
 
 /// An API server on 127.0.0.1 with a kubeconfig for it; stopped on drop.
@@ -28,57 +27,50 @@ impl Server {
     /// certificate), node `n1` (client certificate) and user `dev` (bearer token).
     fn start() -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
-        let ca = ClusterCa::load_or_create(dir.path()).expect("CA");
-        let serving = ca
-            .issue_server(&["localhost".into()], &["127.0.0.1".parse().unwrap()])
-            .expect("serving cert");
-        let tls = tls::server_config(ca.cert_pem(), &serving).expect("TLS config");
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let tokens = dir.path().join("tokens.csv");
+        std::fs::write(&tokens, format!("{DEV_TOKEN},dev,1001,\"developers\"\n")).unwrap();
+        let opts = ServeOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            pki_dir: dir.path().join("pki"),
+            extra_sans: vec![],
+            admin_kubeconfig: dir.path().join("kubeconfig"),
+            token_file: Some(tokens),
+            config: Config {
+                bookmark_interval: Duration::from_millis(200),
+                ..Config::default()
+            },
+        };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
             rt.block_on(async move {
-                let mut tokens = StaticTokens::default();
-                tokens.insert(
-                    DEV_TOKEN.into(),
-                    User {
-                        name: "dev".into(),
-                        groups: vec!["developers".into()],
-                    },
-                );
-                let config = Config {
-                    bookmark_interval: Duration::from_millis(200),
-                    tokens,
-                    ..Config::default()
-                };
-                let api = Api::new(Arc::new(MemoryStore::default()), config);
-                api.bootstrap().await.expect("bootstrap");
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                    .await
-                    .expect("bind");
-                addr_tx
-                    .send(listener.local_addr().expect("addr"))
-                    .expect("send addr");
-                api.serve_tls(listener, tls, async {
+                server::run(Arc::new(MemoryStore::default()), opts, async {
                     let _ = stopped.await;
                 })
                 .await
                 .expect("serve");
             });
         });
-        let addr = addr_rx.recv().expect("server did not start");
-        let server = format!("https://{addr}");
-        let admin = ca
-            .issue_client("kubernetes-admin", &["system:masters"])
-            .expect("admin cert");
+        // The server writes the admin kubeconfig once it listens.
+        let kubeconfig = dir.path().join("kubeconfig");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !kubeconfig.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let text = std::fs::read_to_string(&kubeconfig).unwrap();
+        let server = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("server: "))
+            .expect("server in kubeconfig")
+            .to_owned();
+        let ca = ClusterCa::load_or_create(&dir.path().join("pki")).expect("CA");
         let node = ca
             .issue_client("system:node:n1", &["system:nodes"])
             .expect("node cert");
-        std::fs::write(
-            dir.path().join("kubeconfig"),
-            pki::kubeconfig(&server, ca.cert_pem(), &admin, "admin"),
-        )
-        .unwrap();
         std::fs::write(
             dir.path().join("node.kubeconfig"),
             pki::kubeconfig(&server, ca.cert_pem(), &node, "n1"),
