@@ -2,3 +2,5 @@
 //! revisioned store, the scheduler and the controllers. Under construction: see the README's
 //! status table.
 #![deny(missing_docs)]
+
+pub mod store;

@@ -1,0 +1,99 @@
+//! `keelson-server`: runs one member of the control-plane store.
+//!
+//! ```text
+//! keelson-server --id 1 --data-dir /var/lib/keelson/1 --listen 127.0.0.1:7001 --init
+//! keelson-server --id 2 --data-dir /var/lib/keelson/2 --listen 127.0.0.1:7002 --join 127.0.0.1:7001
+//! ```
+//! A member restarted with its data directory resumes its place; `--init` and `--join` are then
+//! no-ops. It prints `listening on ADDR` once serving (useful with port 0), `member ID ready`
+//! once initialized or joined, and stops cleanly on SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use keelson_server::store::{Store, StoreConfig};
+use tokio::net::TcpListener;
+
+/// Run one member of Keelson's replicated control-plane store.
+#[derive(Debug, Parser)]
+#[command(name = "keelson-server", version)]
+struct Args {
+    /// This member's id (unique in the cluster, never reused).
+    #[arg(long, env = "KEELSON_STORE_ID")]
+    id: u64,
+    /// Directory holding this member's database.
+    #[arg(long, env = "KEELSON_STORE_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Address to serve the store's gRPC on (`host:port`; port 0 picks one).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+    /// Address other members reach this one at (default: the bound listen address).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Bootstrap a new cluster with this member as its only voter.
+    #[arg(long, conflicts_with = "join")]
+    init: bool,
+    /// Join the cluster of the member at this address (`host:port`).
+    #[arg(long)]
+    join: Option<String>,
+    /// Past events kept for resuming watches (the same on every member).
+    #[arg(long, default_value_t = 10_000)]
+    history: usize,
+    /// Deadline of one store request, in milliseconds.
+    #[arg(long, default_value_t = 5_000)]
+    request_timeout_ms: u64,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,openraft=warn".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let config = StoreConfig::new(args.id, &args.data_dir)
+        .with_history_limit(args.history)
+        .with_request_timeout(Duration::from_millis(args.request_timeout_ms));
+    let store = Store::start(config, listener)
+        .await
+        .with_context(|| format!("starting member {} in {}", args.id, args.data_dir.display()))?;
+    let advertise = args
+        .advertise
+        .clone()
+        .unwrap_or_else(|| store.addr().to_string());
+    println!("listening on {}", store.addr());
+    if args.init {
+        store
+            .initialize([(args.id, advertise.clone())].into())
+            .await
+            .context("initializing the cluster")?;
+    }
+    if let Some(via) = &args.join {
+        store
+            .join(via, &advertise)
+            .await
+            .with_context(|| format!("joining the cluster via {via}"))?;
+    }
+    println!("member {} ready", args.id);
+    wait_for_signal().await?;
+    tracing::info!(member = args.id, "shutting down");
+    store.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result.context("waiting for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
