@@ -1,6 +1,7 @@
-//! Keelson's control plane: the Kubernetes-compatible API server over a Raft-replicated,
-//! revisioned store, the scheduler and the controllers. Under construction: see the README's
-//! status table.
+//! Keelson's control plane: the Raft-replicated, revisioned store ([`store`]) and the
+//! Kubernetes-compatible API server (`keelson-apiserver`) over it ([`api_storage`]). The
+//! scheduler and the controllers join them as they land (see the README's status table).
 #![deny(missing_docs)]
 
+pub mod api_storage;
 pub mod store;

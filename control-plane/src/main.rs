@@ -5,15 +5,24 @@
 //! keelson-server --id 2 --data-dir /var/lib/keelson/2 --listen 127.0.0.1:7002 --join 127.0.0.1:7001
 //! ```
 //! A member restarted with its data directory resumes its place; `--init` and `--join` are then
-//! no-ops. It prints `listening on ADDR` once serving (useful with port 0), `member ID ready`
+//! no-ops. With `--api-listen` the member also serves the Kubernetes API over HTTPS, creating
+//! the cluster CA under `<data-dir>/pki` at first start and writing an admin kubeconfig. It prints `listening on ADDR` once serving (useful with port 0), `member ID ready`
 //! once initialized or joined, and stops cleanly on SIGINT or SIGTERM.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use keelson_server::store::{Store, StoreConfig};
+use keelson_apiserver::{
+    Config,
+    server::{self, ServeOptions},
+};
+use keelson_server::{
+    api_storage::RaftStorage,
+    store::{Store, StoreConfig},
+};
 use tokio::net::TcpListener;
 
 /// Run one member of Keelson's replicated control-plane store.
@@ -44,6 +53,18 @@ struct Args {
     /// Deadline of one store request, in milliseconds.
     #[arg(long, default_value_t = 5_000)]
     request_timeout_ms: u64,
+    /// Serve the Kubernetes API (HTTPS) on this address, e.g. `127.0.0.1:6443`.
+    #[arg(long)]
+    api_listen: Option<std::net::SocketAddr>,
+    /// Where to write the admin kubeconfig (default: `<data-dir>/admin.kubeconfig`).
+    #[arg(long)]
+    admin_kubeconfig: Option<PathBuf>,
+    /// Static bearer tokens for the API, one `token,user,uid,"group1,group2"` per line.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Extra DNS names or addresses for the API's serving certificate (repeatable).
+    #[arg(long = "api-san")]
+    api_sans: Vec<String>,
 }
 
 #[tokio::main]
@@ -53,6 +74,7 @@ async fn main() -> Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,openraft=warn".into()),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let args = Args::parse();
     let listener = TcpListener::bind(&args.listen)
@@ -82,7 +104,43 @@ async fn main() -> Result<()> {
             .with_context(|| format!("joining the cluster via {via}"))?;
     }
     println!("member {} ready", args.id);
-    wait_for_signal().await?;
+    let store = Arc::new(store);
+    let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let api = args.api_listen.map(|listen| {
+        let opts = ServeOptions {
+            listen,
+            pki_dir: args.data_dir.join("pki"),
+            extra_sans: args.api_sans.clone(),
+            admin_kubeconfig: args
+                .admin_kubeconfig
+                .clone()
+                .unwrap_or_else(|| args.data_dir.join("admin.kubeconfig")),
+            token_file: args.token_file.clone(),
+            config: Config::default(),
+        };
+        let storage = Arc::new(RaftStorage::new(Arc::clone(&store)));
+        tokio::spawn(server::run(storage, opts, async {
+            let _ = api_stopped.await;
+        }))
+    });
+    let api_failed = async {
+        match api {
+            Some(task) => task.await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        signal = wait_for_signal() => signal?,
+        result = api_failed => {
+            store.shutdown().await;
+            return match result {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e).context("serving the Kubernetes API"),
+                Err(e) => Err(e).context("the API server task failed"),
+            };
+        }
+    }
+    let _ = stop_api.send(());
     tracing::info!(member = args.id, "shutting down");
     store.shutdown().await;
     Ok(())

@@ -17,7 +17,7 @@ use crate::{
     selectors::{FieldSelector, LabelSelector, extra_fields},
     services,
     status::{ApiError, ApiResult, Cause},
-    storage::{Revision, Storage, StorageError},
+    storage::{Continue, Revision, Storage, StorageError},
     table::{self, IncludeObject},
     watch,
 };
@@ -305,19 +305,20 @@ async fn get(api: &Api, req: &Request) -> ApiResult<Reply> {
     Ok(Reply::ok(obj))
 }
 
-/// An opaque `continue` token: the last key returned.
-fn continue_token(key: &str) -> String {
+/// An opaque `continue` token: the last key returned and the list's revision.
+fn continue_token(c: &Continue) -> String {
     use base64::Engine as _;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key)
+    let json = serde_json::to_vec(c).unwrap_or_default();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
 }
 
-fn parse_continue(token: &str, prefix: &str) -> ApiResult<String> {
+fn parse_continue(token: &str, prefix: &str) -> ApiResult<Continue> {
     use base64::Engine as _;
     base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(token)
         .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .filter(|k| k.starts_with(prefix))
+        .and_then(|b| serde_json::from_slice::<Continue>(&b).ok())
+        .filter(|c| c.key.starts_with(prefix))
         .ok_or_else(|| ApiError::bad_request("continue key is not valid"))
 }
 
@@ -339,15 +340,21 @@ pub async fn list_objects(api: &Api, req: &Request) -> ApiResult<(Vec<Value>, Va
         .map(|c| parse_continue(c, &prefix))
         .transpose()?;
     let mut items = Vec::new();
-    let mut revision = None;
+    let mut revision = after.as_ref().map(|c| c.revision);
     let mut last_key = None;
     let more = loop {
         let page = api
             .store
-            .range(&prefix, after.as_deref(), limit.saturating_sub(items.len()))
+            .range(&prefix, after.as_ref(), limit.saturating_sub(items.len()))
             .await
-            .map_err(|e| ApiError::from_storage(e, r, ""))?;
-        revision.get_or_insert(page.revision);
+            .map_err(|e| match e {
+                StorageError::Compacted { .. } => ApiError::gone(
+                    "The provided continue parameter is too old to display a consistent list \
+                     result. You can start a new list without the continue parameter.",
+                ),
+                e => ApiError::from_storage(e, r, ""),
+            })?;
+        let rev = *revision.get_or_insert(page.revision);
         for (key, v) in &page.items {
             let obj = object::decode(r, v)?;
             if labels.matches(&obj) && fields.matches(&obj) {
@@ -358,11 +365,12 @@ pub async fn list_objects(api: &Api, req: &Request) -> ApiResult<(Vec<Value>, Va
         if !page.more || (limit != 0 && items.len() >= limit) {
             break page.more;
         }
-        after = last_key.clone();
+        after = last_key.clone().map(|key| Continue { key, revision: rev });
     };
-    let mut meta = json!({"resourceVersion": revision.unwrap_or_default().to_string()});
-    if more && let Some(k) = last_key {
-        meta["continue"] = json!(continue_token(&k));
+    let revision = revision.unwrap_or_default();
+    let mut meta = json!({"resourceVersion": revision.to_string()});
+    if more && let Some(key) = last_key {
+        meta["continue"] = json!(continue_token(&Continue { key, revision }));
     }
     Ok((items, meta))
 }

@@ -137,7 +137,20 @@ pub async fn run(
         })?;
     }
     let api = Api::new(store, config);
-    api.bootstrap().await?;
+    // A freshly started store may need a moment to elect its leader.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match api.bootstrap().await {
+            Ok(()) => break,
+            Err(crate::storage::StorageError::Unavailable(reason))
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tracing::info!(%reason, "waiting for the store");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     tracing::info!(%server_url, kubeconfig = %opts.admin_kubeconfig.display(), "serving the Kubernetes API");
     api.serve_tls(listener, tls, shutdown)
         .await

@@ -25,6 +25,16 @@ pub struct Versioned {
     pub mod_revision: Revision,
 }
 
+/// Where a paged range continues: after `key`, reading at `revision` (so that every page of
+/// one list sees the same state, where the store can do that).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Continue {
+    /// The last key returned.
+    pub key: String,
+    /// The revision the first page was read at.
+    pub revision: Revision,
+}
+
 /// One page of a prefix range.
 #[derive(Clone, Debug, Default)]
 pub struct RangePage {
@@ -123,11 +133,13 @@ pub trait Storage: Send + Sync + 'static {
     /// The current value of `key`.
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StorageError>;
 
-    /// Up to `limit` keys (0: no limit) starting with `prefix`, after `start_after` if given.
+    /// Up to `limit` keys (0: no limit) starting with `prefix`, continuing a paged range if
+    /// `from` is given (a continuation older than the history kept is
+    /// [`StorageError::Compacted`]).
     async fn range(
         &self,
         prefix: &str,
-        start_after: Option<&str>,
+        from: Option<&Continue>,
         limit: usize,
     ) -> Result<RangePage, StorageError>;
 

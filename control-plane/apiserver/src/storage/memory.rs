@@ -9,7 +9,7 @@ use std::{
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use super::{Event, EventKind, RangePage, Revision, Storage, StorageError, Versioned};
+use super::{Continue, Event, EventKind, RangePage, Revision, Storage, StorageError, Versioned};
 
 /// How many events each watcher may have in flight before it is cut off.
 const WATCH_BUFFER: usize = 1024;
@@ -169,12 +169,13 @@ impl Storage for MemoryStore {
     async fn range(
         &self,
         prefix: &str,
-        start_after: Option<&str>,
+        from: Option<&Continue>,
         limit: usize,
     ) -> Result<RangePage, StorageError> {
+        // This store keeps no old versions: later pages read the current state.
         let inner = self.lock();
-        let lower = match start_after {
-            Some(k) => std::ops::Bound::Excluded(k.to_owned()),
+        let lower = match from {
+            Some(c) => std::ops::Bound::Excluded(c.key.clone()),
             None => std::ops::Bound::Included(prefix.to_owned()),
         };
         let mut items = Vec::new();
@@ -273,7 +274,11 @@ mod tests {
         let keys: Vec<_> = page.items.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(keys, ["/p/a", "/p/b"]);
         assert!(page.more);
-        let page = s.range("/p/", Some("/p/b"), 2).await.unwrap();
+        let from = Continue {
+            key: "/p/b".into(),
+            revision: page.revision,
+        };
+        let page = s.range("/p/", Some(&from), 2).await.unwrap();
         let keys: Vec<_> = page.items.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(keys, ["/p/c"]);
         assert!(!page.more);

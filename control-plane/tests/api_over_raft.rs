@@ -1,0 +1,185 @@
+//! `keelson-server` as users run it: one store member serving the Kubernetes API, driven by
+//! real kubectl; objects survive `kill -9` and a restart from disk.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+const KUBECTL: &str = "/usr/lib/google-cloud-sdk/bin/kubectl.1.33";
+
+/// A `keelson-server` process; killed on drop.
+struct Member(Child);
+
+impl Member {
+    fn start(data: &Path, init: bool) -> Member {
+        let kubeconfig = data.join("admin.kubeconfig");
+        let _ = std::fs::remove_file(&kubeconfig);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keelson-server"));
+        cmd.args([
+            "--id",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+            "--api-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        if init {
+            cmd.arg("--init");
+        }
+        let member = Member(cmd.spawn().expect("starting keelson-server"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !kubeconfig.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "keelson-server did not serve the API"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        member
+    }
+
+    fn kill9(mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn kubectl(data: &Path, args: &[&str]) -> String {
+    assert!(Path::new(KUBECTL).is_file(), "{KUBECTL} is missing");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new(KUBECTL)
+            .arg("--kubeconfig")
+            .arg(data.join("admin.kubeconfig"))
+            .args(args)
+            .env("HOME", data)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running kubectl");
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        // Right after a start the listener may not accept yet.
+        assert!(
+            Instant::now() < deadline && err.contains("connect"),
+            "kubectl {args:?} failed:\n{err}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn manifest(dir: &Path) -> PathBuf {
+    let p = dir.join("app.yaml");
+    std::fs::write(
+        &p,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\n\
+         apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop}\n\
+         spec:\n  replicas: 2\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n\
+         \x20   spec: {containers: [{name: web, image: busybox}]}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+         spec: {selector: {app: web}, ports: [{port: 80}]}\n",
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn kubectl_state_survives_kill_9_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("member-1");
+    let app = manifest(dir.path());
+
+    let member = Member::start(&data, true);
+    let out = kubectl(&data, &["apply", "-f", app.to_str().unwrap()]);
+    assert_eq!(out.matches("created").count(), 3, "{out}");
+    kubectl(
+        &data,
+        &["-n", "shop", "scale", "deploy", "web", "--replicas=5"],
+    );
+    let before = kubectl(
+        &data,
+        &[
+            "-n",
+            "shop",
+            "get",
+            "deploy,svc",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.uid} {.metadata.resourceVersion}{\"\\n\"}{end}",
+        ],
+    );
+    let ip = kubectl(
+        &data,
+        &[
+            "-n",
+            "shop",
+            "get",
+            "svc",
+            "web",
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ],
+    );
+    member.kill9();
+
+    let _member = Member::start(&data, false);
+    let after = kubectl(
+        &data,
+        &[
+            "-n",
+            "shop",
+            "get",
+            "deploy,svc",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.uid} {.metadata.resourceVersion}{\"\\n\"}{end}",
+        ],
+    );
+    assert_eq!(after, before, "objects, uids and resourceVersions survive");
+    assert_eq!(
+        kubectl(
+            &data,
+            &[
+                "-n",
+                "shop",
+                "get",
+                "deploy",
+                "web",
+                "-o",
+                "jsonpath={.spec.replicas}"
+            ]
+        ),
+        "5"
+    );
+    // The allocated cluster IP stays taken: a second Service gets another one.
+    let other = dir.path().join("svc.yaml");
+    std::fs::write(&other, "apiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: shop}\nspec: {ports: [{port: 80}]}\n").unwrap();
+    kubectl(&data, &["apply", "-f", other.to_str().unwrap()]);
+    let ip2 = kubectl(
+        &data,
+        &[
+            "-n",
+            "shop",
+            "get",
+            "svc",
+            "api",
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ],
+    );
+    assert_ne!(ip, ip2);
+    let out = kubectl(&data, &["get", "--raw", "/readyz"]);
+    assert_eq!(out, "ok");
+}
