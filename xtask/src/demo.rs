@@ -1,16 +1,23 @@
 //! `cargo xtask up` / `down`: the local demo.
 //!
-//! Everything lives in a network namespace of its own (`keelson-demo`, only `lo`, no route out),
-//! a cgroup2 directory of its own and a private bpffs under `.keelson/`, so the demo sends
-//! nothing outside this machine and `down` removes all of it. What runs today: a sample app
-//! (two busybox httpd backends) behind a Service VIP served by the agent's eBPF load balancer.
-//! The control plane and pod runtime join the demo as they land (see the README's status).
+//! What runs today:
+//! - the control plane: `keelson-server`, a single-member Raft store serving the Kubernetes
+//!   API on `https://127.0.0.1:6443`, with the admin kubeconfig at `.keelson/admin.kubeconfig`;
+//! - a sample app (two busybox httpd backends) in a network namespace of its own
+//!   (`keelson-demo`, only `lo`, no route out), and a Service for it created through the API;
+//! - the agent's eBPF load balancer on a cgroup2 directory of its own, with its pins in a
+//!   private bpffs under `.keelson/`, answering the Service's cluster IP.
+//!
+//! The agent does not yet watch Services and EndpointSlices, so `up` programs the load
+//! balancer with the cluster IP the API server allocated (`keelson-agent lb set`); pods and
+//! controllers join as they land. Nothing leaves this machine, and `down` removes all of it.
 
 use std::{
     fs,
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -22,8 +29,14 @@ use crate::{
 
 const NETNS: &str = "keelson-demo";
 const CGROUP: &str = "keelson-demo";
-const VIP: &str = "10.96.0.10:80";
+const SERVICE_PORT: u16 = 80;
 const BACKENDS: [&str; 2] = ["127.0.0.1:8081", "127.0.0.1:8082"];
+/// kubectl releases installed on this project's machines, newest first, then `kubectl`.
+const KUBECTLS: [&str; 3] = [
+    "/usr/lib/google-cloud-sdk/bin/kubectl.1.33",
+    "/usr/lib/google-cloud-sdk/bin/kubectl",
+    "kubectl",
+];
 
 /// Options of `cargo xtask up`.
 #[derive(clap::Args)]
@@ -31,10 +44,21 @@ pub struct UpArgs {
     /// Skip `setup` (for a machine already set up).
     #[arg(long)]
     no_setup: bool,
+    /// Address of the Kubernetes API.
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    api: String,
+}
+
+fn keelson_dir() -> PathBuf {
+    repo_root().join(".keelson")
 }
 
 fn state_dir() -> PathBuf {
-    repo_root().join(".keelson/demo")
+    keelson_dir().join("demo")
+}
+
+fn kubeconfig() -> PathBuf {
+    keelson_dir().join("admin.kubeconfig")
 }
 
 fn pins_mount() -> PathBuf {
@@ -45,8 +69,33 @@ fn pins() -> PathBuf {
     pins_mount().join("keelson")
 }
 
-fn agent() -> PathBuf {
-    repo_root().join("target/debug/keelson-agent")
+fn bin(name: &str) -> PathBuf {
+    repo_root().join("target/debug").join(name)
+}
+
+fn kubectl_path() -> Option<&'static str> {
+    KUBECTLS
+        .into_iter()
+        .find(|k| probe(Command::new(k).args(["version", "--client"])).is_some())
+}
+
+fn kubectl(args: &[&str]) -> Result<String> {
+    let k = kubectl_path().context("no kubectl found")?;
+    let out = Command::new(k)
+        .arg("--kubeconfig")
+        .arg(kubeconfig())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running kubectl")?;
+    if !out.status.success() {
+        bail!(
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn cgroup_dir() -> Result<PathBuf> {
@@ -62,6 +111,19 @@ fn cgroup_dir() -> Result<PathBuf> {
         .context("no cgroup2 hierarchy is mounted")
 }
 
+/// Starts a process in the background, detached from this one, logging to `log`.
+fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<u32> {
+    let file = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    Ok(child.id())
+}
+
 /// Starts the demo and shows it working.
 ///
 /// # Errors
@@ -71,10 +133,59 @@ pub fn up(args: &UpArgs) -> Result<()> {
         setup::all()?;
     }
     step("build");
-    run(cargo().args(["build", "--bins", "--package", "keelson-agent"]))?;
+    run(cargo().args([
+        "build",
+        "--bins",
+        "--package",
+        "keelson-agent",
+        "--package",
+        "keelson-server",
+    ]))?;
 
     step("remove what an earlier demo left");
     down()?;
+    let state = state_dir();
+    fs::create_dir_all(&state)?;
+    let mut pids = Vec::new();
+
+    step(&format!(
+        "control plane: keelson-server, Kubernetes API on https://{}",
+        args.api
+    ));
+    let pid = spawn_logged(
+        Command::new(bin("keelson-server"))
+            .args([
+                "--id",
+                "1",
+                "--listen",
+                "127.0.0.1:0",
+                "--init",
+                "--api-listen",
+                &args.api,
+            ])
+            .arg("--data-dir")
+            .arg(state.join("server"))
+            .arg("--admin-kubeconfig")
+            .arg(kubeconfig()),
+        &state.join("server.log"),
+    )?;
+    pids.push(pid);
+    record_pids(&pids)?;
+    println!(
+        "keelson-server pid {pid}, log {}",
+        state.join("server.log").display()
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while kubectl(&["get", "--raw", "/readyz"]).is_err() {
+        if Instant::now() > deadline {
+            bail!(
+                "the API did not come up; see {}",
+                state.join("server.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    print!("{}", kubectl(&["get", "namespaces"])?);
 
     step(&format!(
         "network namespace {NETNS} (only lo, no route out)"
@@ -83,8 +194,6 @@ pub fn up(args: &UpArgs) -> Result<()> {
     run(Command::new("ip").args(["-n", NETNS, "link", "set", "lo", "up"]))?;
 
     step("sample app: two HTTP backends in the namespace");
-    let state = state_dir();
-    let mut pids = Vec::new();
     for (i, backend) in BACKENDS.iter().enumerate() {
         let www = state.join(format!("www-{i}"));
         fs::create_dir_all(&www).with_context(|| format!("creating {}", www.display()))?;
@@ -92,54 +201,68 @@ pub fn up(args: &UpArgs) -> Result<()> {
             www.join("index.html"),
             format!("hello from backend-{i} ({backend})\n"),
         )?;
-        let log = fs::File::create(state.join(format!("backend-{i}.log")))?;
-        let child = Command::new("ip")
-            .args([
-                "netns", "exec", NETNS, "busybox", "httpd", "-f", "-p", backend, "-h",
-            ])
-            .arg(&www)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .context("starting busybox httpd (is busybox-static installed?)")?;
-        println!(
-            "backend-{i}: busybox httpd on {backend}, pid {}",
-            child.id()
-        );
-        pids.push(child.id());
+        let pid = spawn_logged(
+            Command::new("ip")
+                .args([
+                    "netns", "exec", NETNS, "busybox", "httpd", "-f", "-p", backend, "-h",
+                ])
+                .arg(&www),
+            &state.join(format!("backend-{i}.log")),
+        )?;
+        println!("backend-{i}: busybox httpd on {backend}, pid {pid}");
+        pids.push(pid);
     }
-    fs::write(
-        state.join("pids"),
-        pids.iter().map(|p| format!("{p}\n")).collect::<String>(),
-    )?;
+    record_pids(&pids)?;
 
-    step("eBPF service load balancer");
+    step("the Service, through the Kubernetes API");
+    let manifest = state.join("web.yaml");
+    fs::write(
+        &manifest,
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: demo}}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: demo}}\n\
+             spec: {{selector: {{app: web}}, ports: [{{port: {SERVICE_PORT}, targetPort: 8081}}]}}\n"
+        ),
+    )?;
+    print!(
+        "{}",
+        kubectl(&["apply", "-f", &manifest.to_string_lossy()])?
+    );
+    let cluster_ip = kubectl(&[
+        "-n",
+        "demo",
+        "get",
+        "svc",
+        "web",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ])?;
+    let vip = format!("{}:{SERVICE_PORT}", cluster_ip.trim());
+    println!("Service demo/web has cluster IP {}", cluster_ip.trim());
+
+    step("eBPF service load balancer, programmed with the Service's cluster IP");
     let cgroup = cgroup_dir()?;
     fs::create_dir_all(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
     fs::create_dir_all(pins_mount())?;
     run(Command::new("mount")
         .args(["-t", "bpf", "bpf"])
         .arg(pins_mount()))?;
-    run(Command::new(agent())
+    run(Command::new(bin("keelson-agent"))
         .args(["lb", "attach", "--cgroup"])
         .arg(&cgroup)
         .arg("--bpffs")
         .arg(pins()))?;
-    run(Command::new(agent())
-        .args(["lb", "set", VIP])
+    run(Command::new(bin("keelson-agent"))
+        .args(["lb", "set", &vip])
         .args(BACKENDS)
         .arg("--bpffs")
         .arg(pins()))?;
 
-    step(&format!(
-        "requests to the Service VIP http://{VIP}/ from inside the cgroup"
-    ));
-    let fetch = client_command(&cgroup);
+    step(&format!("requests to http://{vip}/ from inside the cgroup"));
+    let fetch = client_command(&cgroup, &vip);
     let mut answered = 0;
     for _ in 0..20 {
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(100));
         if let Some(body) = probe(Command::new("sh").args(["-c", &fetch])) {
             print!("{body}");
             answered += 1;
@@ -149,31 +272,43 @@ pub fn up(args: &UpArgs) -> Result<()> {
         }
     }
     if answered == 0 {
-        bail!("the Service VIP did not answer; see {}", state.display());
+        bail!("the Service did not answer; see {}", state.display());
     }
 
     println!(
         "\nKeelson demo is up:\n\
-         - network namespace {NETNS}, cgroup {cgroup}, pins under {pins}\n\
-         - Service {VIP} -> {backends} (busybox httpd, pids {pids:?})\n\n\
+         - Kubernetes API on https://{api} (keelson-server, single-member Raft store)\n\
+         - admin kubeconfig: {kubeconfig}\n\
+         - Service demo/web {vip} -> {backends} (busybox httpd in netns {NETNS})\n\n\
          Try it:\n  \
+         KUBECONFIG={kubeconfig} kubectl get all -A\n  \
          sudo sh -c '{fetch}'\n  \
          sudo {agent} lb dump --bpffs {pins}\n\
          Remove it:\n  cargo xtask down\n\n\
-         Not in the demo yet: the API server and kubeconfig, the pod runtime (see README).",
-        cgroup = cgroup.display(),
-        pins = pins().display(),
+         Not in the demo yet: the agent running pods and syncing Services, the scheduler and\n\
+         controllers (see README). The load balancer above was programmed by this command.",
+        api = args.api,
+        kubeconfig = kubeconfig().display(),
         backends = BACKENDS.join(", "),
-        agent = agent().display(),
+        agent = bin("keelson-agent").display(),
+        pins = pins().display(),
     );
     Ok(())
 }
 
-/// A shell command that fetches the VIP from a process in the demo's cgroup and namespace.
-fn client_command(cgroup: &Path) -> String {
+fn record_pids(pids: &[u32]) -> Result<()> {
+    fs::write(
+        state_dir().join("pids"),
+        pids.iter().map(|p| format!("{p}\n")).collect::<String>(),
+    )
+    .context("recording pids")
+}
+
+/// A shell command that fetches `vip` from a process in the demo's cgroup and namespace.
+fn client_command(cgroup: &Path, vip: &str) -> String {
     format!(
         "echo $$ > {}/cgroup.procs && exec nsenter --net=/run/netns/{NETNS} \
-         timeout 5 busybox wget -q -O - http://{VIP}/",
+         timeout 5 busybox wget -q -O - http://{vip}/",
         cgroup.display()
     )
 }
@@ -186,17 +321,18 @@ pub fn down() -> Result<()> {
     let state = state_dir();
     if let Ok(pids) = fs::read_to_string(state.join("pids")) {
         for pid in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-            // Only signal it if it is still the httpd we started.
+            // Only signal it if it is still a process this demo started.
             let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmdline).contains("httpd") {
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.contains("httpd") || cmdline.contains("keelson-server") {
                 // SAFETY: kill(2) on a pid we started and just checked.
                 unsafe { libc::kill(pid, libc::SIGTERM) };
-                println!("stopped backend pid {pid}");
+                println!("stopped pid {pid}");
             }
         }
     }
-    if pins().exists() && agent().exists() {
-        run(Command::new(agent())
+    if pins().exists() && bin("keelson-agent").exists() {
+        run(Command::new(bin("keelson-agent"))
             .args(["lb", "detach", "--bpffs"])
             .arg(pins()))?;
     }
@@ -219,7 +355,7 @@ pub fn down() -> Result<()> {
                 removed = true;
                 break;
             }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(20));
         }
         if !removed {
             bail!("cannot remove {}", cgroup.display());
@@ -232,9 +368,12 @@ pub fn down() -> Result<()> {
     }) {
         run(Command::new("ip").args(["netns", "del", NETNS]))?;
     }
+    // Give the server a moment to exit before its data goes.
+    std::thread::sleep(Duration::from_millis(300));
     if state.exists() {
         fs::remove_dir_all(&state).with_context(|| format!("removing {}", state.display()))?;
     }
+    let _ = fs::remove_file(kubeconfig());
     println!("demo removed");
     Ok(())
 }

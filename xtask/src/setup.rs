@@ -25,14 +25,29 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "unshare/nsenter for kernel checks and the demo",
     ),
     ("busybox-static", "test images and the demo's sample app"),
-    ("runc", "the runtime's command line is checked against runc's"),
-    ("containerd", "a test drives keelson-runtime through containerd's runc shim"),
+    (
+        "runc",
+        "the runtime's command line is checked against runc's",
+    ),
+    (
+        "containerd",
+        "a test drives keelson-runtime through containerd's runc shim",
+    ),
     ("curl", "provisioner tests fetch over HTTP and TFTP"),
-    ("isc-dhcp-client", "provisioner tests get leases with dhclient"),
+    (
+        "isc-dhcp-client",
+        "provisioner tests get leases with dhclient",
+    ),
     ("tftp-hpa", "provisioner tests download with tftp"),
     ("ipxe", "the iPXE binaries the provisioner serves"),
-    ("cloud-init", "`cloud-init schema` checks the generated user-data"),
-    ("qemu-system-x86", "provisioner tests PXE-boot virtual machines"),
+    (
+        "cloud-init",
+        "`cloud-init schema` checks the generated user-data",
+    ),
+    (
+        "qemu-system-x86",
+        "provisioner tests PXE-boot virtual machines",
+    ),
     ("ipxe-qemu", "the virtual NICs' iPXE boot ROMs"),
     ("ovmf", "UEFI firmware for the UEFI PXE test"),
 ];
