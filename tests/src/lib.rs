@@ -21,6 +21,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use nix::sched::{CloneFlags, setns, unshare};
 
+pub mod cluster;
 pub mod echo;
 
 /// Fails with a clear message unless the tests run as root.

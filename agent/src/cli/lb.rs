@@ -12,7 +12,7 @@ const DEFAULT_PINS: &str = "/sys/fs/bpf/keelson";
 pub struct PinArgs {
     /// bpffs directory holding the load balancer's pinned link and maps.
     #[arg(long = "bpffs", default_value = DEFAULT_PINS)]
-    dir: PathBuf,
+    pub dir: PathBuf,
 }
 
 impl PinArgs {

@@ -1,6 +1,7 @@
 //! Command-line interface: each sub-command parses its arguments and calls the library.
 
 mod lb;
+mod proxy;
 
 /// Keelson's node agent.
 #[derive(clap::Parser)]
@@ -15,12 +16,15 @@ enum Command {
     /// Inspect and drive the eBPF service load balancer.
     #[command(subcommand)]
     Lb(lb::LbCommand),
+    /// Run the service proxy: keep the load balancer in step with Services and EndpointSlices.
+    Proxy(proxy::ProxyArgs),
 }
 
 impl Cli {
     pub fn run(self) -> anyhow::Result<()> {
         match self.command {
             Command::Lb(cmd) => cmd.run(),
+            Command::Proxy(args) => args.run(),
         }
     }
 }

@@ -10,7 +10,7 @@
 mod bpffs;
 mod error;
 mod loader;
-mod maps;
+pub mod maps;
 mod service;
 mod table;
 

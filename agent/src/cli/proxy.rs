@@ -1,0 +1,81 @@
+//! `keelson-agent proxy`: the service proxy — attach the eBPF load balancer and keep it in step
+//! with the cluster's Services and EndpointSlices until stopped. The programs and maps stay
+//! pinned when it exits, so traffic keeps flowing while it restarts.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use keelson_agent::{
+    lb::{self, Pins},
+    proxy,
+};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+use super::lb::PinArgs;
+
+#[derive(clap::Args)]
+pub struct ProxyArgs {
+    /// kubeconfig of the cluster (default: `$KUBECONFIG`, then `~/.kube/config`).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// cgroup2 directory whose processes get Service load balancing.
+    #[arg(long)]
+    cgroup: PathBuf,
+    #[command(flatten)]
+    pins: PinArgs,
+}
+
+async fn client(path: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
+    let config = match path {
+        Some(p) => {
+            let kubeconfig = Kubeconfig::read_from(p)
+                .with_context(|| format!("reading kubeconfig {}", p.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .context("loading the kubeconfig")?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("finding a kubeconfig (give --kubeconfig)")?,
+    };
+    kube::Client::try_from(config).context("building the API client")
+}
+
+async fn stop_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGTERM handler; stop with Ctrl-C");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+impl ProxyArgs {
+    pub fn run(self) -> anyhow::Result<()> {
+        let pins = Pins::new(&self.pins.dir);
+        lb::attach(&self.cgroup, &pins)
+            .with_context(|| format!("attaching to {}", self.cgroup.display()))?;
+        let table = lb::open(&pins)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        runtime.block_on(async {
+            let client = client(self.kubeconfig.as_ref()).await?;
+            println!(
+                "service proxy: load balancer on {}, following Services and EndpointSlices",
+                self.cgroup.display()
+            );
+            proxy::run(client, table, stop_signal()).await?;
+            println!("service proxy stopped; the load balancer stays attached");
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,269 @@
+//! The watch loop: Services and EndpointSlices from the API, into the service table.
+
+use std::collections::{HashMap, HashSet};
+
+use futures::{StreamExt as _, stream};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use kube::{
+    Api, Client, ResourceExt as _,
+    runtime::{WatchStreamExt as _, watcher},
+};
+
+use super::desired::{SERVICE_NAME_LABEL, frontends};
+use crate::lb::{self, Frontend, ServiceTable, maps::KvMap};
+use keelson_ebpf_common::{Backend, BackendKey, ServiceEntry, ServiceKey};
+
+/// Why the proxy stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// A watch ended for good.
+    #[error("watching {what} ended")]
+    WatchEnded {
+        /// Services or EndpointSlices.
+        what: &'static str,
+    },
+    /// Writing the load balancer's maps failed.
+    #[error(transparent)]
+    Lb(#[from] lb::Error),
+}
+
+/// A Service, by namespace and name.
+type Key = (String, String);
+
+// Boxed: a Service is twice the size of an EndpointSlice, and events are moved around.
+enum Change {
+    Service(Box<watcher::Event<Service>>),
+    Slice(Box<watcher::Event<EndpointSlice>>),
+}
+
+/// One kind's (re)list in progress: what it has seen so far.
+#[derive(Default)]
+struct Relist<T> {
+    seen: Option<HashSet<T>>,
+    synced: bool,
+}
+
+struct State<S, B, V> {
+    table: ServiceTable<S, B, V>,
+    services: HashMap<Key, Service>,
+    slices: HashMap<Key, HashMap<String, EndpointSlice>>,
+    programmed: HashMap<Key, Vec<Frontend>>,
+    service_list: Relist<Key>,
+    slice_list: Relist<(Key, String)>,
+}
+
+fn slice_key(slice: &EndpointSlice) -> Option<(Key, String)> {
+    let service = slice.labels().get(SERVICE_NAME_LABEL)?;
+    Some((
+        (slice.namespace().unwrap_or_default(), service.clone()),
+        slice.name_any(),
+    ))
+}
+
+impl<S, B, V> State<S, B, V>
+where
+    S: KvMap<ServiceKey, ServiceEntry>,
+    B: KvMap<BackendKey, Backend>,
+    V: KvMap<u32, u32>,
+{
+    /// Both kinds listed at least once and neither relisting: changes may go to the maps.
+    fn live(&self) -> bool {
+        self.service_list.synced
+            && self.slice_list.synced
+            && self.service_list.seen.is_none()
+            && self.slice_list.seen.is_none()
+    }
+
+    /// Writes one Service's frontends; only its own entries change.
+    fn reconcile(&mut self, key: &Key) -> Result<(), lb::Error> {
+        let desired = match self.services.get(key) {
+            Some(svc) => {
+                let slices: Vec<&EndpointSlice> = self
+                    .slices
+                    .get(key)
+                    .map(|m| m.values().collect())
+                    .unwrap_or_default();
+                frontends(svc, &slices)
+            }
+            None => Vec::new(),
+        };
+        let old = self.programmed.remove(key).unwrap_or_default();
+        for (frontend, backends) in &desired {
+            self.table.upsert(*frontend, backends)?;
+        }
+        for gone in old.iter().filter(|f| !desired.iter().any(|(d, _)| d == *f)) {
+            self.table.remove(*gone)?;
+        }
+        if !desired.is_empty() {
+            self.programmed
+                .insert(key.clone(), desired.into_iter().map(|(f, _)| f).collect());
+        }
+        Ok(())
+    }
+
+    /// After a full list: every Service reconciled, and entries of Services that no longer
+    /// exist (deleted while no agent ran) removed.
+    fn reconcile_all(&mut self) -> Result<(), lb::Error> {
+        let keys: HashSet<Key> = self
+            .services
+            .keys()
+            .chain(self.programmed.keys())
+            .cloned()
+            .collect();
+        for key in &keys {
+            self.reconcile(key)?;
+        }
+        let wanted: HashSet<Frontend> = self.programmed.values().flatten().copied().collect();
+        for (frontend, _) in self.table.list()? {
+            if !wanted.contains(&frontend) {
+                self.table.remove(frontend)?;
+            }
+        }
+        tracing::info!(
+            services = self.programmed.len(),
+            "load balancer in sync with the API"
+        );
+        Ok(())
+    }
+
+    fn on_service(&mut self, event: watcher::Event<Service>) -> Result<(), lb::Error> {
+        let key_of = |s: &Service| (s.namespace().unwrap_or_default(), s.name_any());
+        match event {
+            watcher::Event::Init => self.service_list.seen = Some(HashSet::new()),
+            watcher::Event::InitApply(svc) => {
+                let key = key_of(&svc);
+                if let Some(seen) = &mut self.service_list.seen {
+                    seen.insert(key.clone());
+                }
+                self.services.insert(key, svc);
+            }
+            watcher::Event::InitDone => {
+                let seen = self.service_list.seen.take().unwrap_or_default();
+                self.services.retain(|k, _| seen.contains(k));
+                self.service_list.synced = true;
+                if self.live() {
+                    self.reconcile_all()?;
+                }
+            }
+            watcher::Event::Apply(svc) => {
+                let key = key_of(&svc);
+                self.services.insert(key.clone(), svc);
+                if self.live() {
+                    self.reconcile(&key)?;
+                }
+            }
+            watcher::Event::Delete(svc) => {
+                let key = key_of(&svc);
+                self.services.remove(&key);
+                if self.live() {
+                    self.reconcile(&key)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_slice(&mut self, event: watcher::Event<EndpointSlice>) -> Result<(), lb::Error> {
+        match event {
+            watcher::Event::Init => self.slice_list.seen = Some(HashSet::new()),
+            watcher::Event::InitApply(slice) => {
+                if let Some((key, name)) = slice_key(&slice) {
+                    if let Some(seen) = &mut self.slice_list.seen {
+                        seen.insert((key.clone(), name.clone()));
+                    }
+                    self.slices.entry(key).or_default().insert(name, slice);
+                }
+            }
+            watcher::Event::InitDone => {
+                let seen = self.slice_list.seen.take().unwrap_or_default();
+                for (key, by_name) in &mut self.slices {
+                    by_name.retain(|name, _| seen.contains(&(key.clone(), name.clone())));
+                }
+                self.slices.retain(|_, by_name| !by_name.is_empty());
+                self.slice_list.synced = true;
+                if self.live() {
+                    self.reconcile_all()?;
+                }
+            }
+            watcher::Event::Apply(slice) => {
+                if let Some((key, name)) = slice_key(&slice) {
+                    self.slices
+                        .entry(key.clone())
+                        .or_default()
+                        .insert(name, slice);
+                    if self.live() {
+                        self.reconcile(&key)?;
+                    }
+                }
+            }
+            watcher::Event::Delete(slice) => {
+                if let Some((key, name)) = slice_key(&slice) {
+                    if let Some(by_name) = self.slices.get_mut(&key) {
+                        by_name.remove(&name);
+                    }
+                    if self.live() {
+                        self.reconcile(&key)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Keeps `table` in step with the cluster's Services and EndpointSlices until `shutdown`.
+/// Nothing is written until both have been listed, so a restarted agent never briefly
+/// empties a Service whose endpoints it has not read yet.
+///
+/// # Errors
+/// A map write fails, or a watch ends for good.
+pub async fn run<S, B, V>(
+    client: Client,
+    table: ServiceTable<S, B, V>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), SyncError>
+where
+    S: KvMap<ServiceKey, ServiceEntry>,
+    B: KvMap<BackendKey, Backend>,
+    V: KvMap<u32, u32>,
+{
+    let services = watcher(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .map(|e| e.map(|e| Change::Service(Box::new(e))));
+    let slices = watcher(
+        Api::<EndpointSlice>::all(client),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .map(|e| e.map(|e| Change::Slice(Box::new(e))));
+    let mut changes = std::pin::pin!(stream::select(services, slices));
+    let mut state = State {
+        table,
+        services: HashMap::new(),
+        slices: HashMap::new(),
+        programmed: HashMap::new(),
+        service_list: Relist::default(),
+        slice_list: Relist::default(),
+    };
+    tokio::pin!(shutdown);
+    loop {
+        let change = tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            change = changes.next() => change,
+        };
+        match change {
+            None => {
+                return Err(SyncError::WatchEnded {
+                    what: "Services and EndpointSlices",
+                });
+            }
+            // The watcher backs off and relists by itself; errors are only worth a log line.
+            Some(Err(e)) => tracing::warn!(error = %e, "watch error; retrying"),
+            Some(Ok(Change::Service(e))) => state.on_service(*e)?,
+            Some(Ok(Change::Slice(e))) => state.on_slice(*e)?,
+        }
+    }
+}

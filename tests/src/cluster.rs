@@ -1,0 +1,105 @@
+//! A control plane for end-to-end tests: one `keelson-server` member serving the Kubernetes
+//! API on loopback, with its admin kubeconfig, and kubectl against it. Killed on drop.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::workspace_bin;
+
+/// The kubectl release the tests drive (installed on the project's machines).
+pub const KUBECTL: &str = "/usr/lib/google-cloud-sdk/bin/kubectl.1.33";
+
+/// A running single-member control plane.
+pub struct ControlPlane {
+    dir: tempfile::TempDir,
+    server: Child,
+}
+
+impl ControlPlane {
+    /// Starts `keelson-server --init --api-listen 127.0.0.1:0` in a temporary directory and
+    /// waits for its API.
+    ///
+    /// # Errors
+    /// The binary is missing or the API does not come up.
+    pub fn start() -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("kt-cp-").tempdir()?;
+        let server = Command::new(workspace_bin("keelson-server")?)
+            .args([
+                "--id",
+                "1",
+                "--listen",
+                "127.0.0.1:0",
+                "--init",
+                "--api-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--admin-kubeconfig")
+            .arg(dir.path().join("admin.kubeconfig"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting keelson-server")?;
+        let cp = ControlPlane { dir, server };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while cp.kubectl(&["get", "--raw", "/readyz"]).is_err() {
+            if Instant::now() > deadline {
+                bail!("keelson-server's API did not come up");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(cp)
+    }
+
+    /// The admin kubeconfig.
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("admin.kubeconfig")
+    }
+
+    /// A scratch directory of this control plane.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Runs kubectl as the admin; stdout on success.
+    ///
+    /// # Errors
+    /// kubectl fails (its stderr is in the error).
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(KUBECTL)
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .args(args)
+            .env("HOME", self.dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {KUBECTL}"))?;
+        if !out.status.success() {
+            bail!("kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Applies a manifest given as text.
+    ///
+    /// # Errors
+    /// kubectl fails.
+    pub fn apply(&self, manifest: &str) -> Result<String> {
+        let path = self.dir.path().join("apply.yaml");
+        std::fs::write(&path, manifest)?;
+        self.kubectl(&["apply", "-f", &path.to_string_lossy()])
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
