@@ -5,12 +5,13 @@
 //!   API on `https://127.0.0.1:6443`, with the admin kubeconfig at `.keelson/admin.kubeconfig`;
 //! - a sample app (two busybox httpd backends) in a network namespace of its own
 //!   (`keelson-demo`, only `lo`, no route out), and a Service for it created through the API;
-//! - the agent's eBPF load balancer on a cgroup2 directory of its own, with its pins in a
-//!   private bpffs under `.keelson/`, answering the Service's cluster IP.
+//! - the agent's service proxy (`keelson-agent proxy`): the eBPF load balancer on a cgroup2
+//!   directory of its own, with its pins in a private bpffs under `.keelson/`, following the
+//!   Service and its EndpointSlices through the API.
 //!
-//! The agent does not yet watch Services and EndpointSlices, so `up` programs the load
-//! balancer with the cluster IP the API server allocated (`keelson-agent lb set`); pods and
-//! controllers join as they land. Nothing leaves this machine, and `down` removes all of it.
+//! The backends run as plain processes and their EndpointSlices are written by `up`, because
+//! the agent does not run pods and the EndpointSlice controller does not exist yet. Nothing
+//! leaves this machine, and `down` removes all of it.
 
 use std::{
     fs,
@@ -214,16 +215,23 @@ pub fn up(args: &UpArgs) -> Result<()> {
     }
     record_pids(&pids)?;
 
-    step("the Service, through the Kubernetes API");
+    step("the Service and its EndpointSlices, through the Kubernetes API");
     let manifest = state.join("web.yaml");
-    fs::write(
-        &manifest,
-        format!(
-            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: demo}}\n---\n\
-             apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: demo}}\n\
-             spec: {{selector: {{app: web}}, ports: [{{port: {SERVICE_PORT}, targetPort: 8081}}]}}\n"
-        ),
-    )?;
+    let mut yaml = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: demo}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: demo}}\n\
+         spec: {{selector: {{app: web}}, ports: [{{name: http, port: {SERVICE_PORT}}}]}}\n"
+    );
+    for (i, backend) in BACKENDS.iter().enumerate() {
+        let (ip, port) = backend.split_once(':').context("backend address")?;
+        yaml.push_str(&format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: web-{i}, namespace: demo, labels: {{kubernetes.io/service-name: web}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: {port}, protocol: TCP}}]\n\
+             endpoints: [{{addresses: [{ip}], conditions: {{ready: true}}}}]\n"
+        ));
+    }
+    fs::write(&manifest, yaml)?;
     print!(
         "{}",
         kubectl(&["apply", "-f", &manifest.to_string_lossy()])?
@@ -240,28 +248,35 @@ pub fn up(args: &UpArgs) -> Result<()> {
     let vip = format!("{}:{SERVICE_PORT}", cluster_ip.trim());
     println!("Service demo/web has cluster IP {}", cluster_ip.trim());
 
-    step("eBPF service load balancer, programmed with the Service's cluster IP");
+    step("the agent's service proxy: eBPF load balancer following Services and EndpointSlices");
     let cgroup = cgroup_dir()?;
     fs::create_dir_all(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
     fs::create_dir_all(pins_mount())?;
     run(Command::new("mount")
         .args(["-t", "bpf", "bpf"])
         .arg(pins_mount()))?;
-    run(Command::new(bin("keelson-agent"))
-        .args(["lb", "attach", "--cgroup"])
-        .arg(&cgroup)
-        .arg("--bpffs")
-        .arg(pins()))?;
-    run(Command::new(bin("keelson-agent"))
-        .args(["lb", "set", &vip])
-        .args(BACKENDS)
-        .arg("--bpffs")
-        .arg(pins()))?;
+    let pid = spawn_logged(
+        Command::new(bin("keelson-agent"))
+            .arg("proxy")
+            .arg("--kubeconfig")
+            .arg(kubeconfig())
+            .arg("--cgroup")
+            .arg(&cgroup)
+            .arg("--bpffs")
+            .arg(pins()),
+        &state.join("proxy.log"),
+    )?;
+    pids.push(pid);
+    record_pids(&pids)?;
+    println!(
+        "keelson-agent proxy pid {pid}, log {}",
+        state.join("proxy.log").display()
+    );
 
     step(&format!("requests to http://{vip}/ from inside the cgroup"));
     let fetch = client_command(&cgroup, &vip);
     let mut answered = 0;
-    for _ in 0..20 {
+    for _ in 0..100 {
         std::thread::sleep(Duration::from_millis(100));
         if let Some(body) = probe(Command::new("sh").args(["-c", &fetch])) {
             print!("{body}");
@@ -274,19 +289,28 @@ pub fn up(args: &UpArgs) -> Result<()> {
     if answered == 0 {
         bail!("the Service did not answer; see {}", state.display());
     }
+    print!(
+        "{}",
+        run_capture(
+            Command::new(bin("keelson-agent"))
+                .args(["lb", "dump", "--bpffs"])
+                .arg(pins())
+        )?
+    );
 
     println!(
         "\nKeelson demo is up:\n\
          - Kubernetes API on https://{api} (keelson-server, single-member Raft store)\n\
          - admin kubeconfig: {kubeconfig}\n\
-         - Service demo/web {vip} -> {backends} (busybox httpd in netns {NETNS})\n\n\
+         - Service demo/web {vip} -> {backends} (busybox httpd in netns {NETNS}),\n  \
+         load-balanced by keelson-agent proxy from the Service's EndpointSlices\n\n\
          Try it:\n  \
          KUBECONFIG={kubeconfig} kubectl get all -A\n  \
          sudo sh -c '{fetch}'\n  \
          sudo {agent} lb dump --bpffs {pins}\n\
          Remove it:\n  cargo xtask down\n\n\
-         Not in the demo yet: the agent running pods and syncing Services, the scheduler and\n\
-         controllers (see README). The load balancer above was programmed by this command.",
+         Not in the demo yet: the agent running pods, the scheduler and the controllers (see\n\
+         README); the backends are plain processes and `up` wrote their EndpointSlices.",
         api = args.api,
         kubeconfig = kubeconfig().display(),
         backends = BACKENDS.join(", "),
@@ -294,6 +318,21 @@ pub fn up(args: &UpArgs) -> Result<()> {
         pins = pins().display(),
     );
     Ok(())
+}
+
+/// Runs a command and returns its stdout.
+fn run_capture(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        bail!(
+            "{:?} failed: {}",
+            cmd.get_program(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn record_pids(pids: &[u32]) -> Result<()> {
@@ -324,7 +363,10 @@ pub fn down() -> Result<()> {
             // Only signal it if it is still a process this demo started.
             let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline);
-            if cmdline.contains("httpd") || cmdline.contains("keelson-server") {
+            if ["httpd", "keelson-server", "keelson-agent"]
+                .iter()
+                .any(|p| cmdline.contains(p))
+            {
                 // SAFETY: kill(2) on a pid we started and just checked.
                 unsafe { libc::kill(pid, libc::SIGTERM) };
                 println!("stopped pid {pid}");
