@@ -226,21 +226,7 @@ fn setup(args: &InitArgs, sock: &mut UnixStream, ready_sent: &mut bool) -> Resul
     let mask = process.user().umask().unwrap_or(0o022);
     umask(Mode::from_bits_truncate(mask));
     chdir(process.cwd().as_path()).map_err(sys("chdir", process.cwd().display().to_string()))?;
-    let argv = process.args().clone().unwrap_or_default();
-    let env = process.env().clone().unwrap_or_default();
-    let program = argv
-        .first()
-        .ok_or_else(|| InitError::Spec("process.args is empty".into()))?;
-    let path = find_executable(program, &env)?;
-    let c_path = cstring(path.as_os_str().as_bytes())?;
-    let c_argv = argv
-        .iter()
-        .map(|a| cstring(a.as_bytes()))
-        .collect::<Result<Vec<_>>>()?;
-    let c_env = env
-        .iter()
-        .map(|e| cstring(e.as_bytes()))
-        .collect::<Result<Vec<_>>>()?;
+    let (c_path, c_argv, c_env) = exec_args(&process)?;
 
     channel::send(sock, channel::READY).map_err(|source| InitError::Io {
         action: "report ready",
@@ -264,7 +250,7 @@ fn setup(args: &InitArgs, sock: &mut UnixStream, ready_sent: &mut bool) -> Resul
         Ok(never) => match never {},
         Err(errno) => errno,
     };
-    Err(sys("execve", path.display().to_string())(errno))
+    Err(sys("execve", c_path.to_string_lossy().into_owned())(errno))
 }
 
 fn cstring(bytes: &[u8]) -> Result<CString> {
@@ -555,6 +541,17 @@ fn exec_process(args: &ExecArgs) -> Result<Infallible> {
         umask(Mode::from_bits_truncate(mask));
     }
     chdir(process.cwd().as_path()).map_err(sys("chdir", process.cwd().display().to_string()))?;
+    let (c_path, c_argv, c_env) = exec_args(process)?;
+    let errno = match execve(&c_path, &c_argv, &c_env) {
+        Ok(never) => match never {},
+        Err(errno) => errno,
+    };
+    Err(sys("execve", c_path.to_string_lossy().into_owned())(errno))
+}
+
+/// The program (resolved against the process's `PATH`), argv and environment of `process`,
+/// ready for `execve`.
+fn exec_args(process: &Process) -> Result<(CString, Vec<CString>, Vec<CString>)> {
     let argv = process.args().clone().unwrap_or_default();
     let env = process.env().clone().unwrap_or_default();
     let program = argv
@@ -570,9 +567,5 @@ fn exec_process(args: &ExecArgs) -> Result<Infallible> {
         .iter()
         .map(|e| cstring(e.as_bytes()))
         .collect::<Result<Vec<_>>>()?;
-    let errno = match execve(&c_path, &c_argv, &c_env) {
-        Ok(never) => match never {},
-        Err(errno) => errno,
-    };
-    Err(sys("execve", path.display().to_string())(errno))
+    Ok((c_path, c_argv, c_env))
 }
