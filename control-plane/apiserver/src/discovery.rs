@@ -96,20 +96,35 @@ fn resource_entries(r: &Resource) -> Vec<Value> {
         "shortNames": r.short_names,
         "categories": r.categories,
     })];
+    let sub_with =
+        |name: &str, kind: &str, group: Option<&str>, version: Option<&str>, verbs: &[&str]| {
+            let mut e = json!({
+                "name": format!("{}/{name}", r.plural),
+                "singularName": "",
+                "namespaced": r.namespaced,
+                "kind": kind,
+                "verbs": verbs,
+            });
+            if let (Some(g), Some(v)) = (group, version) {
+                e["group"] = json!(g);
+                e["version"] = json!(v);
+            }
+            e
+        };
     let sub = |name: &str, kind: &str, group: Option<&str>, version: Option<&str>| {
-        let mut e = json!({
-            "name": format!("{}/{name}", r.plural),
-            "singularName": "",
-            "namespaced": r.namespaced,
-            "kind": kind,
-            "verbs": ["get", "patch", "update"],
-        });
-        if let (Some(g), Some(v)) = (group, version) {
-            e["group"] = json!(g);
-            e["version"] = json!(v);
-        }
-        e
+        sub_with(name, kind, group, version, &["get", "patch", "update"])
     };
+    if r.group.is_empty() && r.kind == "Pod" {
+        out.push(sub_with("binding", "Binding", None, None, &["create"]));
+        out.push(sub_with(
+            "eviction",
+            "Eviction",
+            Some("policy"),
+            Some("v1"),
+            &["create"],
+        ));
+        out.push(sub_with("log", "Pod", None, None, &["get"]));
+    }
     if r.has_status {
         out.push(sub("status", r.kind, None, None));
     }

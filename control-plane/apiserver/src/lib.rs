@@ -24,6 +24,7 @@ pub mod object;
 mod openapi;
 pub mod patch;
 pub mod pki;
+mod pods;
 mod protobuf;
 pub mod request;
 pub mod resources;

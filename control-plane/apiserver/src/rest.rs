@@ -13,6 +13,7 @@ use crate::{
     Api,
     object::{self, FieldValidation},
     patch::{self, PatchType},
+    pods,
     request::{Query, Target},
     selectors::{FieldSelector, LabelSelector, extra_fields},
     services,
@@ -27,13 +28,13 @@ const PATCH_RETRIES: usize = 5;
 
 /// A successful response: a JSON body, its status code, and warnings for the client.
 pub struct Reply {
-    code: StatusCode,
-    body: Value,
-    warnings: Vec<String>,
+    pub(crate) code: StatusCode,
+    pub(crate) body: Value,
+    pub(crate) warnings: Vec<String>,
 }
 
 impl Reply {
-    fn ok(body: Value) -> Self {
+    pub(crate) fn ok(body: Value) -> Self {
         Reply {
             code: StatusCode::OK,
             body,
@@ -71,7 +72,7 @@ pub struct Request {
 }
 
 impl Request {
-    fn header(&self, name: header::HeaderName) -> Option<&str> {
+    pub(crate) fn header(&self, name: header::HeaderName) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 }
@@ -96,6 +97,15 @@ pub async fn serve(api: Arc<Api>, req: Request) -> Response {
         (&Method::PATCH, true, Some("status")) => patch(&api, &req, true).await,
         (&Method::DELETE, true, None) => delete(&api, &req).await,
         (_, true, Some("scale")) if req.target.resource.has_scale => scale(&api, &req).await,
+        (&Method::POST, true, Some("binding")) if is_pod(req.target.resource) => {
+            pods::bind(&api, &req).await
+        }
+        (&Method::POST, true, Some("eviction")) if is_pod(req.target.resource) => {
+            pods::evict(&api, &req).await
+        }
+        (&Method::GET, true, Some("log")) if is_pod(req.target.resource) => {
+            return pods::log(&api, &req).await;
+        }
         (_, _, Some(sub)) if !known_sub(&req.target, sub) => Err(ApiError::no_route(&format!(
             "{}/{sub}",
             req.target.resource.plural
@@ -112,12 +122,13 @@ fn known_sub(t: &Target, sub: &str) -> bool {
     match sub {
         "status" => t.resource.has_status,
         "scale" => t.resource.has_scale,
+        "binding" | "eviction" | "log" => is_pod(t.resource),
         _ => false,
     }
 }
 
 /// Parses a JSON request body into an object.
-fn parse_body(req: &Request) -> ApiResult<Value> {
+pub(crate) fn parse_body(req: &Request) -> ApiResult<Value> {
     let ct = req
         .header(header::CONTENT_TYPE)
         .unwrap_or("application/json");
@@ -280,7 +291,7 @@ async fn create(api: &Api, req: &Request) -> ApiResult<Reply> {
 }
 
 /// The current object, decoded, with its revision.
-async fn current(api: &Api, t: &Target) -> ApiResult<(Value, Revision)> {
+pub(crate) async fn current(api: &Api, t: &Target) -> ApiResult<(Value, Revision)> {
     let v = api
         .store
         .get(&t.key())
@@ -404,7 +415,7 @@ fn precondition(obj: &Value) -> ApiResult<Option<Revision>> {
 
 /// Writes `new` over the stored object (revision `expected`), finishing deletion when the
 /// last finalizer of a terminating object is removed.
-async fn write(
+pub(crate) async fn write(
     api: &Api,
     t: &Target,
     mut new: Value,
@@ -519,11 +530,11 @@ async fn patch(api: &Api, req: &Request, status_only: bool) -> ApiResult<Reply> 
 }
 
 /// Options of a delete, from the query and an optional `DeleteOptions` body.
-struct DeleteOptions {
-    grace: Option<i64>,
-    uid: Option<String>,
-    revision: Option<Revision>,
-    dry_run: bool,
+pub(crate) struct DeleteOptions {
+    pub(crate) grace: Option<i64>,
+    pub(crate) uid: Option<String>,
+    pub(crate) revision: Option<Revision>,
+    pub(crate) dry_run: bool,
 }
 
 fn delete_options(req: &Request) -> ApiResult<DeleteOptions> {
@@ -533,33 +544,40 @@ fn delete_options(req: &Request) -> ApiResult<DeleteOptions> {
         serde_json::from_slice(&req.body)
             .map_err(|e| ApiError::bad_request(format!("invalid DeleteOptions: {e}")))?
     };
-    let grace = match req.query.int("gracePeriodSeconds")? {
-        Some(g) => Some(g),
-        None => body.get("gracePeriodSeconds").and_then(Value::as_i64),
-    };
-    let revision = body
-        .pointer("/preconditions/resourceVersion")
-        .and_then(Value::as_str)
-        .map(|v| {
-            v.parse().map_err(|_| {
-                ApiError::bad_request(format!("invalid precondition resourceVersion {v:?}"))
-            })
-        })
-        .transpose()?;
-    let dry_run = req.query.dry_run()?
-        || body
-            .get("dryRun")
-            .and_then(Value::as_array)
-            .is_some_and(|d| d.iter().any(|x| x == "All"));
-    Ok(DeleteOptions {
-        grace,
-        uid: body
-            .pointer("/preconditions/uid")
+    DeleteOptions::parse(req, &body)
+}
+
+impl DeleteOptions {
+    /// Options from a `DeleteOptions` object, with query parameters taking precedence.
+    pub(crate) fn parse(req: &Request, body: &Value) -> ApiResult<Self> {
+        let grace = match req.query.int("gracePeriodSeconds")? {
+            Some(g) => Some(g),
+            None => body.get("gracePeriodSeconds").and_then(Value::as_i64),
+        };
+        let revision = body
+            .pointer("/preconditions/resourceVersion")
             .and_then(Value::as_str)
-            .map(str::to_owned),
-        revision,
-        dry_run,
-    })
+            .map(|v| {
+                v.parse().map_err(|_| {
+                    ApiError::bad_request(format!("invalid precondition resourceVersion {v:?}"))
+                })
+            })
+            .transpose()?;
+        let dry_run = req.query.dry_run()?
+            || body
+                .get("dryRun")
+                .and_then(Value::as_array)
+                .is_some_and(|d| d.iter().any(|x| x == "All"));
+        Ok(DeleteOptions {
+            grace,
+            uid: body
+                .pointer("/preconditions/uid")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            revision,
+            dry_run,
+        })
+    }
 }
 
 async fn delete(api: &Api, req: &Request) -> ApiResult<Reply> {
@@ -567,7 +585,7 @@ async fn delete(api: &Api, req: &Request) -> ApiResult<Reply> {
     delete_one(api, &req.target, &opts).await.map(Reply::ok)
 }
 
-async fn delete_one(api: &Api, t: &Target, opts: &DeleteOptions) -> ApiResult<Value> {
+pub(crate) async fn delete_one(api: &Api, t: &Target, opts: &DeleteOptions) -> ApiResult<Value> {
     let r = t.resource;
     let (mut obj, revision) = current(api, t).await?;
     if opts
@@ -644,6 +662,10 @@ async fn delete_one(api: &Api, t: &Target, opts: &DeleteOptions) -> ApiResult<Va
         json!(gone.mod_revision.to_string()),
     );
     Ok(obj)
+}
+
+fn is_pod(r: &crate::resources::Resource) -> bool {
+    r.group.is_empty() && r.kind == "Pod"
 }
 
 fn is_service(r: &crate::resources::Resource) -> bool {

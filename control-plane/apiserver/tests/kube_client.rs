@@ -1,53 +1,17 @@
 //! The `kube` crate (kube-rs) as a client of the API server: typed create/get/list/patch,
 //! label selectors, and a `kube_runtime` watcher seeing changes.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::ConfigMap};
-use keelson_apiserver::{
-    Config,
-    server::{self, ServeOptions},
-    storage::memory::MemoryStore,
-};
+mod common;
+use common::start;
 use kube::{
-    Api, Client,
+    Api,
     api::{ListParams, Patch, PatchParams, PostParams},
-    config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt as _, watcher},
 };
-
-async fn start(dir: &std::path::Path) -> (Client, tokio::sync::oneshot::Sender<()>) {
-    let opts = ServeOptions {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        pki_dir: dir.join("pki"),
-        extra_sans: vec![],
-        admin_kubeconfig: dir.join("kubeconfig"),
-        token_file: None,
-        config: Config::default(),
-    };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        server::run(Arc::new(MemoryStore::default()), opts, async {
-            let _ = stopped.await;
-        })
-        .await
-        .expect("serve");
-    });
-    let path = dir.join("kubeconfig");
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while !path.exists() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the server did not start");
-    let kubeconfig = Kubeconfig::read_from(&path).expect("kubeconfig");
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .expect("client config");
-    (Client::try_from(config).expect("client"), stop)
-}
 
 fn configmap(name: &str, app: &str) -> ConfigMap {
     serde_json::from_value(serde_json::json!({

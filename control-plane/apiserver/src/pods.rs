@@ -1,0 +1,354 @@
+//! Pod subresources: `binding` (the scheduler's write), `eviction`, and `log`, which is
+//! proxied to the agent on the pod's node.
+
+use std::time::Duration;
+
+use axum::{
+    body::Body,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+
+use crate::{
+    Api,
+    object::{self, now_rfc3339},
+    request::Target,
+    resources,
+    rest::{self, DeleteOptions, Reply, Request},
+    status::{ApiError, ApiResult, Cause},
+};
+
+/// How many times a binding is retried when the pod changed underneath it.
+const BIND_RETRIES: usize = 5;
+
+/// How long connecting to a node's agent may take.
+const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The port agents serve logs on when their Node does not say.
+const DEFAULT_AGENT_PORT: i64 = 10250;
+
+/// `201 Created` with a `Status` of success, as binding and eviction answer.
+fn created() -> Reply {
+    Reply {
+        code: StatusCode::CREATED,
+        body: json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                     "status": "Success", "code": 201}),
+        warnings: Vec::new(),
+    }
+}
+
+fn check_kind(body: &Value, kind: &str) -> ApiResult<()> {
+    match body.get("kind").and_then(Value::as_str) {
+        None => Ok(()),
+        Some(k) if k == kind => Ok(()),
+        Some(k) => Err(ApiError::bad_request(format!(
+            "expected a {kind} object, got kind {k:?}"
+        ))),
+    }
+}
+
+/// `POST pods/<name>/binding`: assigns the pod to a node, once.
+pub(crate) async fn bind(api: &Api, req: &Request) -> ApiResult<Reply> {
+    let t = &req.target;
+    let body = rest::parse_body(req)?;
+    check_kind(&body, "Binding")?;
+    if let Some(name) = object::meta_str(&body, "name").filter(|n| *n != t.name()) {
+        return Err(ApiError::bad_request(format!(
+            "the name of the binding ({name}) does not match the pod's name ({})",
+            t.name()
+        )));
+    }
+    let node = body
+        .pointer("/target/name")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| {
+            ApiError::invalid(
+                t.resource,
+                t.name(),
+                vec![Cause {
+                    reason: "FieldValueRequired",
+                    message: "Required value".into(),
+                    field: "target.name".into(),
+                }],
+            )
+        })?;
+    let dry_run = req.query.dry_run()?;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let (pod, revision) = rest::current(api, t).await?;
+        let pod = assign(t, pod, node)?;
+        match rest::write(api, t, pod, revision, dry_run).await {
+            Ok(_) => return Ok(created()),
+            Err(e) if e.code == StatusCode::CONFLICT && attempt < BIND_RETRIES => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The pod with `spec.nodeName` set and `PodScheduled=True`; 409 if it is already bound or
+/// being deleted.
+fn assign(t: &Target, mut pod: Value, node: &str) -> ApiResult<Value> {
+    let conflict = |message: String| ApiError {
+        message,
+        ..ApiError::conflict(t.resource, t.name())
+    };
+    if let Some(current) = pod
+        .pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+    {
+        return Err(conflict(format!(
+            "pod {} is already assigned to node \"{current}\"",
+            t.name()
+        )));
+    }
+    if pod.pointer("/metadata/deletionTimestamp").is_some() {
+        return Err(conflict(format!(
+            "pod {} is being deleted, cannot be assigned to a host",
+            t.name()
+        )));
+    }
+    pod["spec"]["nodeName"] = json!(node);
+    let scheduled = json!({"type": "PodScheduled", "status": "True",
+                           "lastProbeTime": null, "lastTransitionTime": now_rfc3339()});
+    let conditions = pod["status"]
+        .as_object_mut()
+        .map(|s| s.entry("conditions").or_insert_with(|| json!([])));
+    match conditions.and_then(Value::as_array_mut) {
+        Some(list) => {
+            list.retain(|c| c.get("type").and_then(Value::as_str) != Some("PodScheduled"));
+            list.push(scheduled);
+        }
+        None => pod["status"] = json!({"phase": "Pending", "conditions": [scheduled]}),
+    }
+    Ok(pod)
+}
+
+/// `POST pods/<name>/eviction`: deletes the pod with the eviction's delete options. There
+/// are no PodDisruptionBudgets to consult, so every eviction is allowed.
+pub(crate) async fn evict(api: &Api, req: &Request) -> ApiResult<Reply> {
+    let t = &req.target;
+    let body = rest::parse_body(req)?;
+    check_kind(&body, "Eviction")?;
+    let options = body.get("deleteOptions").cloned().unwrap_or(json!({}));
+    let opts = DeleteOptions::parse(req, &options)?;
+    rest::delete_one(api, t, &opts).await?;
+    Ok(created())
+}
+
+/// Log options passed on to the agent, validated.
+struct LogOptions {
+    container: String,
+    query: Vec<(&'static str, String)>,
+}
+
+impl LogOptions {
+    fn parse(req: &Request, pod: &Value) -> ApiResult<Self> {
+        let name = req.target.name();
+        let names: Vec<&str> = ["/spec/containers", "/spec/initContainers"]
+            .iter()
+            .filter_map(|p| pod.pointer(p).and_then(Value::as_array))
+            .flatten()
+            .filter_map(|c| c.get("name").and_then(Value::as_str))
+            .collect();
+        let main: Vec<&str> = pod
+            .pointer("/spec/containers")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.get("name").and_then(Value::as_str))
+            .collect();
+        let container = match req.query.get("container").filter(|c| !c.is_empty()) {
+            Some(c) if names.contains(&c) => c.to_owned(),
+            Some(c) => {
+                return Err(ApiError::bad_request(format!(
+                    "container {c} is not valid for pod {name}"
+                )));
+            }
+            None if main.len() == 1 => main[0].to_owned(),
+            None => {
+                return Err(ApiError::bad_request(format!(
+                    "a container name must be specified for pod {name}, choose one of: [{}]",
+                    main.join(" ")
+                )));
+            }
+        };
+        let mut query = Vec::new();
+        for flag in ["follow", "previous", "timestamps"] {
+            if req.query.flag(flag) {
+                query.push((flag, "true".to_owned()));
+            }
+        }
+        for int in ["tailLines", "limitBytes", "sinceSeconds"] {
+            if let Some(n) = req.query.int(int)? {
+                if n < 0 {
+                    return Err(ApiError::bad_request(format!(
+                        "{int} must be a non-negative integer"
+                    )));
+                }
+                query.push((int, n.to_string()));
+            }
+        }
+        Ok(LogOptions { container, query })
+    }
+
+    fn path(&self, namespace: &str, pod: &str) -> String {
+        let mut path = format!("/containerLogs/{namespace}/{pod}/{}", self.container);
+        for (i, (k, v)) in self.query.iter().enumerate() {
+            path.push(if i == 0 { '?' } else { '&' });
+            path.push_str(k);
+            path.push('=');
+            path.push_str(v);
+        }
+        path
+    }
+}
+
+/// `GET pods/<name>/log`: streams the container's log from the agent on the pod's node.
+pub(crate) async fn log(api: &Api, req: &Request) -> Response {
+    match proxy_log(api, req).await {
+        Ok(resp) => resp,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn proxy_log(api: &Api, req: &Request) -> ApiResult<Response> {
+    let t = &req.target;
+    let (pod, _) = rest::current(api, t).await?;
+    let opts = LogOptions::parse(req, &pod)?;
+    let node = pod
+        .pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| {
+            ApiError::bad_request(format!("pod {} does not have a host assigned", t.name()))
+        })?;
+    let addr = agent_address(api, node).await?;
+    let path = opts.path(t.namespace.as_deref().unwrap_or_default(), t.name());
+    let upstream = get_from_agent(&addr, &path).await.map_err(|e| {
+        ApiError::internal(format!(
+            "cannot reach the agent of node {node} at {addr}: {e}"
+        ))
+    })?;
+    let (parts, body) = upstream.into_parts();
+    if !parts.status.is_success() {
+        let text = axum::body::to_bytes(Body::new(body), 64 * 1024)
+            .await
+            .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+            .unwrap_or_default();
+        let code = if parts.status == StatusCode::NOT_FOUND {
+            StatusCode::BAD_REQUEST
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
+        return Err(ApiError {
+            code,
+            reason: if code == StatusCode::BAD_REQUEST {
+                "BadRequest"
+            } else {
+                "InternalError"
+            },
+            message: text,
+            details: None,
+        });
+    }
+    Ok(([(header::CONTENT_TYPE, "text/plain")], Body::new(body)).into_response())
+}
+
+/// `host:port` of the agent on `node`: its InternalIP (else first address) and the
+/// kubelet endpoint port it published.
+async fn agent_address(api: &Api, node: &str) -> ApiResult<String> {
+    let nodes = resources::find("", "v1", "nodes")
+        .ok_or_else(|| ApiError::internal("nodes are not served"))?;
+    let stored = api
+        .store
+        .get(&nodes.key(None, node))
+        .await
+        .map_err(|e| ApiError::from_storage(e, nodes, node))?
+        .ok_or_else(|| ApiError::not_found(nodes, node))?;
+    let obj = object::decode(nodes, &stored)?;
+    let addresses = obj
+        .pointer("/status/addresses")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let pick = |kind: Option<&str>| {
+        addresses
+            .iter()
+            .find(|a| kind.is_none_or(|k| a.get("type").and_then(Value::as_str) == Some(k)))
+            .and_then(|a| a.get("address").and_then(Value::as_str))
+            .map(str::to_owned)
+    };
+    let host = pick(Some("InternalIP"))
+        .or_else(|| pick(None))
+        .ok_or_else(|| ApiError::bad_request(format!("node {node} has no address")))?;
+    let port = obj
+        .pointer("/status/daemonEndpoints/kubeletEndpoint/Port")
+        .and_then(Value::as_i64)
+        .filter(|p| (1..=65535).contains(p))
+        .unwrap_or(DEFAULT_AGENT_PORT);
+    Ok(match host.parse::<std::net::Ipv6Addr>() {
+        Ok(v6) => format!("[{v6}]:{port}"),
+        Err(_) => format!("{host}:{port}"),
+    })
+}
+
+/// One plain HTTP/1.1 GET to the agent; the response body streams.
+async fn get_from_agent(
+    addr: &str,
+    path: &str,
+) -> Result<axum::http::Response<hyper::body::Incoming>, Box<dyn std::error::Error + Send + Sync>> {
+    let tcp = tokio::time::timeout(AGENT_CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| "connection timed out")??;
+    tcp.set_nodelay(true)?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "agent connection ended");
+        }
+    });
+    let request = axum::http::Request::get(path)
+        .header(header::HOST, addr)
+        .body(Body::empty())?;
+    Ok(sender.send_request(request).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target() -> Target {
+        Target::parse("", "v1", "namespaces/default/pods/web", "/").unwrap()
+    }
+
+    #[test]
+    fn binding_sets_node_and_condition_once() {
+        let pod = json!({"metadata": {"name": "web"}, "spec": {"containers": []},
+                         "status": {"phase": "Pending", "conditions": [
+                             {"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}]}});
+        let bound = assign(&target(), pod, "n1").unwrap();
+        assert_eq!(bound["spec"]["nodeName"], "n1");
+        let conds = bound["status"]["conditions"].as_array().unwrap();
+        assert_eq!(conds.len(), 1);
+        assert_eq!(conds[0]["status"], "True");
+        let again = assign(&target(), bound, "n2").unwrap_err();
+        assert_eq!(again.code, StatusCode::CONFLICT);
+        assert!(again.message.contains("already assigned to node \"n1\""));
+    }
+
+    #[test]
+    fn binding_refuses_a_terminating_pod() {
+        let pod = json!({"metadata": {"name": "web", "deletionTimestamp": "2026-01-01T00:00:00Z"},
+                         "spec": {}});
+        assert_eq!(
+            assign(&target(), pod, "n1").unwrap_err().code,
+            StatusCode::CONFLICT
+        );
+    }
+}
