@@ -20,6 +20,7 @@
 
 pub mod auth;
 mod discovery;
+mod managed;
 pub mod object;
 mod openapi;
 pub mod patch;

@@ -79,7 +79,7 @@ pub fn apply(kind: PatchType, target: &mut Value, body: &[u8]) -> ApiResult<()> 
 /// Candidate merge keys of lists of objects, in order of preference.
 const MERGE_KEYS: [&str; 6] = ["name", "containerPort", "port", "mountPath", "ip", "type"];
 
-fn merge_key(items: &[Value]) -> Option<&'static str> {
+pub(crate) fn merge_key(items: &[Value]) -> Option<&'static str> {
     MERGE_KEYS.into_iter().find(|k| {
         !items.is_empty()
             && items

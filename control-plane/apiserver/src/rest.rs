@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 
 use crate::{
     Api,
+    managed::{self, Scope},
     object::{self, FieldValidation},
     patch::{self, PatchType},
     pods,
@@ -238,7 +239,6 @@ fn generated_name(prefix: &str) -> String {
 
 async fn create(api: &Api, req: &Request) -> ApiResult<Reply> {
     let t = &req.target;
-    let r = t.resource;
     let mut obj = parse_body(req)?;
     check_type(t, &mut obj)?;
     if object::meta_str(&obj, "name").is_none_or(str::is_empty)
@@ -246,6 +246,15 @@ async fn create(api: &Api, req: &Request) -> ApiResult<Reply> {
     {
         object::metadata_mut(&mut obj).insert("name".into(), json!(generated_name(&prefix)));
     }
+    let manager = manager(req)?;
+    managed::track_update(None, &mut obj, &manager, main_scope(t));
+    create_object(api, req, obj).await
+}
+
+/// Validates, defaults and stores a new object.
+async fn create_object(api: &Api, req: &Request, mut obj: Value) -> ApiResult<Reply> {
+    let t = &req.target;
+    let r = t.resource;
     let validation = FieldValidation::parse(req.query.get("fieldValidation"))?;
     let warnings = validate(t, &mut obj, validation)?;
     ensure_namespace(api, t).await?;
@@ -479,6 +488,7 @@ async fn update(api: &Api, req: &Request, status_only: bool) -> ApiResult<Reply>
     }
     object::apply_defaults(t.resource, &mut obj);
     object::carry_over(t.resource, &old, &mut obj, status_only);
+    managed::track_update(Some(&old), &mut obj, &manager(req)?, scope(t, status_only));
     if is_service(t.resource) {
         services::on_update(api, t.resource, &old, &mut obj, req.query.dry_run()?).await?;
     }
@@ -493,6 +503,15 @@ async fn update(api: &Api, req: &Request, status_only: bool) -> ApiResult<Reply>
 async fn patch(api: &Api, req: &Request, status_only: bool) -> ApiResult<Reply> {
     let t = &req.target;
     let kind = PatchType::from_content_type(req.header(header::CONTENT_TYPE))?;
+    if kind == PatchType::Apply {
+        return apply_patch(api, req, status_only).await;
+    }
+    if req.query.get("force").is_some() {
+        return Err(ApiError::bad_request(
+            "force: Forbidden: may not be specified for non-apply patch",
+        ));
+    }
+    let manager = manager(req)?;
     let validation = FieldValidation::parse(req.query.get("fieldValidation"))?;
     for _ in 0..PATCH_RETRIES {
         let (old, revision) = current(api, t).await?;
@@ -512,6 +531,7 @@ async fn patch(api: &Api, req: &Request, status_only: bool) -> ApiResult<Reply> 
         let warnings = validate(t, &mut new, validation)?;
         object::apply_defaults(t.resource, &mut new);
         object::carry_over(t.resource, &old, &mut new, status_only);
+        managed::track_update(Some(&old), &mut new, &manager, scope(t, status_only));
         if is_service(t.resource) {
             services::on_update(api, t.resource, &old, &mut new, req.query.dry_run()?).await?;
         }
@@ -535,6 +555,111 @@ pub(crate) struct DeleteOptions {
     pub(crate) uid: Option<String>,
     pub(crate) revision: Option<Revision>,
     pub(crate) dry_run: bool,
+}
+
+fn main_scope(t: &Target) -> Scope {
+    Scope::Main {
+        has_status: t.resource.has_status,
+    }
+}
+
+fn scope(t: &Target, status_only: bool) -> Scope {
+    if status_only {
+        Scope::Status
+    } else {
+        main_scope(t)
+    }
+}
+
+/// The field manager of a write.
+fn manager(req: &Request) -> ApiResult<String> {
+    managed::manager_name(
+        req.query.get("fieldManager"),
+        req.header(header::USER_AGENT),
+    )
+}
+
+/// The body of an apply patch: JSON (what kubectl sends) or YAML.
+fn parse_apply_body(body: &[u8]) -> ApiResult<Value> {
+    let v: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(_) => {
+            let text = std::str::from_utf8(body)
+                .map_err(|_| ApiError::bad_request("the apply patch is not UTF-8 text"))?;
+            serde_norway::from_str(text).map_err(|e| {
+                ApiError::bad_request(format!("the apply patch is neither JSON nor YAML: {e}"))
+            })?
+        }
+    };
+    if !v.is_object() {
+        return Err(ApiError::bad_request("an apply patch must be an object"));
+    }
+    Ok(v)
+}
+
+/// Server-side apply (`application/apply-patch+yaml`): creates the object if it does not
+/// exist, otherwise merges the configuration and moves field ownership.
+async fn apply_patch(api: &Api, req: &Request, status_only: bool) -> ApiResult<Reply> {
+    let t = &req.target;
+    let manager = req
+        .query
+        .get("fieldManager")
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| {
+            ApiError::bad_request("fieldManager: Required value: is required for apply patch")
+        })?;
+    let manager = managed::manager_name(Some(manager), None)?;
+    let force = req.query.flag("force");
+    let mut config = parse_apply_body(&req.body)?;
+    check_type(t, &mut config)?;
+    match object::meta_str(&config, "name") {
+        Some(n) if n == t.name() => {}
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({}) does not match the name on the URL ({})",
+                other.unwrap_or(""),
+                t.name()
+            )));
+        }
+    }
+    let validation = FieldValidation::parse(req.query.get("fieldValidation"))?;
+    let scope = scope(t, status_only);
+    for _ in 0..PATCH_RETRIES {
+        let (old, revision) = match current(api, t).await {
+            Ok(found) => found,
+            Err(e) if e.code == StatusCode::NOT_FOUND && !status_only => {
+                let obj = managed::apply(None, &config, &manager, force, scope)?;
+                return create_object(api, req, obj).await;
+            }
+            Err(e) => return Err(e),
+        };
+        if precondition(&config)?.is_some_and(|v| v != revision) {
+            return Err(ApiError::conflict(t.resource, t.name()));
+        }
+        let mut new = managed::apply(Some(&old), &config, &manager, force, scope)?;
+        let owners = new.pointer("/metadata/managedFields").cloned();
+        let warnings = validate(t, &mut new, validation)?;
+        object::apply_defaults(t.resource, &mut new);
+        object::carry_over(t.resource, &old, &mut new, status_only);
+        match owners {
+            Some(o) => object::metadata_mut(&mut new).insert("managedFields".into(), o),
+            None => object::metadata_mut(&mut new).remove("managedFields"),
+        };
+        if is_service(t.resource) {
+            services::on_update(api, t.resource, &old, &mut new, req.query.dry_run()?).await?;
+        }
+        match write(api, t, new, revision, req.query.dry_run()?).await {
+            Err(e) if e.reason == "Conflict" => continue,
+            result => {
+                return result.map(|body| Reply {
+                    code: StatusCode::OK,
+                    body,
+                    warnings,
+                });
+            }
+        }
+    }
+    Err(ApiError::conflict(t.resource, t.name()))
 }
 
 fn delete_options(req: &Request) -> ApiResult<DeleteOptions> {
@@ -807,6 +932,7 @@ async fn scale(api: &Api, req: &Request) -> ApiResult<Reply> {
     let mut new = obj.clone();
     new["spec"]["replicas"] = json!(replicas);
     object::carry_over(t.resource, &obj, &mut new, false);
+    managed::track_update(Some(&obj), &mut new, &manager(req)?, main_scope(t));
     let stored = write(api, t, new, revision, req.query.dry_run()?).await?;
     Ok(Reply::ok(scale_of(&stored)))
 }

@@ -790,3 +790,138 @@ fn kubectl_authenticates_and_authorizes() {
         "yes"
     );
 }
+
+#[test]
+fn kubectl_server_side_apply_owns_fields_and_reports_conflicts() {
+    let s = Server::start();
+    let deploy = |replicas: u32, image: &str| {
+        format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: ssa\n  namespace: default\n  labels: {{app: ssa}}\nspec:\n  replicas: {replicas}\n  selector: {{matchLabels: {{app: ssa}}}}\n  template:\n    metadata: {{labels: {{app: ssa}}}}\n    spec:\n      containers:\n      - name: app\n        image: {image}\n"
+        )
+    };
+    let first = s.write("ssa1.yaml", &deploy(2, "busybox:1"));
+    let out = s.ok(
+        "1.33",
+        &["apply", "--server-side", "-f", first.to_str().unwrap()],
+    );
+    assert!(
+        out.contains("deployment.apps/ssa serverside-applied"),
+        "{out}"
+    );
+    let managers = s.ok(
+        "1.33",
+        &[
+            "get",
+            "deploy",
+            "ssa",
+            "--show-managed-fields",
+            "-o",
+            "jsonpath={.metadata.managedFields[*].manager}/{.metadata.managedFields[*].operation}",
+        ],
+    );
+    assert_eq!(managers, "kubectl/Apply");
+
+    // Applying the same configuration again changes nothing.
+    let rv = |s: &Server| {
+        s.ok(
+            "1.33",
+            &[
+                "get",
+                "deploy",
+                "ssa",
+                "-o",
+                "jsonpath={.metadata.resourceVersion}",
+            ],
+        )
+    };
+    let before = rv(&s);
+    s.ok(
+        "1.33",
+        &["apply", "--server-side", "-f", first.to_str().unwrap()],
+    );
+    assert_eq!(rv(&s), before, "a no-op apply writes nothing");
+
+    // Another manager takes spec.replicas; applying a different count now conflicts.
+    s.ok("1.33", &["scale", "deploy", "ssa", "--replicas=5"]);
+    let second = s.write("ssa2.yaml", &deploy(3, "busybox:2"));
+    let err = s.fails(
+        "1.33",
+        &["apply", "--server-side", "-f", second.to_str().unwrap()],
+    );
+    assert!(
+        err.contains("conflict") && err.contains(".spec.replicas"),
+        "{err}"
+    );
+    assert_eq!(
+        s.ok(
+            "1.33",
+            &[
+                "get",
+                "deploy",
+                "ssa",
+                "-o",
+                "jsonpath={.spec.replicas} {.spec.template.spec.containers[0].image}"
+            ]
+        ),
+        "5 busybox:1",
+        "a refused apply changes nothing"
+    );
+    s.ok(
+        "1.33",
+        &[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            second.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        s.ok(
+            "1.33",
+            &[
+                "get",
+                "deploy",
+                "ssa",
+                "-o",
+                "jsonpath={.spec.replicas} {.spec.template.spec.containers[0].image}"
+            ]
+        ),
+        "3 busybox:2"
+    );
+
+    // Server-side apply without a manager is refused, as Kubernetes does.
+    let cm = s.write(
+        "cm.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c1, namespace: default}\ndata: {a: b}\n",
+    );
+    s.ok(
+        "1.33",
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager=tool",
+            "-f",
+            cm.to_str().unwrap(),
+        ],
+    );
+    let cm2 = s.write(
+        "cm2.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c1, namespace: default}\ndata: {c: d}\n",
+    );
+    s.ok(
+        "1.33",
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager=tool",
+            "-f",
+            cm2.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        s.ok("1.33", &["get", "cm", "c1", "-o", "jsonpath={.data}"]),
+        r#"{"c":"d"}"#,
+        "fields the manager no longer applies are removed"
+    );
+}
