@@ -18,6 +18,10 @@ use clap::Parser;
 use keelson_apiserver::{
     Config,
     server::{self, ServeOptions},
+    storage::{
+        Storage,
+        encrypted::{EncryptedStore, EncryptionConfig},
+    },
 };
 use keelson_server::{
     api_storage::RaftStorage,
@@ -65,6 +69,10 @@ struct Args {
     /// Extra DNS names or addresses for the API's serving certificate (repeatable).
     #[arg(long = "api-san")]
     api_sans: Vec<String>,
+    /// Encrypt resources at rest as this Kubernetes `EncryptionConfiguration` file says
+    /// (providers `aesgcm` and `identity`).
+    #[arg(long)]
+    encryption_provider_config: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -77,6 +85,14 @@ async fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let args = Args::parse();
+    let encryption = args
+        .encryption_provider_config
+        .as_deref()
+        .map(|path| {
+            EncryptionConfig::load(path)
+                .with_context(|| format!("loading the encryption configuration {}", path.display()))
+        })
+        .transpose()?;
     let listener = TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -118,7 +134,10 @@ async fn main() -> Result<()> {
             token_file: args.token_file.clone(),
             config: Config::default(),
         };
-        let storage = Arc::new(RaftStorage::new(Arc::clone(&store)));
+        let mut storage: Arc<dyn Storage> = Arc::new(RaftStorage::new(Arc::clone(&store)));
+        if let Some(config) = encryption {
+            storage = Arc::new(EncryptedStore::new(storage, config));
+        }
         tokio::spawn(server::run(storage, opts, async {
             let _ = api_stopped.await;
         }))

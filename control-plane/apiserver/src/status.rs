@@ -187,6 +187,7 @@ impl ApiError {
                 "ServiceUnavailable",
                 format!("the store is unavailable: {m}"),
             ),
+            StorageError::Transform(m) => Self::internal(m),
         }
     }
 

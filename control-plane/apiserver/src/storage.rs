@@ -6,6 +6,7 @@
 //! Gone) when it is older. `keelson-server` implements this trait over its Raft store;
 //! [`memory::MemoryStore`] is the single-process implementation used in tests.
 
+pub mod encrypted;
 pub mod memory;
 
 use async_trait::async_trait;
@@ -106,6 +107,9 @@ pub enum StorageError {
     /// The store cannot serve right now (no quorum, shutting down, …).
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// A stored value could not be decrypted or encrypted (encryption at rest).
+    #[error("{0}")]
+    Transform(String),
 }
 
 /// A revisioned key-value store.
