@@ -26,6 +26,7 @@ mod openapi;
 pub mod patch;
 pub mod pki;
 mod pods;
+mod proto_json;
 mod protobuf;
 pub mod request;
 pub mod resources;

@@ -14,7 +14,7 @@ use crate::{
     managed::{self, Scope},
     object::{self, FieldValidation},
     patch::{self, PatchType},
-    pods,
+    pods, proto_json,
     request::{Query, Target},
     selectors::{FieldSelector, LabelSelector, extra_fields},
     services,
@@ -134,6 +134,9 @@ pub(crate) fn parse_body(req: &Request) -> ApiResult<Value> {
         .header(header::CONTENT_TYPE)
         .unwrap_or("application/json");
     let base = ct.split(';').next().unwrap_or("").trim();
+    if base == "application/vnd.kubernetes.protobuf" {
+        return proto_json::decode(&req.body, req.target.resource.kind);
+    }
     if !matches!(base, "application/json" | "" | "*/*") {
         return Err(ApiError::unsupported_media_type(ct));
     }

@@ -925,3 +925,94 @@ fn kubectl_server_side_apply_owns_fields_and_reports_conflicts() {
         "fields the manager no longer applies are removed"
     );
 }
+
+#[test]
+fn kubectl_create_generators_send_protobuf() {
+    let s = Server::start();
+    let k = |args: &[&str]| s.ok("1.33", args);
+    k(&["create", "namespace", "gen"]);
+    let n = ["-n", "gen"];
+    let kn = |args: &[&str]| s.ok("1.33", &[&n[..], args].concat());
+    kn(&[
+        "create",
+        "configmap",
+        "cfg",
+        "--from-literal=a=1",
+        "--from-literal=b=two",
+    ]);
+    assert_eq!(
+        kn(&["get", "cm", "cfg", "-o", "jsonpath={.data.a} {.data.b}"]),
+        "1 two"
+    );
+    kn(&[
+        "create",
+        "secret",
+        "generic",
+        "sec",
+        "--from-literal=password=pw",
+    ]);
+    assert_eq!(
+        kn(&[
+            "get",
+            "secret",
+            "sec",
+            "-o",
+            "jsonpath={.type} {.data.password}"
+        ]),
+        "Opaque cHc="
+    );
+    kn(&[
+        "create",
+        "deployment",
+        "web",
+        "--image=busybox:1.36",
+        "--replicas=0",
+        "--port=8080",
+    ]);
+    assert_eq!(
+        kn(&[
+            "get",
+            "deploy",
+            "web",
+            "-o",
+            "jsonpath={.spec.replicas} {.spec.selector.matchLabels.app} {.spec.template.spec.containers[0].image} {.spec.template.spec.containers[0].ports[0].containerPort}"
+        ]),
+        "0 web busybox:1.36 8080"
+    );
+    kn(&["create", "service", "clusterip", "web", "--tcp=80:8080"]);
+    assert_eq!(
+        kn(&[
+            "get",
+            "svc",
+            "web",
+            "-o",
+            "jsonpath={.spec.ports[0].port} {.spec.ports[0].targetPort} {.spec.selector.app}"
+        ]),
+        "80 8080 web"
+    );
+    kn(&["create", "serviceaccount", "robot"]);
+    kn(&["create", "job", "once", "--image=busybox", "--", "true"]);
+    assert_eq!(
+        kn(&[
+            "get",
+            "job",
+            "once",
+            "-o",
+            "jsonpath={.spec.template.spec.containers[0].command}"
+        ]),
+        r#"["true"]"#
+    );
+    // A dry run through the same path stores nothing.
+    kn(&[
+        "create",
+        "configmap",
+        "dry",
+        "--from-literal=x=y",
+        "--dry-run=server",
+    ]);
+    let err = s.fails("1.33", &["-n", "gen", "get", "cm", "dry"]);
+    assert!(
+        err.contains("NotFound") || err.contains("not found"),
+        "{err}"
+    );
+}
