@@ -124,6 +124,20 @@ fn resource_entries(r: &Resource) -> Vec<Value> {
             &["create"],
         ));
         out.push(sub_with("log", "Pod", None, None, &["get"]));
+        out.push(sub_with(
+            "exec",
+            "PodExecOptions",
+            None,
+            None,
+            &["create", "get"],
+        ));
+        out.push(sub_with(
+            "attach",
+            "PodAttachOptions",
+            None,
+            None,
+            &["create", "get"],
+        ));
     }
     if r.has_status {
         out.push(sub("status", r.kind, None, None));

@@ -397,6 +397,25 @@ async fn resource(
         (&Method::DELETE, false) => "deletecollection",
         _ => return ApiError::method_not_allowed().into_response(),
     };
+    // exec and attach stream: they are authorized as `create` (as Kubernetes does, for both
+    // the WebSocket GET and the SPDY POST) and proxied to the agent without reading a body.
+    if let Some(sub @ ("exec" | "attach")) = target.sub.as_deref()
+        && target.resource.group.is_empty()
+        && target.resource.kind == "Pod"
+        && target.name.is_some()
+    {
+        let action = auth::Action {
+            verb: "create",
+            resource: target.resource,
+            sub: Some(sub),
+            namespace: target.namespace.as_deref(),
+            name: target.name.as_deref(),
+        };
+        if let Err(e) = auth::authorize(&api, &user, &action).await {
+            return e.into_response();
+        }
+        return pods::stream(&api, &target, sub, parts).await;
+    }
     let body = match rest::read_body(body, api.config.max_body).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),

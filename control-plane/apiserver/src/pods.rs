@@ -1,5 +1,7 @@
-//! Pod subresources: `binding` (the scheduler's write), `eviction`, and `log`, which is
-//! proxied to the agent on the pod's node.
+//! Pod subresources: `binding` (the scheduler's write), `eviction`, and `log`, `exec` and
+//! `attach`, which are proxied to the agent on the pod's node. For `exec`/`attach` the
+//! upgrade (WebSocket or SPDY) is passed through: the agent answers the handshake and the
+//! two upgraded connections are spliced, so the stream protocol is the agent's to speak.
 
 use std::time::Duration;
 
@@ -148,35 +150,7 @@ struct LogOptions {
 
 impl LogOptions {
     fn parse(req: &Request, pod: &Value) -> ApiResult<Self> {
-        let name = req.target.name();
-        let names: Vec<&str> = ["/spec/containers", "/spec/initContainers"]
-            .iter()
-            .filter_map(|p| pod.pointer(p).and_then(Value::as_array))
-            .flatten()
-            .filter_map(|c| c.get("name").and_then(Value::as_str))
-            .collect();
-        let main: Vec<&str> = pod
-            .pointer("/spec/containers")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(|c| c.get("name").and_then(Value::as_str))
-            .collect();
-        let container = match req.query.get("container").filter(|c| !c.is_empty()) {
-            Some(c) if names.contains(&c) => c.to_owned(),
-            Some(c) => {
-                return Err(ApiError::bad_request(format!(
-                    "container {c} is not valid for pod {name}"
-                )));
-            }
-            None if main.len() == 1 => main[0].to_owned(),
-            None => {
-                return Err(ApiError::bad_request(format!(
-                    "a container name must be specified for pod {name}, choose one of: [{}]",
-                    main.join(" ")
-                )));
-            }
-        };
+        let container = choose_container(req.target.name(), pod, req.query.get("container"))?;
         let mut query = Vec::new();
         for flag in ["follow", "previous", "timestamps"] {
             if req.query.flag(flag) {
@@ -208,6 +182,153 @@ impl LogOptions {
     }
 }
 
+/// The container a request names, or the pod's only container.
+fn choose_container(pod_name: &str, pod: &Value, asked: Option<&str>) -> ApiResult<String> {
+    let names: Vec<&str> = ["/spec/containers", "/spec/initContainers"]
+        .iter()
+        .filter_map(|p| pod.pointer(p).and_then(Value::as_array))
+        .flatten()
+        .filter_map(|c| c.get("name").and_then(Value::as_str))
+        .collect();
+    let main: Vec<&str> = pod
+        .pointer("/spec/containers")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.get("name").and_then(Value::as_str))
+        .collect();
+    match asked.filter(|c| !c.is_empty()) {
+        Some(c) if names.contains(&c) => Ok(c.to_owned()),
+        Some(c) => Err(ApiError::bad_request(format!(
+            "container {c} is not valid for pod {pod_name}"
+        ))),
+        None if main.len() == 1 => Ok(main[0].to_owned()),
+        None => Err(ApiError::bad_request(format!(
+            "a container name must be specified for pod {pod_name}, choose one of: [{}]",
+            main.join(" ")
+        ))),
+    }
+}
+
+/// The node a pod runs on.
+fn pod_node<'a>(t: &Target, pod: &'a Value) -> ApiResult<&'a str> {
+    pod.pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| {
+            ApiError::bad_request(format!("pod {} does not have a host assigned", t.name()))
+        })
+}
+
+/// Headers of an upgrade handshake passed between client and agent.
+const UPGRADE_HEADERS: [&str; 7] = [
+    "connection",
+    "upgrade",
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-protocol",
+    "sec-websocket-accept",
+    "x-stream-protocol-version",
+];
+
+/// `pods/<name>/exec` and `pods/<name>/attach`: passes the upgrade through to the agent.
+pub(crate) async fn stream(
+    api: &Api,
+    t: &Target,
+    sub: &str,
+    mut parts: axum::http::request::Parts,
+) -> Response {
+    let result = async {
+        let (pod, _) = rest::current(api, t).await?;
+        let query = parts.uri.query().unwrap_or_default().to_owned();
+        let asked = url_param(&query, "container");
+        let container = choose_container(t.name(), &pod, asked.as_deref())?;
+        let node = pod_node(t, &pod)?;
+        let addr = agent_address(api, node).await?;
+        let ns = t.namespace.as_deref().unwrap_or_default();
+        let path = format!("/{sub}/{ns}/{}/{container}?{query}", t.name());
+        let mut upstream = axum::http::Request::builder()
+            .method(parts.method.clone())
+            .uri(&path)
+            .header(header::HOST, &addr);
+        for name in UPGRADE_HEADERS {
+            for v in parts.headers.get_all(name) {
+                upstream = upstream.header(name, v);
+            }
+        }
+        let upstream = upstream
+            .body(Body::empty())
+            .map_err(|e| ApiError::internal(format!("building the agent request: {e}")))?;
+        let reply = send_to_agent(&addr, upstream).await.map_err(|e| {
+            ApiError::internal(format!(
+                "cannot reach the agent of node {node} at {addr}: {e}"
+            ))
+        })?;
+        Ok::<_, ApiError>(reply)
+    }
+    .await;
+    let mut reply = match result {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    if reply.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let status = reply.status();
+        let text = axum::body::to_bytes(Body::new(reply.into_body()), 64 * 1024)
+            .await
+            .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+            .unwrap_or_default();
+        return ApiError {
+            code: if status.is_client_error() {
+                StatusCode::BAD_REQUEST
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            },
+            reason: if status.is_client_error() {
+                "BadRequest"
+            } else {
+                "InternalError"
+            },
+            message: format!("the agent refused the {sub} stream ({status}): {text}"),
+            details: None,
+        }
+        .into_response();
+    }
+    let Some(client_side) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+        return ApiError::bad_request(format!("{sub} needs a connection upgrade")).into_response();
+    };
+    let agent_side = hyper::upgrade::on(&mut reply);
+    let mut resp = Response::builder().status(StatusCode::SWITCHING_PROTOCOLS);
+    for name in UPGRADE_HEADERS {
+        for v in reply.headers().get_all(name) {
+            resp = resp.header(name, v);
+        }
+    }
+    tokio::spawn(async move {
+        let (client, agent) = match tokio::try_join!(client_side, agent_side) {
+            Ok(both) => both,
+            Err(e) => {
+                tracing::debug!(error = %e, "stream upgrade failed");
+                return;
+            }
+        };
+        let mut client = hyper_util::rt::TokioIo::new(client);
+        let mut agent = hyper_util::rt::TokioIo::new(agent);
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut agent).await {
+            tracing::debug!(error = %e, "stream ended");
+        }
+    });
+    resp.body(Body::empty())
+        .unwrap_or_else(|e| ApiError::internal(e.to_string()).into_response())
+}
+
+/// The first value of `name` in a raw query string.
+fn url_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name).then(|| v.to_owned())
+    })
+}
+
 /// `GET pods/<name>/log`: streams the container's log from the agent on the pod's node.
 pub(crate) async fn log(api: &Api, req: &Request) -> Response {
     match proxy_log(api, req).await {
@@ -220,13 +341,7 @@ async fn proxy_log(api: &Api, req: &Request) -> ApiResult<Response> {
     let t = &req.target;
     let (pod, _) = rest::current(api, t).await?;
     let opts = LogOptions::parse(req, &pod)?;
-    let node = pod
-        .pointer("/spec/nodeName")
-        .and_then(Value::as_str)
-        .filter(|n| !n.is_empty())
-        .ok_or_else(|| {
-            ApiError::bad_request(format!("pod {} does not have a host assigned", t.name()))
-        })?;
+    let node = pod_node(t, &pod)?;
     let addr = agent_address(api, node).await?;
     let path = opts.path(t.namespace.as_deref().unwrap_or_default(), t.name());
     let upstream = get_from_agent(&addr, &path).await.map_err(|e| {
@@ -297,11 +412,24 @@ async fn agent_address(api: &Api, node: &str) -> ApiResult<String> {
     })
 }
 
+type AgentError = Box<dyn std::error::Error + Send + Sync>;
+
 /// One plain HTTP/1.1 GET to the agent; the response body streams.
 async fn get_from_agent(
     addr: &str,
     path: &str,
-) -> Result<axum::http::Response<hyper::body::Incoming>, Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<axum::http::Response<hyper::body::Incoming>, AgentError> {
+    let request = axum::http::Request::get(path)
+        .header(header::HOST, addr)
+        .body(Body::empty())?;
+    send_to_agent(addr, request).await
+}
+
+/// Sends one request to the agent over a fresh HTTP/1.1 connection that may be upgraded.
+async fn send_to_agent(
+    addr: &str,
+    request: axum::http::Request<Body>,
+) -> Result<axum::http::Response<hyper::body::Incoming>, AgentError> {
     let tcp = tokio::time::timeout(AGENT_CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| "connection timed out")??;
@@ -309,13 +437,10 @@ async fn get_from_agent(
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
+        if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(error = %e, "agent connection ended");
         }
     });
-    let request = axum::http::Request::get(path)
-        .header(header::HOST, addr)
-        .body(Body::empty())?;
     Ok(sender.send_request(request).await?)
 }
 
