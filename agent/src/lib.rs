@@ -1,10 +1,19 @@
 //! Keelson's node agent.
 //!
-//! Today the agent holds the eBPF load balancer ([`lb`]): socket-level load balancing of
-//! Service virtual IPs to backends, attached to a cgroup2 subtree; and the service proxy
-//! ([`proxy`]) that keeps it in step with the cluster's Services and EndpointSlices. Pod
-//! lifecycle, the container runtime and the pod network join them as they land.
+//! - [`node`]: the Node object and its Lease heartbeat;
+//! - [`image`]: the content-addressed image store (OCI layout and `docker save` import);
+//! - [`pods`]: pod sandboxes, containers run by per-container supervisors through
+//!   `keelson-runtime`, restart policy, probes, graceful deletion and pod status;
+//! - [`network`]: the pod network (bridge, veth pairs, IPAM);
+//! - [`logs`]: CRI log files and the HTTP endpoint that serves them;
+//! - [`lb`] and [`proxy`]: the eBPF service load balancer and the proxy that keeps it in step
+//!   with Services and EndpointSlices.
 #![deny(missing_docs)]
 
+pub mod image;
 pub mod lb;
+pub mod logs;
+pub mod network;
+pub mod node;
+pub mod pods;
 pub mod proxy;

@@ -23,6 +23,8 @@ use nix::sched::{CloneFlags, setns, unshare};
 
 pub mod cluster;
 pub mod echo;
+pub mod node;
+pub mod oci_image;
 
 /// Fails with a clear message unless the tests run as root.
 ///

@@ -164,7 +164,7 @@ impl StateRecord {
 
 /// Reads a process's start time (field 22 of `/proc/<pid>/stat`) and whether
 /// it is a zombie. `None` if the process does not exist.
-pub(crate) fn proc_start_time(pid: i32) -> Option<(u64, bool)> {
+pub fn proc_start_time(pid: i32) -> Option<(u64, bool)> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may contain spaces.
     let after = &stat[stat.rfind(')')? + 2..];

@@ -1,7 +1,10 @@
 //! Command-line interface: each sub-command parses its arguments and calls the library.
 
+mod image;
 mod lb;
+mod node;
 mod proxy;
+mod supervise;
 
 /// Keelson's node agent.
 #[derive(clap::Parser)]
@@ -18,13 +21,32 @@ enum Command {
     Lb(lb::LbCommand),
     /// Run the service proxy: keep the load balancer in step with Services and EndpointSlices.
     Proxy(proxy::ProxyArgs),
+    /// Run this machine as a node: register it, run the pods bound to it, serve their logs.
+    Node(node::NodeArgs),
+    /// Manage the node's image store.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
+    /// Supervise one container attempt (started by `node`).
+    #[command(hide = true)]
+    Supervise(supervise::SuperviseArgs),
 }
 
 impl Cli {
+    /// The file this command logs to instead of stderr, if any.
+    pub fn log_file(&self) -> Option<std::path::PathBuf> {
+        match &self.command {
+            Command::Supervise(args) => Some(args.log_file()),
+            _ => None,
+        }
+    }
+
     pub fn run(self) -> anyhow::Result<()> {
         match self.command {
             Command::Lb(cmd) => cmd.run(),
             Command::Proxy(args) => args.run(),
+            Command::Node(args) => args.run(),
+            Command::Image(cmd) => cmd.run(),
+            Command::Supervise(args) => args.run(),
         }
     }
 }

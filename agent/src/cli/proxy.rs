@@ -25,7 +25,7 @@ pub struct ProxyArgs {
     pins: PinArgs,
 }
 
-async fn client(path: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
+pub(super) async fn client(path: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
     let config = match path {
         Some(p) => {
             let kubeconfig = Kubeconfig::read_from(p)
@@ -41,7 +41,7 @@ async fn client(path: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
     kube::Client::try_from(config).context("building the API client")
 }
 
-async fn stop_signal() {
+pub(super) async fn stop_signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(t) => t,
         Err(e) => {

@@ -1,0 +1,45 @@
+//! `keelson-agent supervise` (hidden): the per-container supervisor the node agent starts,
+//! detached, for each container attempt.
+
+use std::path::PathBuf;
+
+use keelson_agent::pods::{SuperviseSpec, supervise};
+
+#[derive(clap::Args)]
+pub struct SuperviseArgs {
+    /// The runtime's state root.
+    #[arg(long)]
+    runtime_root: PathBuf,
+    /// The container id.
+    #[arg(long)]
+    id: String,
+    /// The attempt's bundle directory.
+    #[arg(long)]
+    bundle: PathBuf,
+    /// The CRI log file.
+    #[arg(long)]
+    log: PathBuf,
+    /// The container's cgroup path.
+    #[arg(long)]
+    cgroup_path: String,
+}
+
+impl SuperviseArgs {
+    /// Where the supervisor's own messages go.
+    pub fn log_file(&self) -> PathBuf {
+        self.bundle.join("supervisor.log")
+    }
+
+    pub fn run(self) -> anyhow::Result<()> {
+        let spec = SuperviseSpec {
+            runtime_root: self.runtime_root,
+            id: self.id,
+            bundle: self.bundle,
+            log: self.log,
+            cgroup_path: self.cgroup_path,
+        };
+        let code = supervise(&spec);
+        tracing::info!(id = %spec.id, code, "container ended");
+        Ok(())
+    }
+}

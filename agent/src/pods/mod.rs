@@ -1,0 +1,16 @@
+//! Pod lifecycle on this node: the pods bound to it (watched through the API) become sandboxes
+//! and containers run by per-container supervisors; restarts follow the restart policy with
+//! back-off; deletion stops containers gracefully; status goes back through `pods/status`.
+
+pub mod bundle;
+pub mod layout;
+pub mod probe;
+mod quantity;
+pub mod sandbox;
+mod status;
+pub mod supervisor;
+mod sync;
+
+pub use layout::{ExitRecord, PodRecord, StateLayout};
+pub use supervisor::{SuperviseSpec, supervise};
+pub use sync::{PodManager, PodManagerConfig, PodNetwork};

@@ -1,0 +1,231 @@
+//! The per-container supervisor: a small process, detached from the agent (own session), that
+//! mounts the container's overlay root, creates and starts it with the runtime library, copies
+//! its stdout/stderr into the CRI log file, waits for it, records how it ended in `exit.json`,
+//! and removes it. Because it is not the agent, containers keep running while the agent
+//! restarts; the agent finds them again through the files the supervisor writes.
+//!
+//! It must run single-threaded until the container's init is cloned (the runtime library's
+//! rule); the log copiers start only after that.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use keelson_runtime::ContainerBuilder;
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+
+use super::layout::{ExitRecord, now_rfc3339, write_json};
+use crate::logs::cri;
+
+/// What a supervisor runs.
+#[derive(Debug, Clone)]
+pub struct SuperviseSpec {
+    /// The runtime's state root.
+    pub runtime_root: PathBuf,
+    /// The container id.
+    pub id: String,
+    /// The attempt directory: `config.json`, `layers.json`, `rootfs/`, `upper/`, `work/`.
+    pub bundle: PathBuf,
+    /// The CRI log file.
+    pub log: PathBuf,
+    /// The container's cgroup path.
+    pub cgroup_path: String,
+}
+
+/// Errors before the container runs (recorded as a start error).
+#[derive(Debug, thiserror::Error)]
+pub enum SuperviseError {
+    /// A file or mount operation failed.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What was done.
+        action: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The runtime failed.
+    #[error(transparent)]
+    Runtime(#[from] keelson_runtime::Error),
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SuperviseError {
+    let path = path.to_owned();
+    move |source| SuperviseError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// The files of a supervisor in its attempt directory.
+pub const PID_FILE: &str = "supervisor.pid";
+/// Written once the container's process runs: its start time, RFC 3339.
+pub const STARTED_FILE: &str = "started";
+/// Written when the attempt is over.
+pub const EXIT_FILE: &str = "exit.json";
+
+/// Mounts the overlay root of the bundle from `layers.json` (lowest layer first).
+fn mount_rootfs(bundle: &Path) -> Result<(), SuperviseError> {
+    let layers_path = bundle.join("layers.json");
+    let text = fs::read(&layers_path).map_err(io_err("read", &layers_path))?;
+    let layers: Vec<PathBuf> = serde_json::from_slice(&text)
+        .map_err(|e| io_err("parse", &layers_path)(std::io::Error::other(e)))?;
+    let rootfs = bundle.join("rootfs");
+    for dir in ["rootfs", "upper", "work"] {
+        let d = bundle.join(dir);
+        fs::create_dir_all(&d).map_err(io_err("create", &d))?;
+    }
+    // overlayfs wants the uppermost lower layer first.
+    let lower: Vec<String> = layers
+        .iter()
+        .rev()
+        .map(|p| p.display().to_string())
+        .collect();
+    let lower = if lower.is_empty() {
+        // An image without layers: an empty directory as the only lower layer.
+        let empty = bundle.join("empty");
+        fs::create_dir_all(&empty).map_err(io_err("create", &empty))?;
+        empty.display().to_string()
+    } else {
+        lower.join(":")
+    };
+    let options = format!(
+        "lowerdir={lower},upperdir={},workdir={}",
+        bundle.join("upper").display(),
+        bundle.join("work").display()
+    );
+    mount(
+        Some("overlay"),
+        &rootfs,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(options.as_str()),
+    )
+    .map_err(|e| io_err("mount overlay on", &rootfs)(e.into()))
+}
+
+fn dup2(from: RawFd, to: RawFd) {
+    // SAFETY: plain descriptor duplication on descriptors this process owns.
+    unsafe { libc::dup2(from, to) };
+}
+
+/// Copies lines from `pipe` into the shared log as CRI lines on `stream`.
+fn copy_lines(pipe: OwnedFd, stream: &'static str, log: Arc<Mutex<File>>) {
+    let reader = BufReader::new(File::from(pipe));
+    for line in reader.split(b'\n') {
+        let Ok(line) = line else { break };
+        let entry = cri::format_line(&jiff::Timestamp::now(), stream, &line);
+        if let Ok(mut f) = log.lock() {
+            let _ = f.write_all(&entry);
+        }
+    }
+}
+
+/// Runs the container to its end and records it; returns its exit code.
+pub fn supervise(spec: &SuperviseSpec) -> i32 {
+    let _ = write_json(
+        &spec.bundle.join(PID_FILE),
+        &(
+            std::process::id(),
+            keelson_runtime::state::proc_start_time(std::process::id() as i32)
+                .map(|(s, _)| s)
+                .unwrap_or(0),
+        ),
+    );
+    let record = match run(spec) {
+        Ok(record) => record,
+        Err(e) => {
+            tracing::error!(id = %spec.id, error = %e, "container did not start");
+            ExitRecord {
+                exit_code: 128,
+                reason: "StartError".to_owned(),
+                message: e.to_string(),
+                started_at: None,
+                finished_at: now_rfc3339(),
+            }
+        }
+    };
+    let _ = umount2(&spec.bundle.join("rootfs"), MntFlags::MNT_DETACH);
+    if let Err(e) = write_json(&spec.bundle.join(EXIT_FILE), &record) {
+        tracing::error!(id = %spec.id, error = %e, "writing exit record");
+    }
+    record.exit_code
+}
+
+fn run(spec: &SuperviseSpec) -> Result<ExitRecord, SuperviseError> {
+    mount_rootfs(&spec.bundle)?;
+    if let Some(dir) = spec.log.parent() {
+        fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+    }
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&spec.log)
+        .map_err(io_err("open", &spec.log))?;
+    let pipe = || {
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| io_err("pipe", &spec.log)(e.into()))
+    };
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    // The init inherits descriptors 1 and 2: point them at the pipes while it is cloned.
+    // SAFETY: duplicating our own standard descriptors.
+    let saved_out = unsafe { libc::fcntl(1, libc::F_DUPFD_CLOEXEC, 3) };
+    let saved_err = unsafe { libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 3) };
+    dup2(out_w.as_raw_fd(), 1);
+    dup2(err_w.as_raw_fd(), 2);
+    let built = ContainerBuilder::new(&spec.id, &spec.runtime_root)
+        .with_bundle(&spec.bundle)
+        .and_then(|b| b.with_cgroup_path(&spec.cgroup_path).build());
+    dup2(saved_out, 1);
+    dup2(saved_err, 2);
+    // SAFETY: closing the saved copies made above.
+    unsafe {
+        libc::close(saved_out);
+        libc::close(saved_err);
+    }
+    drop(out_w);
+    drop(err_w);
+    let mut container = built?;
+    if let Err(e) = container.start() {
+        let _ = container.delete(true);
+        return Err(e.into());
+    }
+    let started_at = now_rfc3339();
+    let _ = fs::write(spec.bundle.join(STARTED_FILE), &started_at);
+    let log = Arc::new(Mutex::new(log));
+    let copiers = [(out_r, "stdout"), (err_r, "stderr")].map(|(pipe, stream)| {
+        let log = Arc::clone(&log);
+        std::thread::spawn(move || copy_lines(pipe, stream, log))
+    });
+    let code = container.wait()?;
+    for c in copiers {
+        let _ = c.join();
+    }
+    let oom = container
+        .cgroup()
+        .and_then(|c| Ok(c.oom_kill_count()?))
+        .unwrap_or(0)
+        > 0;
+    let reason = if oom {
+        "OOMKilled"
+    } else if code == 0 {
+        "Completed"
+    } else {
+        "Error"
+    };
+    if let Err(e) = container.delete(true) {
+        tracing::warn!(id = %spec.id, error = %e, "removing the container");
+    }
+    Ok(ExitRecord {
+        exit_code: code,
+        reason: reason.to_owned(),
+        message: String::new(),
+        started_at: Some(started_at),
+        finished_at: now_rfc3339(),
+    })
+}

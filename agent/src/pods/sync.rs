@@ -1,0 +1,889 @@
+//! The pod sync loop: one reflector over the pods bound to this node, and an idempotent
+//! reconcile of every pod (and every pod directory left on disk) on each change and every
+//! second. All state that must survive an agent restart is on disk (see [`super::layout`]);
+//! what is only in memory (probe tasks, the last status sent) is rebuilt after a restart.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::os::unix::process::ExitStatusExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::{Container, Pod};
+use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
+use kube::runtime::{WatchStreamExt as _, reflector, watcher};
+use kube::{Api, ResourceExt as _};
+use nix::mount::{MntFlags, umount2};
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+
+use super::bundle::make_spec;
+use super::layout::{
+    ExitRecord, PodRecord, StateLayout, container_id, latest_attempt, now_rfc3339, read_json,
+    write_json,
+};
+use super::probe::{self, ProbeSet, ProbeTarget};
+use super::sandbox;
+use super::status::{AttemptState, attempt_state, condition, rfc3339_seconds, terminated};
+use super::supervisor::{EXIT_FILE, PID_FILE};
+use crate::image::ImageStore;
+use crate::network::{Ipam, PodLink, remove_pod_link, setup_pod_link};
+
+/// A container that ran this long has its restart back-off reset.
+const BACKOFF_RESET: Duration = Duration::from_secs(600);
+
+/// The pod network of this node.
+#[derive(Debug, Clone)]
+pub struct PodNetwork {
+    /// The bridge's name.
+    pub bridge: String,
+    /// Addresses from the node's pod CIDR.
+    pub ipam: Ipam,
+}
+
+/// How the pod manager runs.
+#[derive(Debug, Clone)]
+pub struct PodManagerConfig {
+    /// This node's name.
+    pub node_name: String,
+    /// The state directory.
+    pub layout: StateLayout,
+    /// cgroup path (relative to the hierarchies' roots) under which pods get their cgroups.
+    pub cgroup_parent: String,
+    /// The agent's own binary (runs `supervise`).
+    pub agent_exe: PathBuf,
+    /// The `keelson-runtime` binary (exec probes).
+    pub runtime_bin: PathBuf,
+    /// First restart delay; doubles per restart.
+    pub backoff_base: Duration,
+    /// Longest restart delay.
+    pub backoff_max: Duration,
+    /// The pod network, if the agent manages one.
+    pub network: Option<PodNetwork>,
+    /// The node's address, reported as the pods' hostIP.
+    pub host_ip: String,
+    /// How often every pod is reconciled even without changes.
+    pub resync: Duration,
+}
+
+#[derive(Default)]
+struct ContainerMem {
+    probes: Option<(u32, ProbeSet)>,
+    image_failures: u32,
+    killed_attempt: Option<u32>,
+}
+
+struct PodMem {
+    start_time: String,
+    link: Option<PodLink>,
+    containers: HashMap<String, ContainerMem>,
+    conditions: HashMap<&'static str, (bool, String)>,
+    last_status: Option<Value>,
+    term_sent: Option<Instant>,
+    kill_sent: bool,
+    termed: HashSet<String>,
+}
+
+/// What one container contributes to the pod's status.
+struct View {
+    status: Value,
+    running: bool,
+    ready: bool,
+    /// Exited and will not be restarted: its exit code.
+    done: Option<i32>,
+    /// Ran at least once (restarting counts as running for the phase).
+    ever_started: bool,
+}
+
+/// Reconciles the pods of one node.
+pub struct PodManager {
+    cfg: PodManagerConfig,
+    client: kube::Client,
+    images: ImageStore,
+    pods: HashMap<String, PodMem>,
+}
+
+fn pod_record(pod: &Pod) -> PodRecord {
+    PodRecord {
+        namespace: pod.namespace().unwrap_or_else(|| "default".to_owned()),
+        name: pod.name_any(),
+        uid: pod.uid().unwrap_or_default(),
+    }
+}
+
+fn host_veth(uid: &str) -> String {
+    let hex: String = uid
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .take(10)
+        .collect();
+    format!("kv{hex}")
+}
+
+/// Removes `<hierarchy>/<path>` in every mounted cgroup hierarchy (v1 controllers and the
+/// cgroup2 tree), children first. Only empty cgroups can go; others are left.
+fn remove_cgroup_everywhere(path: &str) {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    for line in info.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let fstype = right.split_whitespace().next().unwrap_or_default();
+        if fstype != "cgroup" && fstype != "cgroup2" {
+            continue;
+        }
+        let Some(mount) = left.split_whitespace().nth(4) else {
+            continue;
+        };
+        remove_tree(&Path::new(mount).join(path));
+    }
+}
+
+fn remove_tree(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&e.path());
+            }
+        }
+    }
+    let _ = fs::remove_dir(dir);
+}
+
+/// The pod's QoS class: Guaranteed when every container's requests equal its CPU and memory
+/// limits, BestEffort without any request or limit, Burstable otherwise.
+fn qos_class(pod: &Pod) -> &'static str {
+    let containers = pod
+        .spec
+        .as_ref()
+        .map(|s| s.containers.clone())
+        .unwrap_or_default();
+    let mut any = false;
+    let mut guaranteed = !containers.is_empty();
+    for c in &containers {
+        let r = c.resources.clone().unwrap_or_default();
+        let limits = r.limits.unwrap_or_default();
+        let requests = r.requests.unwrap_or_default();
+        any |= !limits.is_empty() || !requests.is_empty();
+        for res in ["cpu", "memory"] {
+            let limit = limits.get(res);
+            let request = requests.get(res).or(limit);
+            if limit.is_none() || request != limit {
+                guaranteed = false;
+            }
+        }
+    }
+    match (guaranteed, any) {
+        (true, _) => "Guaranteed",
+        (false, true) => "Burstable",
+        _ => "BestEffort",
+    }
+}
+
+fn restart_wanted(policy: &str, code: i32) -> bool {
+    match policy {
+        "Never" => false,
+        "OnFailure" => code != 0,
+        _ => true,
+    }
+}
+
+impl PodManager {
+    /// A manager for the node; the image store lives under the state dir.
+    ///
+    /// # Errors
+    /// When the image store cannot be opened.
+    pub fn new(client: kube::Client, cfg: PodManagerConfig) -> anyhow::Result<Self> {
+        let images = ImageStore::open(cfg.layout.images())?;
+        fs::create_dir_all(cfg.layout.pods())?;
+        Ok(PodManager {
+            cfg,
+            client,
+            images,
+            pods: HashMap::new(),
+        })
+    }
+
+    /// Watches the node's pods and reconciles them until `shutdown` completes. Containers keep
+    /// running after it returns.
+    ///
+    /// # Errors
+    /// When the pod watch cannot be set up.
+    pub async fn run(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let api: Api<Pod> = Api::all(self.client.clone());
+        let (reader, writer) = reflector::store();
+        let config =
+            watcher::Config::default().fields(&format!("spec.nodeName={}", self.cfg.node_name));
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let n = Arc::clone(&notify);
+        let watch = tokio::spawn(async move {
+            let mut stream = reflector(writer, watcher(api, config))
+                .default_backoff()
+                .boxed();
+            while let Some(ev) = stream.next().await {
+                if let Err(e) = ev {
+                    tracing::warn!(error = %e, "pod watch");
+                }
+                n.notify_one();
+            }
+        });
+        tokio::pin!(shutdown);
+        tokio::select! {
+            r = reader.wait_until_ready() => r?,
+            _ = &mut shutdown => { watch.abort(); return Ok(()); }
+        }
+        tracing::info!(node = %self.cfg.node_name, "pod sync started");
+        loop {
+            let pods = reader.state();
+            self.sync_all(&pods).await;
+            tokio::select! {
+                _ = notify.notified() => {}
+                _ = tokio::time::sleep(self.cfg.resync) => {}
+                _ = &mut shutdown => break,
+            }
+        }
+        watch.abort();
+        Ok(())
+    }
+
+    async fn sync_all(&mut self, pods: &[Arc<Pod>]) {
+        let mut seen = HashSet::new();
+        for pod in pods {
+            let Some(uid) = pod.uid() else { continue };
+            seen.insert(uid.clone());
+            if pod.metadata.deletion_timestamp.is_some() {
+                let grace = pod
+                    .metadata
+                    .deletion_grace_period_seconds
+                    .or(pod
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.termination_grace_period_seconds))
+                    .unwrap_or(30);
+                self.terminate(&uid, Some(pod), grace).await;
+            } else if let Err(e) = self.sync_pod(pod).await {
+                tracing::warn!(pod = %pod.name_any(), error = %e, "pod sync");
+            }
+        }
+        let on_disk: Vec<String> = fs::read_dir(self.cfg.layout.pods())
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for uid in on_disk {
+            if !seen.contains(&uid) {
+                self.terminate(&uid, None, 0).await;
+            }
+        }
+        self.pods.retain(|uid, _| seen.contains(uid));
+    }
+
+    fn mem(&mut self, record: &PodRecord) -> &mut PodMem {
+        let layout = &self.cfg.layout;
+        self.pods.entry(record.uid.clone()).or_insert_with(|| {
+            let dir = layout.pod(&record.uid);
+            let start_time = fs::read_to_string(dir.join("start_time"))
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_else(|_| rfc3339_seconds(&now_rfc3339()));
+            PodMem {
+                start_time,
+                link: read_json(&dir.join("network.json")),
+                containers: HashMap::new(),
+                conditions: HashMap::new(),
+                last_status: None,
+                term_sent: None,
+                kill_sent: false,
+                termed: HashSet::new(),
+            }
+        })
+    }
+
+    async fn sync_pod(&mut self, pod: &Pod) -> anyhow::Result<()> {
+        let record = pod_record(pod);
+        let dir = self.cfg.layout.pod(&record.uid);
+        let fresh = !dir.join("pod.json").exists();
+        fs::create_dir_all(dir.join("containers"))?;
+        if fresh {
+            write_json(&dir.join("pod.json"), &record)?;
+        }
+        let start_time = self.mem(&record).start_time.clone();
+        if fresh {
+            fs::write(dir.join("start_time"), &start_time)?;
+            tracing::info!(pod = %record.name, namespace = %record.namespace, "new pod");
+        }
+        let setup = self.ensure_sandbox(&record).await;
+        let spec = pod.spec.clone().unwrap_or_default();
+        let policy = spec
+            .restart_policy
+            .clone()
+            .unwrap_or_else(|| "Always".to_owned());
+        let mut views = Vec::new();
+        for c in &spec.containers {
+            let view = match &setup {
+                Ok(()) => self.sync_container(pod, &record, c, &policy).await,
+                Err(e) => View {
+                    status: json!({"waiting": {"reason": "ContainerCreating", "message": e.to_string()}}),
+                    running: false,
+                    ready: false,
+                    done: None,
+                    ever_started: false,
+                },
+            };
+            views.push((c, view));
+        }
+        self.post_status(pod, &record, &views).await;
+        Ok(())
+    }
+
+    async fn ensure_sandbox(&mut self, record: &PodRecord) -> anyhow::Result<()> {
+        let ns = self.cfg.layout.pod(&record.uid).join("ns");
+        if !sandbox::exists(&ns) {
+            sandbox::create(&ns, &record.name)?;
+        }
+        if let Some(net) = self.cfg.network.clone()
+            && self.mem(record).link.is_none()
+        {
+            let ip = net.ipam.allocate(&record.uid)?;
+            let veth = host_veth(&record.uid);
+            setup_pod_link(
+                &net.bridge,
+                &ns.join("net"),
+                &veth,
+                ip,
+                net.ipam.gateway(),
+                net.ipam.cidr(),
+            )
+            .await?;
+            let link = PodLink {
+                ip,
+                host_veth: veth,
+            };
+            write_json(
+                &self.cfg.layout.pod(&record.uid).join("network.json"),
+                &link,
+            )?;
+            tracing::info!(pod = %record.name, %ip, "pod network ready");
+            self.mem(record).link = Some(link);
+        }
+        Ok(())
+    }
+
+    fn backoff(&self, attempt: u32, rec: &ExitRecord) -> Duration {
+        let ran = rec
+            .started_at
+            .as_deref()
+            .and_then(|s| s.parse::<jiff::Timestamp>().ok())
+            .zip(rec.finished_at.parse::<jiff::Timestamp>().ok())
+            .map(|(s, f)| f.duration_since(s).unsigned_abs())
+            .unwrap_or_default();
+        if ran >= BACKOFF_RESET {
+            return self.cfg.backoff_base;
+        }
+        let factor = 1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX);
+        self.cfg
+            .backoff_base
+            .saturating_mul(factor)
+            .min(self.cfg.backoff_max)
+    }
+
+    async fn sync_container(
+        &mut self,
+        pod: &Pod,
+        record: &PodRecord,
+        c: &Container,
+        policy: &str,
+    ) -> View {
+        let cdir = self
+            .cfg
+            .layout
+            .pod(&record.uid)
+            .join("containers")
+            .join(&c.name);
+        let latest = latest_attempt(&cdir);
+        let waiting = |reason: &str, message: String| View {
+            status: json!({"waiting": {"reason": reason, "message": message}}),
+            running: false,
+            ready: false,
+            done: None,
+            ever_started: false,
+        };
+        let Some(n) = latest else {
+            return match self.start_attempt(pod, record, c, 0).await {
+                Ok(()) => waiting("ContainerCreating", String::new()),
+                Err((reason, message)) => waiting(&reason, message),
+            };
+        };
+        let adir = cdir.join(n.to_string());
+        let id = container_id(&record.uid, &c.name, n);
+        match attempt_state(&adir) {
+            AttemptState::Starting => {
+                let mut v = waiting("ContainerCreating", String::new());
+                v.ever_started = n > 0;
+                v
+            }
+            AttemptState::Running(started_at) => {
+                let target = ProbeTarget {
+                    runtime_bin: self.cfg.runtime_bin.clone(),
+                    runtime_root: self.cfg.layout.runtime_root(),
+                    container_id: id.clone(),
+                    netns: self.cfg.layout.pod(&record.uid).join("ns/net"),
+                };
+                let mem = self
+                    .mem(record)
+                    .containers
+                    .entry(c.name.clone())
+                    .or_default();
+                if mem.probes.as_ref().is_none_or(|(a, _)| *a != n) {
+                    mem.probes = Some((n, probe::start(c, target)));
+                }
+                let status = mem.probes.as_ref().map(|(_, p)| Arc::clone(&p.status));
+                let (ready, started, failed) = status.map_or((true, true, false), |s| {
+                    (
+                        s.ready.load(Ordering::SeqCst),
+                        s.started.load(Ordering::SeqCst),
+                        s.failed.load(Ordering::SeqCst),
+                    )
+                });
+                let kill = failed && mem.killed_attempt != Some(n);
+                if kill {
+                    mem.killed_attempt = Some(n);
+                    tracing::info!(pod = %record.name, container = %c.name, "probe failed: restarting");
+                    self.signal(&id, Signal::SIGKILL);
+                }
+                let mut status = json!({"running": {"startedAt": rfc3339_seconds(&started_at)}});
+                status["_started"] = json!(started);
+                View {
+                    status,
+                    running: true,
+                    ready: ready && started,
+                    done: None,
+                    ever_started: true,
+                }
+            }
+            AttemptState::Exited(rec) => {
+                if let Some(mem) = self.mem(record).containers.get_mut(&c.name) {
+                    mem.probes = None;
+                }
+                let term = terminated(&rec, &id);
+                if !restart_wanted(policy, rec.exit_code) {
+                    return View {
+                        status: term,
+                        running: false,
+                        ready: false,
+                        done: Some(rec.exit_code),
+                        ever_started: true,
+                    };
+                }
+                let finished = rec
+                    .finished_at
+                    .parse::<jiff::Timestamp>()
+                    .unwrap_or_else(|_| jiff::Timestamp::now());
+                let delay = self.backoff(n, &rec);
+                let elapsed = jiff::Timestamp::now()
+                    .duration_since(finished)
+                    .unsigned_abs();
+                if elapsed >= delay {
+                    match self.start_attempt(pod, record, c, n + 1).await {
+                        Ok(()) => View {
+                            status: json!({"waiting": {"reason": "ContainerCreating"}}),
+                            running: false,
+                            ready: false,
+                            done: None,
+                            ever_started: true,
+                        },
+                        Err((reason, message)) => {
+                            let mut v = waiting(&reason, message);
+                            v.ever_started = true;
+                            v
+                        }
+                    }
+                } else {
+                    View {
+                        status: json!({"waiting": {"reason": "CrashLoopBackOff", "message":
+                            format!("back-off {}s restarting failed container={} pod={}",
+                                delay.as_secs(), c.name, record.name)}}),
+                        running: false,
+                        ready: false,
+                        done: None,
+                        ever_started: true,
+                    }
+                }
+            }
+            AttemptState::Lost => {
+                self.reap_lost(&adir, &id);
+                let mut v = waiting("ContainerCreating", "container supervisor lost".into());
+                v.ever_started = true;
+                v
+            }
+        }
+    }
+
+    /// An attempt whose supervisor vanished: stop what is left of it and record it as ended.
+    fn reap_lost(&self, adir: &Path, id: &str) {
+        let root = self.cfg.layout.runtime_root();
+        if let Ok(c) = keelson_runtime::Container::load(&root, id) {
+            let _ = c.delete(true);
+        }
+        let _ = umount2(&adir.join("rootfs"), MntFlags::MNT_DETACH);
+        let rec = ExitRecord {
+            exit_code: 137,
+            reason: "ContainerStatusUnknown".to_owned(),
+            message: "the container's supervisor ended without recording an exit".to_owned(),
+            started_at: fs::read_to_string(adir.join(super::supervisor::STARTED_FILE)).ok(),
+            finished_at: now_rfc3339(),
+        };
+        let _ = write_json(&adir.join(EXIT_FILE), &rec);
+    }
+
+    fn signal(&self, id: &str, signal: Signal) {
+        match keelson_runtime::Container::load(&self.cfg.layout.runtime_root(), id) {
+            Ok(c) => {
+                if let Err(e) = c.kill(signal) {
+                    tracing::debug!(id, error = %e, "signal");
+                }
+            }
+            Err(e) => tracing::debug!(id, error = %e, "signal: no container"),
+        }
+    }
+
+    /// Prepares attempt `n`'s bundle and starts its supervisor; on failure, the waiting reason
+    /// and message.
+    async fn start_attempt(
+        &mut self,
+        pod: &Pod,
+        record: &PodRecord,
+        c: &Container,
+        n: u32,
+    ) -> Result<(), (String, String)> {
+        let image_ref = c.image.clone().unwrap_or_default();
+        let images = self.images.clone();
+        let r = image_ref.clone();
+        let image = match tokio::task::spawn_blocking(move || images.resolve(&r)).await {
+            Ok(Ok(image)) => image,
+            Ok(Err(e)) => {
+                let mem = self
+                    .mem(record)
+                    .containers
+                    .entry(c.name.clone())
+                    .or_default();
+                mem.image_failures += 1;
+                let reason = if mem.image_failures == 1 {
+                    "ErrImagePull"
+                } else {
+                    "ImagePullBackOff"
+                };
+                return Err((reason.to_owned(), format!("image {image_ref}: {e}")));
+            }
+            Err(e) => return Err(("ErrImagePull".to_owned(), e.to_string())),
+        };
+        let sandbox = self.cfg.layout.pod(&record.uid).join("ns");
+        let spec = make_spec(pod, c, &image.config, &sandbox)
+            .map_err(|e| ("CreateContainerConfigError".to_owned(), e.to_string()))?;
+        let adir = self.cfg.layout.attempt(&record.uid, &c.name, n);
+        let io = |e: std::io::Error| ("CreateContainerError".to_owned(), e.to_string());
+        fs::create_dir_all(&adir).map_err(io)?;
+        spec.save(adir.join("config.json"))
+            .map_err(|e| ("CreateContainerError".to_owned(), e.to_string()))?;
+        write_json(&adir.join("layers.json"), &image.layers).map_err(io)?;
+        fs::write(
+            adir.join("image"),
+            format!("{}\n{}", image_ref, image.digest),
+        )
+        .map_err(io)?;
+        let id = container_id(&record.uid, &c.name, n);
+        let log = self.cfg.layout.log_file(record, &c.name, n);
+        let cgroup = format!(
+            "{}/pod{}/{}-{n}",
+            self.cfg.cgroup_parent, record.uid, c.name
+        );
+        let mut cmd = tokio::process::Command::new(&self.cfg.agent_exe);
+        cmd.arg("supervise")
+            .arg("--runtime-root")
+            .arg(self.cfg.layout.runtime_root())
+            .arg("--id")
+            .arg(&id)
+            .arg("--bundle")
+            .arg(&adir)
+            .arg("--log")
+            .arg(&log)
+            .arg("--cgroup-path")
+            .arg(&cgroup)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        // SAFETY: setsid is async-signal-safe; the supervisor leaves the agent's session so
+        // that it outlives the agent.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid()
+                    .map(drop)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let mut child = cmd.spawn().map_err(io)?;
+        let pid = child.id().unwrap_or(0);
+        let start = keelson_runtime::state::proc_start_time(pid as i32).map_or(0, |(s, _)| s);
+        write_json(&adir.join(PID_FILE), &(pid, start)).map_err(io)?;
+        tokio::spawn(async move {
+            if let Ok(status) = child.wait().await
+                && let Some(sig) = status.signal()
+            {
+                tracing::debug!(pid, sig, "supervisor killed");
+            }
+        });
+        // Keep the previous attempt (lastState, previous logs); drop older ones.
+        if n >= 2 {
+            let old = self.cfg.layout.attempt(&record.uid, &c.name, n - 2);
+            let _ = umount2(&old.join("rootfs"), MntFlags::MNT_DETACH);
+            let _ = fs::remove_dir_all(old);
+        }
+        tracing::info!(pod = %record.name, container = %c.name, attempt = n, "starting container");
+        Ok(())
+    }
+
+    async fn post_status(&mut self, pod: &Pod, record: &PodRecord, views: &[(&Container, View)]) {
+        let all_done = !views.is_empty() && views.iter().all(|(_, v)| v.done.is_some());
+        let phase = if all_done {
+            if views.iter().all(|(_, v)| v.done == Some(0)) {
+                "Succeeded"
+            } else {
+                "Failed"
+            }
+        } else if views.iter().any(|(_, v)| v.running || v.ever_started) {
+            "Running"
+        } else {
+            "Pending"
+        };
+        let ready = !views.is_empty() && views.iter().all(|(_, v)| v.ready && v.running);
+        let layout = self.cfg.layout.clone();
+        let mut statuses = Vec::new();
+        for (c, v) in views {
+            let cdir = layout.pod(&record.uid).join("containers").join(&c.name);
+            let n = latest_attempt(&cdir).unwrap_or(0);
+            let adir = cdir.join(n.to_string());
+            let mut state = v.status.clone();
+            let started = state
+                .as_object_mut()
+                .and_then(|o| o.remove("_started"))
+                .and_then(|s| s.as_bool())
+                .unwrap_or(v.running);
+            // A waiting container after an exit: the attempt on disk is the last state.
+            let mut restart_count = n;
+            let mut last = json!({});
+            if let AttemptState::Exited(rec) = attempt_state(&adir)
+                && state.get("waiting").is_some()
+            {
+                last = terminated(&rec, &container_id(&record.uid, &c.name, n));
+                restart_count = n;
+            } else if n > 0
+                && let Some(rec) =
+                    read_json::<ExitRecord>(&cdir.join((n - 1).to_string()).join(EXIT_FILE))
+            {
+                last = terminated(&rec, &container_id(&record.uid, &c.name, n - 1));
+            }
+            let image_id = fs::read_to_string(adir.join("image"))
+                .ok()
+                .and_then(|s| s.lines().nth(1).map(str::to_owned))
+                .unwrap_or_default();
+            let mut s = json!({
+                "name": c.name,
+                "image": c.image.clone().unwrap_or_default(),
+                "imageID": image_id,
+                "ready": v.ready && v.running,
+                "started": started && v.running,
+                "restartCount": restart_count,
+                "state": state,
+                "lastState": last,
+            });
+            if adir.exists() {
+                s["containerID"] = json!(format!(
+                    "keelson://{}",
+                    container_id(&record.uid, &c.name, n)
+                ));
+            }
+            statuses.push(s);
+        }
+        let now = rfc3339_seconds(&now_rfc3339());
+        let host_ip = self.cfg.host_ip.clone();
+        let mem = self.mem(record);
+        let mut conditions = Vec::new();
+        for (kind, on) in [
+            ("PodScheduled", true),
+            ("Initialized", true),
+            ("ContainersReady", ready),
+            ("Ready", ready),
+        ] {
+            let since = match mem.conditions.get(kind) {
+                Some((was, since)) if *was == on => since.clone(),
+                _ => {
+                    mem.conditions.insert(kind, (on, now.clone()));
+                    now.clone()
+                }
+            };
+            conditions.push(condition(kind, on, &since));
+        }
+        let mut status = json!({
+            "phase": phase,
+            "conditions": conditions,
+            "hostIP": host_ip,
+            "hostIPs": [{"ip": host_ip}],
+            "startTime": mem.start_time,
+            "containerStatuses": statuses,
+            "qosClass": qos_class(pod),
+        });
+        if let Some(link) = &mem.link {
+            status["podIP"] = json!(link.ip.to_string());
+            status["podIPs"] = json!([{"ip": link.ip.to_string()}]);
+        }
+        if mem.last_status.as_ref() == Some(&status) {
+            return;
+        }
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &record.namespace);
+        match api
+            .patch_status(
+                &record.name,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({ "status": status })),
+            )
+            .await
+        {
+            Ok(_) => self.mem(record).last_status = Some(status),
+            Err(e) => tracing::warn!(pod = %record.name, error = %e, "status update"),
+        }
+    }
+
+    /// Stops a pod (SIGTERM, SIGKILL after `grace` seconds), then removes everything it had
+    /// on this node and, if the object still exists, deletes it for good.
+    async fn terminate(&mut self, uid: &str, pod: Option<&Pod>, grace: i64) {
+        let dir = self.cfg.layout.pod(uid);
+        let record = match pod {
+            Some(p) => pod_record(p),
+            None => match read_json::<PodRecord>(&dir.join("pod.json")) {
+                Some(r) => r,
+                None => PodRecord {
+                    namespace: String::new(),
+                    name: String::new(),
+                    uid: uid.to_owned(),
+                },
+            },
+        };
+        let mut live = Vec::new();
+        for entry in fs::read_dir(dir.join("containers"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(n) = latest_attempt(&entry.path()) else {
+                continue;
+            };
+            let adir = entry.path().join(n.to_string());
+            let id = container_id(uid, &name, n);
+            match attempt_state(&adir) {
+                AttemptState::Running(_) | AttemptState::Starting => live.push(id),
+                AttemptState::Lost => self.reap_lost(&adir, &id),
+                AttemptState::Exited(_) => {}
+            }
+        }
+        let mem = self.mem(&record);
+        mem.containers.clear();
+        if !live.is_empty() {
+            let grace = Duration::from_secs(grace.max(0) as u64);
+            let first = mem.term_sent.is_none();
+            let since = *mem.term_sent.get_or_insert_with(Instant::now);
+            let signal = if since.elapsed() >= grace {
+                if mem.kill_sent {
+                    return;
+                }
+                mem.kill_sent = true;
+                Signal::SIGKILL
+            } else {
+                Signal::SIGTERM
+            };
+            if first {
+                tracing::info!(pod = %record.name, grace = grace.as_secs(), "stopping pod");
+            }
+            let root = self.cfg.layout.runtime_root();
+            let mem = self.mem(&record);
+            for id in &live {
+                // SIGTERM once per container; containers created after the first round
+                // (still starting then) get theirs when they appear.
+                if signal == Signal::SIGTERM && mem.termed.contains(id) {
+                    continue;
+                }
+                if let Ok(c) = keelson_runtime::Container::load(&root, id)
+                    && c.kill(signal).is_ok()
+                {
+                    mem.termed.insert(id.clone());
+                }
+            }
+            return;
+        }
+        self.teardown(&record).await;
+        if let Some(pod) = pod {
+            let api: Api<Pod> = Api::namespaced(self.client.clone(), &record.namespace);
+            let params = DeleteParams {
+                grace_period_seconds: Some(0),
+                preconditions: Some(Preconditions {
+                    uid: pod.uid(),
+                    resource_version: None,
+                }),
+                ..DeleteParams::default()
+            };
+            match api.delete(&record.name, &params).await {
+                Ok(_) => tracing::info!(pod = %record.name, "pod deleted"),
+                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+                Err(e) => tracing::warn!(pod = %record.name, error = %e, "final delete"),
+            }
+        }
+        self.pods.remove(uid);
+    }
+
+    async fn teardown(&mut self, record: &PodRecord) {
+        let uid = &record.uid;
+        let dir = self.cfg.layout.pod(uid);
+        let link = self
+            .pods
+            .get(uid)
+            .and_then(|m| m.link.clone())
+            .or_else(|| read_json::<PodLink>(&dir.join("network.json")));
+        if let Some(link) = link
+            && let Err(e) = remove_pod_link(&link.host_veth).await
+        {
+            tracing::warn!(pod = %record.name, error = %e, "removing the pod's veth");
+        }
+        if let Some(net) = &self.cfg.network
+            && let Err(e) = net.ipam.release(uid)
+        {
+            tracing::warn!(pod = %record.name, error = %e, "releasing the pod's address");
+        }
+        sandbox::destroy(&dir.join("ns"));
+        for entry in fs::read_dir(dir.join("containers"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for attempt in fs::read_dir(entry.path()).into_iter().flatten().flatten() {
+                let _ = umount2(&attempt.path().join("rootfs"), MntFlags::MNT_DETACH);
+            }
+        }
+        remove_cgroup_everywhere(&format!("{}/pod{uid}", self.cfg.cgroup_parent));
+        if let Err(e) = fs::remove_dir_all(&dir) {
+            tracing::warn!(pod = %record.name, error = %e, "removing the pod directory");
+        }
+        if !record.name.is_empty() {
+            let _ = fs::remove_dir_all(self.cfg.layout.pod_logs(record));
+        }
+        tracing::info!(pod = %record.name, namespace = %record.namespace, "pod removed from the node");
+    }
+}

@@ -1,0 +1,395 @@
+//! A node for end-to-end tests: `keelson-agent node` in a network namespace of its own, with
+//! its processes in a cgroup2 directory made for the test and its state in a temporary
+//! directory. On drop every process of the node (agent, supervisors, containers) is killed,
+//! every mount under its state directory undone and every cgroup it made removed.
+
+use std::{
+    fs,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{Cgroup2, Netns, cluster::ControlPlane, place, workspace_bin};
+
+/// The pod CIDR the test node uses (inside its own namespace, with no route out).
+pub const POD_CIDR: &str = "10.244.7.0/24";
+/// The port of the agent's HTTP server inside the node's namespace.
+pub const AGENT_PORT: u16 = 10250;
+
+/// Relays TCP connections to the control plane's loopback port from inside the node's
+/// namespace (whose own loopback is a different one), so the agent reaches the API at the
+/// kubeconfig's `127.0.0.1` address. Loopback to loopback only.
+struct ApiRelay {
+    stop: Arc<AtomicBool>,
+}
+
+impl ApiRelay {
+    fn start(netns: &Netns, port: u16) -> Result<Self> {
+        let ns = netns.try_clone()?;
+        let listener = std::thread::spawn(move || -> Result<TcpListener> {
+            ns.enter_current_thread()?;
+            Ok(TcpListener::bind(("127.0.0.1", port))?)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("relay thread panicked"))??;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((inside, _)) => {
+                        let _ = inside.set_nonblocking(false);
+                        if let Ok(outside) = TcpStream::connect(("127.0.0.1", port)) {
+                            pipe(inside, outside);
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Ok(ApiRelay { stop })
+    }
+}
+
+fn pipe(a: TcpStream, b: TcpStream) {
+    let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) else {
+        return;
+    };
+    for (mut from, mut to) in [(a, b2), (b, a2)] {
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from, &mut to);
+            let _ = to.shutdown(std::net::Shutdown::Write);
+        });
+    }
+}
+
+impl Drop for ApiRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The port of the kubeconfig's `server: https://127.0.0.1:PORT`.
+fn api_port(kubeconfig: &Path) -> Result<u16> {
+    let text = fs::read_to_string(kubeconfig)?;
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("server:"))
+        .and_then(|s| s.trim().rsplit(':').next())
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .context("no server port in the kubeconfig")
+}
+
+/// The node's namespace, cgroup and state directory.
+pub struct NodeEnv {
+    relay: std::sync::Mutex<Option<ApiRelay>>,
+    name: String,
+    state: tempfile::TempDir,
+    netns: Netns,
+    cgroup: Cgroup2,
+}
+
+/// A running `keelson-agent node`, killed on drop.
+pub struct Agent(Child);
+
+impl Agent {
+    /// `kill -9` and reap.
+    pub fn kill9(mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl NodeEnv {
+    /// Makes the namespace, the cgroup2 directory and the state directory.
+    ///
+    /// # Errors
+    /// When namespaces or cgroup2 are not available.
+    pub fn new(name: &str) -> Result<Self> {
+        let state = tempfile::Builder::new().prefix("kt-node-").tempdir()?;
+        Ok(NodeEnv {
+            relay: std::sync::Mutex::new(None),
+            name: name.to_owned(),
+            state,
+            netns: Netns::new()?,
+            cgroup: Cgroup2::new("node")?,
+        })
+    }
+
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The agent's state directory.
+    pub fn state_dir(&self) -> &Path {
+        self.state.path()
+    }
+
+    /// The node's cgroup2 directory (`--cgroup2`).
+    pub fn cgroup2_dir(&self) -> &Path {
+        self.cgroup.path()
+    }
+
+    /// The node's network namespace.
+    pub fn netns(&self) -> &Netns {
+        &self.netns
+    }
+
+    /// Imports an image into the node's store with `keelson-agent image import`.
+    ///
+    /// # Errors
+    /// When the import fails.
+    pub fn import_image(&self, layout: &Path, name: &str) -> Result<String> {
+        let out = crate::run_ok(
+            Command::new(workspace_bin("keelson-agent")?)
+                .args(["image", "import"])
+                .arg(layout)
+                .args(["--name", name, "--state-dir"])
+                .arg(self.state_dir()),
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Starts the agent against `cp` with a short restart back-off; its output goes to
+    /// `agent.log` in the control plane's scratch directory.
+    ///
+    /// # Errors
+    /// When it cannot be started.
+    pub fn start_agent(&self, cp: &ControlPlane) -> Result<Agent> {
+        {
+            let mut relay = self
+                .relay
+                .lock()
+                .map_err(|_| anyhow::anyhow!("relay lock"))?;
+            if relay.is_none() {
+                *relay = Some(ApiRelay::start(&self.netns, api_port(&cp.kubeconfig())?)?);
+            }
+        }
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(cp.dir().join("agent.log"))?;
+        let mut cmd = Command::new(workspace_bin("keelson-agent")?);
+        cmd.arg("node")
+            .arg("--kubeconfig")
+            .arg(cp.kubeconfig())
+            .args(["--node-name", &self.name, "--pod-cidr", POD_CIDR])
+            .args(["--port", &AGENT_PORT.to_string()])
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--cgroup2")
+            .arg(self.cgroup.path())
+            .args(["--restart-backoff", "1s", "--resync", "250ms"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let fds = place(&mut cmd, &self.netns, Some(&self.cgroup))?;
+        let child = cmd.spawn().context("starting keelson-agent node")?;
+        drop(fds);
+        Ok(Agent(child))
+    }
+
+    /// Runs `f` on a thread inside the node's network namespace.
+    ///
+    /// # Errors
+    /// What `f` returns, or a failure to enter the namespace.
+    pub fn in_netns<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let ns = self.netns.try_clone()?;
+        std::thread::spawn(move || {
+            ns.enter_current_thread()?;
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+    }
+
+    /// An HTTP GET from inside the node's namespace: (status, body).
+    ///
+    /// # Errors
+    /// Connection failures.
+    pub fn http_get(&self, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+        let path = path.to_owned();
+        self.in_netns(move || {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                .with_context(|| format!("connecting to {addr}"))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+            let status = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            Ok((status, body.to_owned()))
+        })
+    }
+
+    /// A GET on the agent's HTTP server.
+    ///
+    /// # Errors
+    /// Connection failures.
+    pub fn agent_get(&self, path: &str) -> Result<(u16, String)> {
+        self.http_get(SocketAddr::from(([127, 0, 0, 1], AGENT_PORT)), path)
+    }
+
+    /// The names of the links in the node's namespace.
+    ///
+    /// # Errors
+    /// When `ip` fails.
+    pub fn links(&self) -> Result<Vec<String>> {
+        self.in_netns(|| {
+            let out = crate::run_ok(Command::new("ip").args(["-o", "link", "show"]))?;
+            Ok(String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| {
+                    let name = l.split(':').nth(1)?.trim();
+                    Some(name.split('@').next()?.to_owned())
+                })
+                .collect())
+        })
+    }
+
+    fn cgroup_rel(&self) -> Option<PathBuf> {
+        let root = crate::cgroup2_mount().ok()?;
+        self.cgroup
+            .path()
+            .strip_prefix(root)
+            .ok()
+            .map(Path::to_owned)
+    }
+}
+
+/// Every cgroup mount point (v1 controllers and cgroup2).
+fn cgroup_mounts() -> Vec<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let fs = right.split_whitespace().next()?;
+            (fs == "cgroup" || fs == "cgroup2")
+                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+        })
+        .collect()
+}
+
+/// Kills every process in the cgroup tree at `dir`.
+fn kill_tree(dir: &Path) -> usize {
+    let mut n = 0;
+    if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            n += 1;
+        }
+    }
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            n += kill_tree(&e.path());
+        }
+    }
+    n
+}
+
+fn remove_tree(dir: &Path) {
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_tree(&e.path());
+        }
+    }
+    let _ = fs::remove_dir(dir);
+}
+
+/// Mount points at or under `dir`, deepest first.
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut v: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4).map(PathBuf::from))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    v
+}
+
+impl Drop for NodeEnv {
+    fn drop(&mut self) {
+        let rel = self.cgroup_rel();
+        // Processes first (supervisors and containers are all inside the node's trees).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut left = 0;
+            for m in cgroup_mounts() {
+                if let Some(rel) = &rel {
+                    left += kill_tree(&m.join(rel));
+                }
+            }
+            if left == 0 || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for m in mounts_under(self.state.path()) {
+            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+        }
+        if let Some(rel) = &rel {
+            for m in cgroup_mounts() {
+                let dir = m.join(rel);
+                for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        remove_tree(&e.path());
+                    }
+                }
+                // The cgroup2 directory itself is removed by its own guard.
+                if !dir.starts_with(self.cgroup.path()) {
+                    let _ = fs::remove_dir(&dir);
+                }
+            }
+        }
+    }
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or fails after `timeout`.
+///
+/// # Errors
+/// On timeout (with `what`), or when `check` fails.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check()? {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,331 @@
+//! The node agent against a real control plane: `keelson-agent node` in a network namespace
+//! and cgroup subtree of the test registers its Node and Lease, runs busybox pods from an
+//! imported OCI image with their own network, hostname and PID namespace, restarts a failing
+//! container with back-off, reports a bad image and an OOM kill, serves logs, follows a
+//! readiness probe, survives `kill -9` without touching its containers, and stops a deleted pod
+//! gracefully.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, ensure};
+use keelson_e2e::{
+    cluster::ControlPlane,
+    node::{NodeEnv, wait_for},
+    oci_image::busybox_layout,
+    require_root, workspace_bin,
+};
+use serde_json::Value;
+
+const IMAGE: &str = "keelson.test/busybox:1";
+
+fn get_json(cp: &ControlPlane, args: &[&str]) -> Result<Option<Value>> {
+    let mut all = vec!["get"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["-o", "json"]);
+    match cp.kubectl(&all) {
+        Ok(text) => Ok(Some(serde_json::from_str(&text)?)),
+        Err(e) if e.to_string().contains("NotFound") || e.to_string().contains("not found") => {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn pod(cp: &ControlPlane, name: &str) -> Result<Value> {
+    get_json(cp, &["pod", name])?.with_context(|| format!("pod {name} is gone"))
+}
+
+fn condition(o: &Value, kind: &str) -> Option<String> {
+    o.pointer("/status/conditions")?
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == kind)
+        .and_then(|c| c["status"].as_str().map(str::to_owned))
+}
+
+fn container_status(p: &Value) -> Value {
+    p.pointer("/status/containerStatuses/0")
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+fn pods_manifest(node: &str) -> String {
+    let pod = |name: &str, extra: &str, container: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec:\n  nodeName: {node}\n{extra}  containers:\n  - name: {name}\n    image: {IMAGE}\n{container}---\n"
+        )
+    };
+    let mut m = String::new();
+    // A web server that prints what it sees, then turns ready, then unready again.
+    m += &pod(
+        "web",
+        "",
+        "    command: [sh, -c]\n    args:\n    - |\n      echo pid=$$ hostname=$(hostname)\n      \
+         echo hello-from-web > /www/index.html\n      \
+         (sleep 3; touch /www/ready.html; sleep 5; rm /www/ready.html) &\n      \
+         exec httpd -f -p 8080 -h /www\n    ports: [{containerPort: 8080, name: http}]\n    \
+         readinessProbe:\n      httpGet: {path: /ready.html, port: http}\n      \
+         periodSeconds: 1\n      failureThreshold: 1\n",
+    );
+    // Fails at once, again and again.
+    m += &pod(
+        "crash",
+        "  restartPolicy: Always\n",
+        "    command: [sh, -c, 'echo boom; exit 3']\n",
+    );
+    // An image that is not there.
+    m += &pod("bad", "", "    command: [sleep, '60']\n")
+        .replace(&format!("image: {IMAGE}"), "image: keelson.test/nope:1");
+    // Goes over its memory limit once.
+    m += &pod(
+        "hog",
+        "  restartPolicy: Never\n",
+        "    command: [dd, if=/dev/zero, of=/dev/null, bs=64M, count=1]\n    \
+         resources: {limits: {memory: 16Mi}}\n",
+    );
+    // Stops cleanly on SIGTERM.
+    m += &pod(
+        "sleeper",
+        "  terminationGracePeriodSeconds: 20\n",
+        "    command: [sh, -c, 'trap \"echo got-term; exit 0\" TERM; echo sleeping; while true; do sleep 0.2; done']\n",
+    );
+    m
+}
+
+/// The host PID of a container from the runtime's state.
+fn container_pid(env: &NodeEnv, p: &Value) -> Result<i64> {
+    let id = container_status(p)["containerID"]
+        .as_str()
+        .and_then(|s| s.strip_prefix("keelson://"))
+        .context("no containerID")?
+        .to_owned();
+    let out = keelson_e2e::run_ok(
+        std::process::Command::new(workspace_bin("keelson-runtime")?)
+            .arg("--root")
+            .arg(env.state_dir().join("runtime"))
+            .args(["state", &id]),
+    )?;
+    let state: Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(
+        state["status"] == "running",
+        "container {id} is not running: {state}"
+    );
+    state["pid"].as_i64().context("no pid")
+}
+
+#[test]
+fn the_node_agent_runs_pods() -> Result<()> {
+    require_root()?;
+    let started = Instant::now();
+    let cp = ControlPlane::start()?;
+    let env = NodeEnv::new("kt-node-1")?;
+    let layout_dir = tempfile::tempdir()?;
+    busybox_layout(layout_dir.path(), IMAGE)?;
+    let imported = env.import_image(layout_dir.path(), IMAGE)?;
+    ensure!(imported.contains("sha256:"), "import printed {imported}");
+    let agent = env.start_agent(&cp)?;
+    let result = run(&cp, &env, agent);
+    if result.is_err() {
+        let log = std::fs::read_to_string(cp.dir().join("agent.log")).unwrap_or_default();
+        eprintln!("--- agent log ---\n{log}");
+    }
+    eprintln!("agent pod test took {:?}", started.elapsed());
+    result
+}
+
+fn run(cp: &ControlPlane, env: &NodeEnv, agent: keelson_e2e::node::Agent) -> Result<()> {
+    let t = Duration::from_secs(20);
+    // The Node registers with its facts and turns Ready; its Lease is renewed.
+    let node = wait_for("the Node to be Ready", t, || {
+        Ok(get_json(cp, &["node", env.name()])?
+            .filter(|n| condition(n, "Ready").as_deref() == Some("True")))
+    })?;
+    ensure!(
+        node.pointer("/status/daemonEndpoints/kubeletEndpoint/Port") == Some(&Value::from(10250)),
+        "kubelet endpoint: {node}"
+    );
+    ensure!(node.pointer("/status/capacity/pods") == Some(&Value::from("110")));
+    ensure!(
+        node.pointer("/status/capacity/cpu")
+            .is_some_and(|c| c != "0")
+    );
+    ensure!(
+        node.pointer("/status/nodeInfo/kernelVersion")
+            .is_some_and(|k| k != "")
+    );
+    for kind in ["MemoryPressure", "DiskPressure", "PIDPressure"] {
+        ensure!(condition(&node, kind).is_some(), "no {kind} condition");
+    }
+    let lease = wait_for("the node Lease", t, || {
+        get_json(cp, &["lease", "-n", "kube-node-lease", env.name()])
+    })?;
+    ensure!(lease.pointer("/spec/holderIdentity") == Some(&Value::from(env.name())));
+
+    cp.apply(&pods_manifest(env.name()))?;
+
+    // The web pod runs with an address of the pod CIDR and answers from inside the node.
+    let web = wait_for("web Running with an IP", t, || {
+        let p = pod(cp, "web")?;
+        Ok((p.pointer("/status/phase") == Some(&Value::from("Running"))
+            && p.pointer("/status/podIP").is_some())
+        .then_some(p))
+    })?;
+    let ip = web["status"]["podIP"].as_str().context("podIP")?.to_owned();
+    ensure!(ip.starts_with("10.244.7."), "podIP {ip}");
+    let addr: SocketAddr = format!("{ip}:8080").parse()?;
+    let (code, body) = wait_for("web to answer", t, || {
+        Ok(env.http_get(addr, "/index.html").ok())
+    })?;
+    ensure!(
+        code == 200 && body.contains("hello-from-web"),
+        "{code} {body}"
+    );
+
+    // Logs through the agent's endpoint: own hostname, PID 1 in its namespace.
+    let (code, logs) = env.agent_get("/containerLogs/default/web/web")?;
+    ensure!(code == 200, "logs: {code} {logs}");
+    ensure!(logs.contains("pid=1 hostname=web"), "web logs: {logs:?}");
+    let (_, stamped) =
+        env.agent_get("/containerLogs/default/web/web?timestamps=true&tailLines=1")?;
+    ensure!(
+        stamped.lines().count() == 1 && stamped.contains("Z pid=1"),
+        "{stamped:?}"
+    );
+    let (code, _) = env.agent_get("/containerLogs/default/web/nope")?;
+    ensure!(code == 404);
+
+    // Readiness follows the probe: unready, ready once the file exists, unready again.
+    wait_for("web Ready", t, || {
+        Ok((condition(&pod(cp, "web")?, "Ready").as_deref() == Some("True")).then_some(()))
+    })?;
+    let p = pod(cp, "web")?;
+    ensure!(container_status(&p)["ready"] == true);
+    wait_for("web unready again", t, || {
+        Ok((condition(&pod(cp, "web")?, "Ready").as_deref() == Some("False")).then_some(()))
+    })?;
+
+    // The failing container is restarted with back-off and reports its exit code.
+    let crash = wait_for("crash restarted twice", t, || {
+        let p = pod(cp, "crash")?;
+        Ok((container_status(&p)["restartCount"].as_i64().unwrap_or(0) >= 2).then_some(p))
+    })?;
+    let cs = container_status(&crash);
+    ensure!(
+        cs.pointer("/lastState/terminated/exitCode") == Some(&Value::from(3)),
+        "crash status: {cs}"
+    );
+    let (code, followed) = env.agent_get("/containerLogs/default/crash/crash?follow=true")?;
+    ensure!(
+        code == 200 && followed.contains("boom"),
+        "followed logs {code}: {followed:?}"
+    );
+    let (code, prev) = env.agent_get("/containerLogs/default/crash/crash?previous=true")?;
+    ensure!(
+        code == 200 && prev.contains("boom"),
+        "previous logs {code}: {prev:?}"
+    );
+
+    // The bad image is reported without harming the others.
+    let bad = wait_for("bad to report its image", t, || {
+        let p = pod(cp, "bad")?;
+        let reason = container_status(&p)
+            .pointer("/state/waiting/reason")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        Ok(reason.filter(|r| r == "ErrImagePull" || r == "ImagePullBackOff"))
+    })?;
+    ensure!(!bad.is_empty());
+    ensure!(pod(cp, "web")?["status"]["phase"] == "Running");
+
+    // The memory limit holds and the kill is reported as OOMKilled; Never means Failed.
+    let hog = wait_for("hog to fail", t, || {
+        let p = pod(cp, "hog")?;
+        Ok((p["status"]["phase"] == "Failed").then_some(p))
+    })?;
+    let cs = container_status(&hog);
+    ensure!(
+        cs.pointer("/state/terminated/reason") == Some(&Value::from("OOMKilled")),
+        "hog: {cs}"
+    );
+    ensure!(
+        hog["status"]["qosClass"] == "Burstable",
+        "qos: {}",
+        hog["status"]["qosClass"]
+    );
+
+    // kill -9 of the agent: the container keeps running, same PID; the restarted agent
+    // re-adopts it and keeps the status right.
+    let sleeper = wait_for("sleeper Running", t, || {
+        let p = pod(cp, "sleeper")?;
+        Ok((p["status"]["phase"] == "Running"
+            && container_status(&p)["state"]["running"].is_object())
+        .then_some(p))
+    })?;
+    let pid = container_pid(env, &sleeper)?;
+    // Its processes sit in a cgroup2 directory under the node's subtree.
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    let unified = cgroups
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .context("no cgroup2 line")?;
+    ensure!(
+        env.cgroup2_dir().ends_with(
+            unified
+                .trim_start_matches('/')
+                .split("/pods/")
+                .next()
+                .unwrap_or_default()
+        ),
+        "sleeper's cgroup2 dir {unified} is not under the node's {}",
+        env.cgroup2_dir().display()
+    );
+    agent.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    ensure!(
+        container_pid(env, &sleeper)? == pid,
+        "the container changed while the agent was down"
+    );
+    let _agent = env.start_agent(cp)?;
+    let (code, body) = wait_for("web after the agent restart", t, || {
+        Ok(env.http_get(addr, "/index.html").ok())
+    })?;
+    ensure!(code == 200 && body.contains("hello-from-web"));
+    std::thread::sleep(Duration::from_secs(1));
+    ensure!(
+        container_pid(env, &sleeper)? == pid,
+        "the restarted agent replaced the container"
+    );
+    let p = pod(cp, "sleeper")?;
+    ensure!(
+        p["status"]["phase"] == "Running",
+        "sleeper after restart: {p}"
+    );
+    ensure!(container_status(&p)["restartCount"] == 0);
+    ensure!(container_status(&p)["state"]["running"].is_object());
+
+    // Deletion: SIGTERM stops it well before the grace period; the pod object and its veth go.
+    let links_before = env.links()?;
+    let veths_before = links_before.iter().filter(|l| l.starts_with("kv")).count();
+    ensure!(veths_before == 5, "veths: {links_before:?}");
+    let t0 = Instant::now();
+    cp.kubectl(&["delete", "pod", "sleeper", "--wait=false"])?;
+    wait_for("sleeper to be gone", t, || {
+        Ok(get_json(cp, &["pod", "sleeper"])?.is_none().then_some(()))
+    })?;
+    let took = t0.elapsed();
+    ensure!(
+        took < Duration::from_secs(10),
+        "deletion took {took:?} (grace 20 s: no SIGTERM?)"
+    );
+    ensure!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_err(),
+        "the sleeper's process is still there"
+    );
+    let veths_after = env.links()?.iter().filter(|l| l.starts_with("kv")).count();
+    ensure!(veths_after == 4, "veths after delete: {veths_after}");
+    Ok(())
+}
