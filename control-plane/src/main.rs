@@ -69,6 +69,13 @@ struct Args {
     /// Extra DNS names or addresses for the API's serving certificate (repeatable).
     #[arg(long = "api-san")]
     api_sans: Vec<String>,
+    /// With `--api-listen`, also run the scheduler and controllers (on the member holding
+    /// the `kube-system/keelson-controller-manager` Lease); `--no-controllers` turns them off.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    controllers: bool,
+    /// Do not run the scheduler and controllers (same as `--controllers=false`).
+    #[arg(long)]
+    no_controllers: bool,
     /// Encrypt resources at rest as this Kubernetes `EncryptionConfiguration` file says
     /// (providers `aesgcm` and `identity`).
     #[arg(long)]
@@ -142,6 +149,21 @@ async fn main() -> Result<()> {
             let _ = api_stopped.await;
         }))
     });
+    let (stop_controllers, controllers_stopped) = tokio::sync::oneshot::channel::<()>();
+    if args.api_listen.is_some() && args.controllers && !args.no_controllers {
+        let kubeconfig = args
+            .admin_kubeconfig
+            .clone()
+            .unwrap_or_else(|| args.data_dir.join("admin.kubeconfig"));
+        let shutdown = async {
+            let _ = controllers_stopped.await;
+        };
+        tokio::spawn(keelson_controllers::run_with_kubeconfig(
+            kubeconfig,
+            keelson_controllers::Options::default(),
+            shutdown,
+        ));
+    }
     let api_failed = async {
         match api {
             Some(task) => task.await,
@@ -159,6 +181,7 @@ async fn main() -> Result<()> {
             };
         }
     }
+    let _ = stop_controllers.send(());
     let _ = stop_api.send(());
     tracing::info!(member = args.id, "shutting down");
     store.shutdown().await;

@@ -14,10 +14,6 @@ const KUBECTL: &str = "/usr/lib/google-cloud-sdk/bin/kubectl.1.33";
 struct Member(Child);
 
 impl Member {
-    fn start(data: &Path, init: bool) -> Member {
-        Member::start_with(data, init, &[])
-    }
-
     fn start_with(data: &Path, init: bool, extra: &[&str]) -> Member {
         let kubeconfig = data.join("admin.kubeconfig");
         let _ = std::fs::remove_file(&kubeconfig);
@@ -109,7 +105,9 @@ fn kubectl_state_survives_kill_9_and_restart() {
     let data = dir.path().join("member-1");
     let app = manifest(dir.path());
 
-    let member = Member::start(&data, true);
+    // Without controllers, nothing else writes between the reads compared below.
+    let quiet = ["--no-controllers"];
+    let member = Member::start_with(&data, true, &quiet);
     let out = kubectl(&data, &["apply", "-f", app.to_str().unwrap()]);
     assert_eq!(out.matches("created").count(), 3, "{out}");
     kubectl(
@@ -141,7 +139,7 @@ fn kubectl_state_survives_kill_9_and_restart() {
     );
     member.kill9();
 
-    let _member = Member::start(&data, false);
+    let _member = Member::start_with(&data, false, &quiet);
     let after = kubectl(
         &data,
         &[

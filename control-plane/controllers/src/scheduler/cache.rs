@@ -1,0 +1,310 @@
+//! The scheduler's view of the cluster: every node with the requests of the pods bound to
+//! it already summed, so that checking a node is a few comparisons rather than a walk over
+//! its pods. Pods the scheduler has just placed are "assumed" here at once, before their
+//! binding is written, and forgotten again if the binding fails.
+
+use std::collections::{BTreeMap, HashMap};
+
+use k8s_openapi::api::core::v1::{
+    Node, NodeSelector, Pod, PreferredSchedulingTerm, Taint, Toleration,
+};
+
+use crate::{quantity, util::Key};
+
+/// A host port a pod needs: protocol, host IP (`0.0.0.0` for any) and port.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct HostPort {
+    pub protocol: String,
+    pub ip: String,
+    pub port: i32,
+}
+
+impl HostPort {
+    /// Whether two host ports collide (same protocol and port, and either binds every
+    /// address or both the same one).
+    pub fn conflicts(&self, other: &HostPort) -> bool {
+        self.port == other.port
+            && self.protocol == other.protocol
+            && (self.ip == other.ip || self.ip == "0.0.0.0" || other.ip == "0.0.0.0")
+    }
+}
+
+/// CPU (millicores) used when a pod requests none, for scoring only (as Kubernetes does).
+const DEFAULT_CPU: i64 = 100;
+/// Memory (bytes) used when a pod requests none, for scoring only.
+const DEFAULT_MEMORY: i64 = 200 << 20;
+
+/// What a pod asks of a node, computed once per scheduling attempt.
+#[derive(Clone, Debug, Default)]
+pub struct PodReq {
+    pub cpu: i64,
+    pub memory: i64,
+    /// Requests with defaults for unset values, for scoring.
+    pub score_cpu: i64,
+    pub score_memory: i64,
+    pub ports: Vec<HostPort>,
+    pub node_name: Option<String>,
+    pub node_selector: BTreeMap<String, String>,
+    pub required: Option<NodeSelector>,
+    pub preferred: Vec<PreferredSchedulingTerm>,
+    pub tolerations: Vec<Toleration>,
+    /// Uid of the controlling owner, for spreading.
+    pub owner: Option<String>,
+}
+
+impl PodReq {
+    /// Reads a pod's requirements.
+    pub fn of(pod: &Pod) -> Self {
+        let Some(spec) = pod.spec.as_ref() else {
+            return PodReq::default();
+        };
+        let (mut cpu, mut memory, mut score_cpu, mut score_memory) = (0, 0, 0, 0);
+        let mut ports = Vec::new();
+        for c in &spec.containers {
+            let req = c.resources.as_ref().and_then(|r| r.requests.as_ref());
+            let c_cpu = req.and_then(|r| r.get("cpu")).and_then(quantity::millis);
+            let c_mem = req.and_then(|r| r.get("memory")).and_then(quantity::units);
+            cpu += c_cpu.unwrap_or(0);
+            memory += c_mem.unwrap_or(0);
+            score_cpu += c_cpu.unwrap_or(DEFAULT_CPU);
+            score_memory += c_mem.unwrap_or(DEFAULT_MEMORY);
+            for p in c.ports.iter().flatten() {
+                if let Some(hp) = p.host_port.filter(|p| *p > 0) {
+                    ports.push(HostPort {
+                        protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                        ip: p
+                            .host_ip
+                            .clone()
+                            .filter(|ip| !ip.is_empty())
+                            .unwrap_or_else(|| "0.0.0.0".into()),
+                        port: hp,
+                    });
+                }
+            }
+        }
+        // Init containers run one at a time before the others: the pod needs the larger.
+        for c in spec.init_containers.iter().flatten() {
+            let req = c.resources.as_ref().and_then(|r| r.requests.as_ref());
+            if let Some(v) = req.and_then(|r| r.get("cpu")).and_then(quantity::millis) {
+                cpu = cpu.max(v);
+                score_cpu = score_cpu.max(v);
+            }
+            if let Some(v) = req.and_then(|r| r.get("memory")).and_then(quantity::units) {
+                memory = memory.max(v);
+                score_memory = score_memory.max(v);
+            }
+        }
+        for (name, q) in spec.overhead.iter().flatten() {
+            match name.as_str() {
+                "cpu" => cpu += quantity::millis(q).unwrap_or(0),
+                "memory" => memory += quantity::units(q).unwrap_or(0),
+                _ => {}
+            }
+        }
+        let affinity = spec
+            .affinity
+            .as_ref()
+            .and_then(|a| a.node_affinity.as_ref());
+        PodReq {
+            cpu,
+            memory,
+            score_cpu,
+            score_memory,
+            ports,
+            node_name: spec.node_name.clone().filter(|n| !n.is_empty()),
+            node_selector: spec.node_selector.clone().unwrap_or_default(),
+            required: affinity.and_then(|a| {
+                a.required_during_scheduling_ignored_during_execution
+                    .clone()
+            }),
+            preferred: affinity
+                .and_then(|a| {
+                    a.preferred_during_scheduling_ignored_during_execution
+                        .clone()
+                })
+                .unwrap_or_default(),
+            tolerations: spec.tolerations.clone().unwrap_or_default(),
+            owner: crate::util::controller_of(&pod.metadata).map(|r| r.uid.clone()),
+        }
+    }
+}
+
+/// A pod accounted to a node.
+#[derive(Clone, Debug)]
+struct Placed {
+    node: String,
+    req: PodReq,
+}
+
+/// One node and the sums of what its pods request.
+#[derive(Clone, Debug, Default)]
+pub struct NodeInfo {
+    pub name: String,
+    /// Whether the Node object exists (pods may be seen before their node).
+    pub present: bool,
+    pub labels: BTreeMap<String, String>,
+    pub taints: Vec<Taint>,
+    pub unschedulable: bool,
+    pub alloc_cpu: i64,
+    pub alloc_memory: i64,
+    pub alloc_pods: i64,
+    pub cpu: i64,
+    pub memory: i64,
+    pub score_cpu: i64,
+    pub score_memory: i64,
+    pub pods: i64,
+    pub ports: Vec<HostPort>,
+    /// Pods per controlling owner uid.
+    pub owners: HashMap<String, u32>,
+}
+
+impl NodeInfo {
+    fn add(&mut self, r: &PodReq, sign: i64) {
+        self.cpu += sign * r.cpu;
+        self.memory += sign * r.memory;
+        self.score_cpu += sign * r.score_cpu;
+        self.score_memory += sign * r.score_memory;
+        self.pods += sign;
+        if sign > 0 {
+            self.ports.extend(r.ports.iter().cloned());
+        } else {
+            for p in &r.ports {
+                if let Some(i) = self.ports.iter().position(|q| q == p) {
+                    self.ports.swap_remove(i);
+                }
+            }
+        }
+        if let Some(o) = &r.owner {
+            let n = self.owners.entry(o.clone()).or_insert(0);
+            if sign > 0 {
+                *n += 1;
+            } else {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.owners.remove(o);
+                }
+            }
+        }
+    }
+}
+
+/// Nodes and the pods accounted to them.
+#[derive(Debug, Default)]
+pub struct Cache {
+    pub nodes: Vec<NodeInfo>,
+    index: HashMap<String, usize>,
+    pods: HashMap<Key, Placed>,
+    present: usize,
+}
+
+impl Cache {
+    fn slot(&mut self, name: &str) -> usize {
+        if let Some(&i) = self.index.get(name) {
+            return i;
+        }
+        self.nodes.push(NodeInfo {
+            name: name.to_owned(),
+            ..NodeInfo::default()
+        });
+        self.index.insert(name.to_owned(), self.nodes.len() - 1);
+        self.nodes.len() - 1
+    }
+
+    /// Adds or refreshes a node.
+    pub fn upsert_node(&mut self, node: &Node) {
+        let Some(name) = node.metadata.name.as_deref() else {
+            return;
+        };
+        let i = self.slot(name);
+        let n = &mut self.nodes[i];
+        let alloc = node
+            .status
+            .as_ref()
+            .and_then(|s| s.allocatable.as_ref().or(s.capacity.as_ref()));
+        let get = |k: &str| alloc.and_then(|a| a.get(k));
+        if !n.present {
+            n.present = true;
+            self.present += 1;
+        }
+        let n = &mut self.nodes[i];
+        n.labels = node.metadata.labels.clone().unwrap_or_default();
+        let spec = node.spec.as_ref();
+        n.taints = spec.and_then(|s| s.taints.clone()).unwrap_or_default();
+        n.unschedulable = spec.and_then(|s| s.unschedulable).unwrap_or(false);
+        n.alloc_cpu = get("cpu").and_then(quantity::millis).unwrap_or(0);
+        n.alloc_memory = get("memory").and_then(quantity::units).unwrap_or(0);
+        n.alloc_pods = get("pods").and_then(quantity::units).unwrap_or(110);
+    }
+
+    /// Removes a node (its pods stay accounted until they go).
+    pub fn remove_node(&mut self, name: &str) {
+        if let Some(&i) = self.index.get(name) {
+            if self.nodes[i].present {
+                self.present -= 1;
+            }
+            self.nodes[i].present = false;
+            if self.nodes[i].pods == 0 {
+                self.drop_slot(i);
+            }
+        }
+    }
+
+    fn drop_slot(&mut self, i: usize) {
+        let gone = self.nodes.swap_remove(i);
+        self.index.remove(&gone.name);
+        if let Some(moved) = self.nodes.get(i) {
+            self.index.insert(moved.name.clone(), i);
+        }
+    }
+
+    /// Accounts a pod to `node` (replacing an earlier account of the same pod).
+    pub fn add_pod(&mut self, key: Key, node: &str, req: PodReq) {
+        if let Some(old) = self.pods.get(&key)
+            && old.node == node
+        {
+            return;
+        }
+        self.remove_pod(&key);
+        let i = self.slot(node);
+        self.nodes[i].add(&req, 1);
+        self.pods.insert(
+            key,
+            Placed {
+                node: node.to_owned(),
+                req,
+            },
+        );
+    }
+
+    /// Stops accounting a pod; true if it was accounted.
+    pub fn remove_pod(&mut self, key: &Key) -> bool {
+        let Some(p) = self.pods.remove(key) else {
+            return false;
+        };
+        if let Some(&i) = self.index.get(&p.node) {
+            self.nodes[i].add(&p.req, -1);
+            if !self.nodes[i].present && self.nodes[i].pods <= 0 {
+                self.drop_slot(i);
+            }
+        }
+        true
+    }
+
+    /// Whether a pod is accounted.
+    pub fn has_pod(&self, key: &Key) -> bool {
+        self.pods.contains_key(key)
+    }
+
+    /// Forgets everything.
+    pub fn clear_pods(&mut self) {
+        let keys: Vec<Key> = self.pods.keys().cloned().collect();
+        for k in keys {
+            self.remove_pod(&k);
+        }
+    }
+
+    /// Number of nodes whose Node object exists.
+    pub fn node_count(&self) -> usize {
+        self.present
+    }
+}

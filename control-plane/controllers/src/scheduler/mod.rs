@@ -1,0 +1,340 @@
+//! The scheduler: places pending pods on nodes.
+//!
+//! One loop pops pods from the [`queue::SchedulingQueue`], runs the [`plugins`] over the
+//! [`cache::Cache`] (starting at a rotating offset and stopping once enough feasible nodes
+//! are found, so large clusters cost a bounded amount per pod), assumes the pod onto the best
+//! node and writes the binding in the background, many at a time.
+
+mod bind;
+pub(crate) mod cache;
+pub(crate) mod plugins;
+pub(crate) mod queue;
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex, atomic::AtomicBool},
+    time::Duration,
+};
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::{Client, runtime::reflector::Store};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Options,
+    events::Recorder,
+    informer::{Change, Informer},
+    util::{self, Key},
+};
+use cache::{Cache, PodReq};
+use plugins::Reason;
+use queue::SchedulingQueue;
+
+struct State {
+    cache: Cache,
+    queue: SchedulingQueue,
+    next_start: usize,
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The scheduler, wired to the shared pod and node informers.
+pub(crate) struct Scheduler {
+    state: Arc<Mutex<State>>,
+    wake: Arc<Notify>,
+    client: Client,
+    name: String,
+    concurrency: usize,
+    pods: Store<Pod>,
+    nodes: Store<Node>,
+}
+
+/// What one scheduling attempt decided.
+enum Decision {
+    /// Already placed and waiting for its binding.
+    Skip,
+    Bind(Arc<Pod>, String),
+    Unschedulable(Arc<Pod>, String),
+}
+
+impl Scheduler {
+    /// Registers the scheduler's handlers on the informers.
+    pub fn register(
+        client: Client,
+        opts: &Options,
+        pods: &mut Informer<Pod>,
+        nodes: &mut Informer<Node>,
+    ) -> Self {
+        let state = Arc::new(Mutex::new(State {
+            cache: Cache::default(),
+            queue: SchedulingQueue::new(
+                opts.scheduler_backoff_initial,
+                opts.scheduler_backoff_max,
+                opts.scheduler_retry_unschedulable,
+            ),
+            next_start: 0,
+        }));
+        let wake = Arc::new(Notify::new());
+        let name = opts.scheduler_name.clone();
+        let pod_store = pods.store();
+        {
+            let (state, wake, name, store) = (
+                Arc::clone(&state),
+                Arc::clone(&wake),
+                name.clone(),
+                pod_store.clone(),
+            );
+            pods.on(move |change| {
+                let mut s = lock(&state);
+                match change {
+                    Change::Applied(p) => on_pod(&mut s, p, &name),
+                    Change::Deleted(p) => {
+                        let key = Key::of(p);
+                        s.queue.remove(&key);
+                        if s.cache.remove_pod(&key) {
+                            s.queue.cluster_changed();
+                        }
+                    }
+                    Change::Relisted => {
+                        s.cache.clear_pods();
+                        for p in store.state() {
+                            on_pod(&mut s, &p, &name);
+                        }
+                        s.queue.cluster_changed();
+                    }
+                }
+                drop(s);
+                wake.notify_one();
+            });
+        }
+        let node_store = nodes.store();
+        {
+            let (state, wake, store) = (Arc::clone(&state), Arc::clone(&wake), node_store.clone());
+            nodes.on(move |change| {
+                let mut s = lock(&state);
+                match change {
+                    Change::Applied(n) => s.cache.upsert_node(n),
+                    Change::Deleted(n) => s
+                        .cache
+                        .remove_node(n.metadata.name.as_deref().unwrap_or_default()),
+                    Change::Relisted => {
+                        let live: std::collections::HashSet<String> = store
+                            .state()
+                            .iter()
+                            .filter_map(|n| n.metadata.name.clone())
+                            .collect();
+                        let gone: Vec<String> = s
+                            .cache
+                            .nodes
+                            .iter()
+                            .filter(|n| n.present && !live.contains(&n.name))
+                            .map(|n| n.name.clone())
+                            .collect();
+                        for n in gone {
+                            s.cache.remove_node(&n);
+                        }
+                        for n in store.state() {
+                            s.cache.upsert_node(&n);
+                        }
+                    }
+                }
+                s.queue.cluster_changed();
+                drop(s);
+                wake.notify_one();
+            });
+        }
+        Scheduler {
+            state,
+            wake,
+            client,
+            name,
+            concurrency: opts.bind_concurrency.max(1),
+            pods: pod_store,
+            nodes: node_store,
+        }
+    }
+
+    /// Schedules until `cancel`.
+    pub async fn run(self, cancel: CancellationToken) {
+        if !crate::informer::ready(&self.pods, &cancel).await
+            || !crate::informer::ready(&self.nodes, &cancel).await
+        {
+            return;
+        }
+        tracing::info!(scheduler = %self.name, "scheduler started");
+        let binder = Arc::new(bind::Binder {
+            client: self.client.clone(),
+            recorder: Recorder::new(self.client.clone(), "default-scheduler"),
+            no_binding_subresource: AtomicBool::new(false),
+        });
+        let permits = Arc::new(Semaphore::new(self.concurrency));
+        loop {
+            let decision = {
+                let mut s = lock(&self.state);
+                s.queue.flush();
+                s.queue.pop().map(|pod| decide(&mut s, pod))
+            };
+            if matches!(decision, Some(Decision::Skip)) {
+                continue;
+            }
+            let Some(decision) = decision else {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = self.wake.notified() => {}
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+                continue;
+            };
+            let permit = tokio::select! {
+                () = cancel.cancelled() => return,
+                p = Arc::clone(&permits).acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+            };
+            let (binder, state) = (Arc::clone(&binder), Arc::clone(&self.state));
+            match decision {
+                Decision::Bind(pod, node) => {
+                    tokio::spawn(async move {
+                        let result = binder.bind(&pod, &node).await;
+                        drop(permit);
+                        if let Err(e) = result {
+                            let key = Key::of(pod.as_ref());
+                            let mut s = lock(&state);
+                            s.cache.remove_pod(&key);
+                            if !e.is_not_found() && !e.is_conflict() {
+                                tracing::warn!(pod = %key, %node, error = %e, "binding failed");
+                                s.queue.park(key);
+                            }
+                        }
+                    });
+                }
+                Decision::Skip => {}
+                Decision::Unschedulable(pod, message) => {
+                    tokio::spawn(async move {
+                        binder.unschedulable(&pod, &message).await;
+                        drop(permit);
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn responsible(pod: &Pod, name: &str) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.scheduler_name.as_deref())
+        .is_none_or(|n| n == name)
+}
+
+fn on_pod(s: &mut State, p: &Pod, name: &str) {
+    let key = Key::of(p);
+    if let Some(node) = util::pod_node(p) {
+        s.queue.remove(&key);
+        if util::pod_finished(p) {
+            if s.cache.remove_pod(&key) {
+                s.queue.cluster_changed();
+            }
+        } else {
+            s.cache.add_pod(key, node, PodReq::of(p));
+        }
+    } else if responsible(p, name) && util::pod_active(p) {
+        s.queue.upsert(Arc::new(p.clone()));
+    } else {
+        s.queue.remove(&key);
+    }
+}
+
+/// How many feasible nodes to look for before choosing: all of them in small clusters, a
+/// share that shrinks with size in large ones (as Kubernetes' adaptive percentage does).
+fn enough(nodes: usize) -> usize {
+    if nodes <= 100 {
+        return nodes;
+    }
+    let percent = 50usize.saturating_sub(nodes / 125).max(5);
+    (nodes * percent / 100).max(100)
+}
+
+fn decide(s: &mut State, pod: Arc<Pod>) -> Decision {
+    let key = Key::of(pod.as_ref());
+    if s.cache.has_pod(&key) {
+        return Decision::Skip;
+    }
+    let req = PodReq::of(&pod);
+    let total = s.cache.nodes.len();
+    let want = enough(s.cache.node_count());
+    let mut feasible: Vec<(usize, i64, i64, plugins::Raw)> = Vec::new();
+    let mut reasons: BTreeMap<Reason, usize> = BTreeMap::new();
+    let mut why = Vec::new();
+    let start = if total == 0 { 0 } else { s.next_start % total };
+    let mut examined = 0;
+    for i in 0..total {
+        if feasible.len() >= want {
+            break;
+        }
+        examined += 1;
+        let idx = (start + i) % total;
+        let node = &s.cache.nodes[idx];
+        if !node.present {
+            continue;
+        }
+        why.clear();
+        plugins::filter(node, &req, &mut why);
+        if why.is_empty() {
+            let (least, balanced) = plugins::resource_scores(node, &req);
+            feasible.push((idx, least, balanced, plugins::raw_scores(node, &req)));
+        } else {
+            for r in why.drain(..) {
+                *reasons.entry(r).or_insert(0) += 1;
+            }
+        }
+    }
+    s.next_start = start + examined;
+    if feasible.is_empty() {
+        s.queue.park(key);
+        return Decision::Unschedulable(pod, plugins::explain(s.cache.node_count(), &reasons));
+    }
+    let max_affinity = feasible.iter().map(|f| f.3.affinity).max().unwrap_or(0);
+    let max_owner = feasible.iter().map(|f| f.3.same_owner).max().unwrap_or(0);
+    let score = |f: &(usize, i64, i64, plugins::Raw)| -> i64 {
+        let affinity = if max_affinity > 0 {
+            f.3.affinity * 100 / max_affinity
+        } else {
+            0
+        };
+        let spread = if max_owner > 0 {
+            (max_owner - f.3.same_owner) * 100 / max_owner
+        } else {
+            100
+        };
+        f.1 + f.2 + 2 * affinity + 2 * spread
+    };
+    let mut best = &feasible[0];
+    let mut best_score = score(best);
+    for f in &feasible[1..] {
+        let sc = score(f);
+        if sc > best_score {
+            best = f;
+            best_score = sc;
+        }
+    }
+    let node = s.cache.nodes[best.0].name.clone();
+    s.cache.add_pod(key, &node, req);
+    Decision::Bind(pod, node)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_clusters_look_at_a_share_of_nodes() {
+        assert_eq!(enough(3), 3);
+        assert_eq!(enough(500), 230);
+        assert_eq!(enough(5000), 500);
+    }
+}
