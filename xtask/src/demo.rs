@@ -2,16 +2,17 @@
 //!
 //! What runs today:
 //! - the control plane: `keelson-server`, a single-member Raft store serving the Kubernetes
-//!   API on `https://127.0.0.1:6443`, with the admin kubeconfig at `.keelson/admin.kubeconfig`;
+//!   API on `https://127.0.0.1:6443` with the scheduler and controllers, and the admin
+//!   kubeconfig at `.keelson/admin.kubeconfig`;
 //! - a sample app (two busybox httpd backends) in a network namespace of its own
 //!   (`keelson-demo`, only `lo`, no route out), and a Service for it created through the API;
 //! - the agent's service proxy (`keelson-agent proxy`): the eBPF load balancer on a cgroup2
 //!   directory of its own, with its pins in a private bpffs under `.keelson/`, following the
 //!   Service and its EndpointSlices through the API.
 //!
-//! The backends run as plain processes and their EndpointSlices are written by `up`, because
-//! the agent does not run pods and the EndpointSlice controller does not exist yet. Nothing
-//! leaves this machine, and `down` removes all of it.
+//! The backends run as plain processes behind a Service without a selector, whose
+//! EndpointSlices `up` writes: the demo does not start a node agent with a pod network yet.
+//! Nothing leaves this machine, and `down` removes all of it.
 
 use std::{
     fs,
@@ -215,12 +216,14 @@ pub fn up(args: &UpArgs) -> Result<()> {
     }
     record_pids(&pids)?;
 
+    // A Service without a selector, as for any backends outside the cluster's pods: its
+    // EndpointSlices are written by hand, and the EndpointSlice controller leaves them be.
     step("the Service and its EndpointSlices, through the Kubernetes API");
     let manifest = state.join("web.yaml");
     let mut yaml = format!(
         "apiVersion: v1\nkind: Namespace\nmetadata: {{name: demo}}\n---\n\
          apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: demo}}\n\
-         spec: {{selector: {{app: web}}, ports: [{{name: http, port: {SERVICE_PORT}}}]}}\n"
+         spec: {{ports: [{{name: http, port: {SERVICE_PORT}}}]}}\n"
     );
     for (i, backend) in BACKENDS.iter().enumerate() {
         let (ip, port) = backend.split_once(':').context("backend address")?;
@@ -309,8 +312,8 @@ pub fn up(args: &UpArgs) -> Result<()> {
          sudo sh -c '{fetch}'\n  \
          sudo {agent} lb dump --bpffs {pins}\n\
          Remove it:\n  cargo xtask down\n\n\
-         Not in the demo yet: the agent running pods, the scheduler and the controllers (see\n\
-         README); the backends are plain processes and `up` wrote their EndpointSlices.",
+         Not in the demo yet: a node agent running the backends as pods (see README); the\n\
+         backends are plain processes and `up` wrote their EndpointSlices.",
         api = args.api,
         kubeconfig = kubeconfig().display(),
         backends = BACKENDS.join(", "),

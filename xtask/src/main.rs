@@ -4,7 +4,9 @@
 //!   kernel features Keelson relies on.
 //! - `test`: setup, then formatting, lints and every test — what CI runs.
 //! - `up` / `down`: the local demo on this machine, inside a network namespace of its own.
+//! - `bench <suite>`: a benchmark against the alternative, measured in the same run.
 
+mod bench;
 mod cmd;
 mod demo;
 mod setup;
@@ -29,6 +31,8 @@ enum Task {
     Up(demo::UpArgs),
     /// Remove everything `up` created.
     Down,
+    /// Run a benchmark suite (release build) and write target/bench/<suite>.json and plots.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -37,6 +41,7 @@ fn main() -> std::process::ExitCode {
         Task::Test(args) => suite::all(&args),
         Task::Up(args) => demo::up(&args),
         Task::Down => demo::down(),
+        Task::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -50,6 +50,15 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ),
     ("ipxe-qemu", "the virtual NICs' iPXE boot ROMs"),
     ("ovmf", "UEFI firmware for the UEFI PXE test"),
+    ("etcd-server", "`bench store` compares the store with etcd"),
+    (
+        "protobuf-compiler",
+        "the etcd client of `bench store` compiles etcd's protobuf files",
+    ),
+    (
+        "libprotobuf-dev",
+        "protobuf's well-known types, imported by etcd's protobuf files",
+    ),
 ];
 
 /// The bpf-linker release that builds with the LLVM above.

@@ -162,71 +162,10 @@ impl StoreClient {
         })
     }
 
-    /// Create or overwrite `key`.
-    ///
-    /// # Errors
-    /// As [`StoreClient::write`].
-    pub async fn put(
-        &self,
-        key: impl Into<String>,
-        value: impl Into<Vec<u8>>,
-    ) -> Result<WriteResult> {
-        let command = Command::Put {
-            key: key.into(),
-            value: value.into(),
-        };
-        self.write("put", command).await
-    }
-
-    /// Create `key` if it does not exist.
-    ///
-    /// # Errors
-    /// As [`StoreClient::write`].
-    pub async fn create(
-        &self,
-        key: impl Into<String>,
-        value: impl Into<Vec<u8>>,
-    ) -> Result<WriteResult> {
-        let command = Command::Create {
-            key: key.into(),
-            value: value.into(),
-        };
-        self.write("create", command).await
-    }
-
-    /// Overwrite `key` if it exists (and its `mod_revision` is `expected`, when given).
-    ///
-    /// # Errors
-    /// As [`StoreClient::write`].
-    pub async fn update(
-        &self,
-        key: impl Into<String>,
-        value: impl Into<Vec<u8>>,
-        expected: Option<Revision>,
-    ) -> Result<WriteResult> {
-        let command = Command::Update {
-            key: key.into(),
-            value: value.into(),
-            expected,
-        };
-        self.write("update", command).await
-    }
-
-    /// Delete `key` (if its `mod_revision` is `expected`, when given).
-    ///
-    /// # Errors
-    /// As [`StoreClient::write`].
-    pub async fn delete(
-        &self,
-        key: impl Into<String>,
-        expected: Option<Revision>,
-    ) -> Result<WriteResult> {
-        let command = Command::Delete {
-            key: key.into(),
-            expected,
-        };
-        self.write("delete", command).await
-    }
+    crate::store::verbs::write_verbs!(
+        "As [`StoreClient::write`]: [`ClientError::Unavailable`] (not applied), \
+         [`ClientError::Indeterminate`], [`ClientError::Refused`]."
+    );
 
     /// Read a range from any member that can serve it.
     ///

@@ -11,7 +11,9 @@ pub mod network;
 pub mod node;
 pub mod storage;
 pub mod types;
+mod verbs;
 pub mod watch;
+mod writer;
 
 pub use client::{ClientError, StoreClient};
 pub use mvcc::{

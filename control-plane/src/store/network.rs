@@ -30,6 +30,7 @@ use tokio::net::TcpListener;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http;
 use tonic::server::NamedService;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::store::mvcc::{Command, MvccError, RangeRequest, RangeResponse, WriteResult};
@@ -511,9 +512,10 @@ pub(crate) async fn serve(
     handler: Arc<dyn RpcHandler>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // The builder's `tcp_nodelay` only applies to listeners it binds itself: without it here,
+    // Nagle's algorithm held back small answers until the peer's delayed ACK (tens of ms).
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(RaftService { handler })
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

@@ -643,73 +643,10 @@ impl Store {
         }
     }
 
-    /// Create `key` if it does not exist (otherwise [`crate::store::mvcc::Outcome::AlreadyExists`]).
-    ///
-    /// # Errors
-    /// [`StoreError::Unavailable`] without a reachable quorum; [`StoreError::Indeterminate`]
-    /// when the leader failed while the write was in flight.
-    pub async fn create(
-        &self,
-        key: impl Into<String>,
-        value: impl Into<Vec<u8>>,
-    ) -> Result<WriteResult> {
-        let command = Command::Create {
-            key: key.into(),
-            value: value.into(),
-        };
-        self.write("create", command).await
-    }
-
-    /// Create or overwrite `key`.
-    ///
-    /// # Errors
-    /// As [`Store::create`].
-    pub async fn put(
-        &self,
-        key: impl Into<String>,
-        value: impl Into<Vec<u8>>,
-    ) -> Result<WriteResult> {
-        let command = Command::Put {
-            key: key.into(),
-            value: value.into(),
-        };
-        self.write("put", command).await
-    }
-
-    /// Overwrite `key` if it exists and, when `expected` is given, only if its `mod_revision`
-    /// is still `expected` (compare-and-swap).
-    ///
-    /// # Errors
-    /// As [`Store::create`].
-    pub async fn update(
-        &self,
-        key: impl Into<String>,
-        value: impl Into<Vec<u8>>,
-        expected: Option<Revision>,
-    ) -> Result<WriteResult> {
-        let command = Command::Update {
-            key: key.into(),
-            value: value.into(),
-            expected,
-        };
-        self.write("update", command).await
-    }
-
-    /// Delete `key`, only if its `mod_revision` is `expected` when given.
-    ///
-    /// # Errors
-    /// As [`Store::create`].
-    pub async fn delete(
-        &self,
-        key: impl Into<String>,
-        expected: Option<Revision>,
-    ) -> Result<WriteResult> {
-        let command = Command::Delete {
-            key: key.into(),
-            expected,
-        };
-        self.write("delete", command).await
-    }
+    crate::store::verbs::write_verbs!(
+        "[`StoreError::Unavailable`] without a reachable quorum; \
+         [`StoreError::Indeterminate`] when the leader failed while the write was in flight."
+    );
 
     /// Wait until this member has applied everything committed before this call (read index).
     ///

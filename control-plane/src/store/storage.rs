@@ -2,8 +2,11 @@
 //! in a single redb database file (`store.redb` in the member's data directory).
 //!
 //! Durability: log appends, vote changes, truncation and purging commit with an fsync before
-//! openraft is told they are done (so before any write is acknowledged); one commit covers a
-//! whole batch of entries. The state machine commits without its own fsync: its writes become
+//! openraft is told they are done (so before any write is acknowledged). All writes go through
+//! one thread (see `writer.rs`) that commits whatever is queued in one transaction, so
+//! one fsync covers every append waiting, and appends return before their fsync (openraft is
+//! told through the append's callback) so that the leader replicates while it syncs. The
+//! state machine commits without its own fsync: its writes become
 //! durable with the next log commit, and after a crash openraft re-applies the committed log
 //! after the last durably applied entry. Log purging only happens up to a snapshot, and the
 //! purge's fsync makes every earlier state machine commit durable first.
@@ -13,11 +16,12 @@
 //! inside the revision window) before a member serves anything. A failure is a
 //! [`DiskError::Corrupt`] naming the file and what is wrong.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
 use openraft::{
@@ -34,6 +38,7 @@ use serde::de::DeserializeOwned;
 use crate::store::mvcc::{Event, EventKind, KeyValue, Mvcc, MvccState, Revision, WriteResult};
 use crate::store::types::{Entry, Node, NodeId, TypeConfig};
 use crate::store::watch::WatchHub;
+use crate::store::writer::{Done, Job, Writer};
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
 const RAFT_META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
@@ -108,6 +113,15 @@ pub enum DiskError {
         /// The cause.
         source: postcard::Error,
     },
+    /// The database's writer thread is gone (the member is shutting down).
+    #[error("the store's writer thread stopped")]
+    WriterStopped,
+    /// The writer thread could not be started.
+    #[error("starting the writer thread: {0}")]
+    StartWriter(#[source] std::io::Error),
+    /// An earlier write to the database failed.
+    #[error(transparent)]
+    Earlier(Arc<DiskError>),
 }
 
 /// Local result alias for this module.
@@ -119,7 +133,7 @@ fn encode<T: Serialize>(value: &T, what: &'static str) -> Result<Vec<u8>> {
 
 /// The database shared by the log store and the state machine of one member.
 #[derive(Debug)]
-struct Disk {
+pub(crate) struct Disk {
     db: Database,
     path: PathBuf,
     /// Dropped after `db` (fields drop in order): [`OpenGuard`] watches it to learn when the
@@ -128,7 +142,7 @@ struct Disk {
 }
 
 impl Disk {
-    fn db_err(&self, source: impl Into<redb::Error>) -> DiskError {
+    pub(crate) fn db_err(&self, source: impl Into<redb::Error>) -> DiskError {
         DiskError::Db {
             path: self.path.clone(),
             source: source.into(),
@@ -150,7 +164,7 @@ impl Disk {
         postcard::from_bytes(bytes).map_err(|e| self.corrupt(format!("{}: {e}", what())))
     }
 
-    fn write<T>(
+    pub(crate) fn write<T>(
         &self,
         durability: Durability,
         f: impl FnOnce(&WriteTransaction) -> Result<T>,
@@ -181,7 +195,7 @@ impl Disk {
             .map(Some)
     }
 
-    fn put_meta<T: Serialize>(
+    pub(crate) fn put_meta<T: Serialize>(
         &self,
         txn: &WriteTransaction,
         table: TableDefinition<&str, &[u8]>,
@@ -299,9 +313,15 @@ pub fn open(dir: &Path, history_limit: usize) -> Result<(LogStore, StateMachine)
         applied = ?state.applied,
         "opened store"
     );
-    let log = LogStore { disk: disk.clone() };
+    let writer = Writer::start(disk.clone()).map_err(DiskError::StartWriter)?;
+    let log = LogStore {
+        disk: disk.clone(),
+        writer: writer.clone(),
+        unflushed: Arc::default(),
+    };
     let sm = StateMachine {
         disk,
+        writer,
         shared: SharedState {
             inner: Arc::new(RwLock::new(state)),
         },
@@ -387,9 +407,48 @@ fn load_state_machine(disk: &Disk, history_limit: usize) -> Result<SmState> {
 }
 
 /// The Raft log and vote of one member.
+///
+/// Appends return at once and are fsynced by the [`Writer`] thread (one fsync for all appends
+/// waiting), which then tells openraft through the append's callback; until then the entries
+/// are served from `unflushed`. Vote, truncation and purge wait for their own fsync.
 #[derive(Debug, Clone)]
 pub struct LogStore {
     disk: Arc<Disk>,
+    writer: Arc<Writer>,
+    /// Appended entries not yet known to be on disk, by index.
+    unflushed: Arc<Mutex<BTreeMap<u64, Entry>>>,
+}
+
+impl LogStore {
+    fn unflushed(&self) -> MutexGuard<'_, BTreeMap<u64, Entry>> {
+        self.unflushed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Entries in `range`: the unflushed ones first (an entry leaves that map only once it is
+    /// in the database, so looking there second cannot miss it), overriding the database's.
+    fn entries(&self, range: impl RangeBounds<u64> + Clone) -> Result<Vec<Entry>> {
+        // A scan, not `BTreeMap::range`, which panics on inverted bounds; the map is small.
+        let unflushed: Vec<Entry> = self
+            .unflushed()
+            .iter()
+            .filter(|(i, _)| range.contains(*i))
+            .map(|(_, e)| e.clone())
+            .collect();
+        let mut entries: BTreeMap<u64, Entry> = self
+            .disk
+            .log_entries(range)?
+            .into_iter()
+            .map(|e| (e.log_id.index, e))
+            .collect();
+        entries.extend(unflushed.into_iter().map(|e| (e.log_id.index, e)));
+        Ok(entries.into_values().collect())
+    }
+}
+
+fn earlier(e: Arc<DiskError>) -> DiskError {
+    DiskError::Earlier(e)
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -397,8 +456,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError<NodeId>> {
-        self.disk
-            .log_entries(range)
+        self.entries(range)
             .map_err(|e| StorageIOError::read_logs(&e).into())
     }
 }
@@ -407,6 +465,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
+        let unflushed_last = self.unflushed().values().next_back().map(|e| e.log_id);
         let disk = &self.disk;
         disk.read(|txn| {
             let purged: Option<LogId<NodeId>> = disk.get_meta(txn, RAFT_META, PURGED_KEY)?;
@@ -422,7 +481,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             };
             Ok(LogState {
                 last_purged_log_id: purged,
-                last_log_id: last,
+                last_log_id: last.max(unflushed_last),
             })
         })
         .map_err(|e| StorageIOError::read_logs(&e).into())
@@ -433,11 +492,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
-        let disk = &self.disk;
-        disk.write(Durability::Immediate, |txn| {
-            disk.put_meta(txn, RAFT_META, VOTE_KEY, vote)
-        })
-        .map_err(|e| StorageIOError::write_vote(&e).into())
+        let vote = *vote;
+        self.writer
+            .run(
+                true,
+                Box::new(move |disk, txn| disk.put_meta(txn, RAFT_META, VOTE_KEY, &vote)),
+            )
+            .await
+            .map_err(|e| StorageIOError::write_vote(&earlier(e)).into())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
@@ -450,12 +512,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         &mut self,
         committed: Option<LogId<NodeId>>,
     ) -> Result<(), StorageError<NodeId>> {
-        let disk = &self.disk;
-        // Not fsynced on its own: losing it only means re-learning the commit index.
-        disk.write(Durability::None, |txn| {
-            disk.put_meta(txn, RAFT_META, COMMITTED_KEY, &committed)
-        })
-        .map_err(io_write_logs)
+        // Not waited for nor fsynced on its own: losing it only means re-learning the commit
+        // index.
+        self.writer.detach(
+            false,
+            Box::new(move |disk, txn| disk.put_meta(txn, RAFT_META, COMMITTED_KEY, &committed)),
+        );
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
@@ -474,8 +537,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let disk = &self.disk;
-        let result = disk.write(Durability::Immediate, |txn| {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let ids: Vec<LogId<NodeId>> = entries.iter().map(|e| e.log_id).collect();
+        self.unflushed()
+            .extend(entries.iter().map(|e| (e.log_id.index, e.clone())));
+        let unflushed = self.unflushed.clone();
+        let job: Job = Box::new(move |disk, txn| {
             let mut table = txn.open_table(LOG).map_err(|e| disk.db_err(e))?;
             for entry in entries {
                 let bytes = encode(&entry, "log entry")?;
@@ -485,39 +552,55 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             Ok(())
         });
-        match result {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
+        let done: Done = Box::new(move |result| {
+            if result.is_ok() {
+                let mut unflushed = unflushed
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                // Only these very entries: a truncation may have replaced them meanwhile.
+                for id in ids {
+                    if unflushed.get(&id.index).map(|e| e.log_id) == Some(id) {
+                        unflushed.remove(&id.index);
+                    }
+                }
             }
-            Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(io_write_logs(e))
-            }
-        }
+            callback.log_io_completed(result.map_err(|e| std::io::Error::other(e.to_string())));
+        });
+        self.writer.submit(true, job, done);
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        let disk = &self.disk;
-        disk.write(Durability::Immediate, |txn| {
+        self.unflushed().retain(|&index, _| index < log_id.index);
+        // Queued after the appends it undoes, so it also removes what they write.
+        let job: Job = Box::new(move |disk, txn| {
             let mut table = txn.open_table(LOG).map_err(|e| disk.db_err(e))?;
             table
                 .retain_in(log_id.index.., |_, _| false)
                 .map_err(|e| disk.db_err(e))
-        })
-        .map_err(io_write_logs)
+        });
+        self.writer
+            .run(true, job)
+            .await
+            .map_err(|e| io_write_logs(earlier(e)))
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        let disk = &self.disk;
-        disk.write(Durability::Immediate, |txn| {
+        // openraft purges only flushed entries; this is for the map to stay small regardless.
+        self.unflushed().retain(|&index, _| index > log_id.index);
+        // Queued after every state machine write before it and fsynced: the applied state the
+        // purged entries led to is durable before they are gone.
+        let job: Job = Box::new(move |disk, txn| {
             disk.put_meta(txn, RAFT_META, PURGED_KEY, &log_id)?;
             let mut table = txn.open_table(LOG).map_err(|e| disk.db_err(e))?;
             table
                 .retain_in(..=log_id.index, |_, _| false)
                 .map_err(|e| disk.db_err(e))
-        })
-        .map_err(io_write_logs)
+        });
+        self.writer
+            .run(true, job)
+            .await
+            .map_err(|e| io_write_logs(earlier(e)))
     }
 }
 
@@ -564,6 +647,7 @@ impl SharedState {
 #[derive(Debug)]
 pub struct StateMachine {
     disk: Arc<Disk>,
+    writer: Arc<Writer>,
     shared: SharedState,
 }
 
@@ -589,131 +673,163 @@ impl StateMachine {
         self.shared.clone()
     }
 
-    fn save_sm_meta(&self, txn: &WriteTransaction, state: &SmState) -> Result<()> {
-        let disk = &self.disk;
-        disk.put_meta(txn, SM_META, APPLIED_KEY, &state.applied)?;
-        disk.put_meta(txn, SM_META, MEMBERSHIP_KEY, &state.membership)?;
-        disk.put_meta(txn, SM_META, REVISION_KEY, &state.mvcc.revision())?;
-        disk.put_meta(
-            txn,
-            SM_META,
-            COMPACTED_KEY,
-            &state.mvcc.compacted_revision(),
-        )
-    }
-
+    /// Apply `entries` in memory and queue their rows for the writer thread, without waiting:
+    /// the state machine is made durable by the next fsynced commit (an append or a purge), and
+    /// after a crash openraft re-applies the log after the last applied entry on disk.
     fn apply_entries(&self, entries: Vec<Entry>) -> Result<Vec<Vec<WriteResult>>> {
-        let disk = &self.disk;
         let mut guard = self.shared.write();
         let state = &mut *guard;
         let mut responses = Vec::with_capacity(entries.len());
         let mut events = Vec::new();
-        disk.write(Durability::None, |txn| {
-            let mut kv_table = txn.open_table(KV).map_err(|e| disk.db_err(e))?;
-            let mut event_table = txn.open_table(EVENTS).map_err(|e| disk.db_err(e))?;
-            for entry in entries {
-                state.applied = Some(entry.log_id);
-                match entry.payload {
-                    EntryPayload::Blank => responses.push(Vec::new()),
-                    EntryPayload::Membership(membership) => {
-                        state.membership = StoredMembership::new(Some(entry.log_id), membership);
-                        responses.push(Vec::new());
+        for entry in entries {
+            state.applied = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => responses.push(Vec::new()),
+                EntryPayload::Membership(membership) => {
+                    state.membership = StoredMembership::new(Some(entry.log_id), membership);
+                    responses.push(Vec::new());
+                }
+                EntryPayload::Normal(commands) => {
+                    let mut results = Vec::with_capacity(commands.len());
+                    for command in commands {
+                        let (result, event) = state.mvcc.apply(command);
+                        results.push(result);
+                        events.extend(event);
                     }
-                    EntryPayload::Normal(commands) => {
-                        let mut results = Vec::with_capacity(commands.len());
-                        for command in commands {
-                            let (result, event) = state.mvcc.apply(command);
-                            results.push(result);
-                            let Some(event) = event else { continue };
-                            match event.kind {
-                                EventKind::Put => {
-                                    let bytes = encode(&event.kv, "key")?;
-                                    kv_table
-                                        .insert(event.kv.key.as_str(), bytes.as_slice())
-                                        .map_err(|e| disk.db_err(e))?;
-                                }
-                                EventKind::Delete => {
-                                    kv_table
-                                        .remove(event.kv.key.as_str())
-                                        .map_err(|e| disk.db_err(e))?;
-                                }
-                            }
-                            let bytes = encode(&event, "event")?;
-                            event_table
-                                .insert(event.revision(), bytes.as_slice())
-                                .map_err(|e| disk.db_err(e))?;
-                            events.push(event);
-                        }
-                        responses.push(results);
-                    }
+                    responses.push(results);
                 }
             }
-            let compacted = state.mvcc.compacted_revision();
-            event_table
-                .retain_in(..=compacted, |_, _| false)
-                .map_err(|e| disk.db_err(e))?;
-            drop(kv_table);
-            drop(event_table);
-            self.save_sm_meta(txn, state)
-        })?;
+        }
+        let mut kv_rows = Vec::with_capacity(events.len());
+        let mut event_rows = Vec::with_capacity(events.len());
+        for event in &events {
+            let kv = match event.kind {
+                EventKind::Put => Some(encode(&event.kv, "key")?),
+                EventKind::Delete => None,
+            };
+            kv_rows.push((event.kv.key.clone(), kv));
+            event_rows.push((event.revision(), encode(event, "event")?));
+        }
+        let meta = SmMeta::of(state);
+        self.writer.detach(
+            false,
+            Box::new(move |disk, txn| {
+                let mut kv_table = txn.open_table(KV).map_err(|e| disk.db_err(e))?;
+                for (key, kv) in &kv_rows {
+                    match kv {
+                        Some(bytes) => kv_table.insert(key.as_str(), bytes.as_slice()),
+                        None => kv_table.remove(key.as_str()),
+                    }
+                    .map_err(|e| disk.db_err(e))?;
+                }
+                let mut event_table = txn.open_table(EVENTS).map_err(|e| disk.db_err(e))?;
+                for (revision, bytes) in &event_rows {
+                    event_table
+                        .insert(revision, bytes.as_slice())
+                        .map_err(|e| disk.db_err(e))?;
+                }
+                event_table
+                    .retain_in(..=meta.compacted, |_, _| false)
+                    .map_err(|e| disk.db_err(e))?;
+                drop(kv_table);
+                drop(event_table);
+                meta.save(disk, txn)
+            }),
+        );
         state.watchers.publish(&events);
         Ok(responses)
     }
 
-    fn install(&self, meta: &SnapshotMeta<NodeId, Node>, data: &[u8]) -> Result<()> {
-        let disk = &self.disk;
+    async fn install(&self, meta: &SnapshotMeta<NodeId, Node>, data: &[u8]) -> Result<()> {
         let mvcc_state: MvccState =
             postcard::from_bytes(data).map_err(|source| DiskError::Snapshot {
                 id: meta.snapshot_id.clone(),
                 source,
             })?;
-        let mut guard = self.shared.write();
-        let state = &mut *guard;
-        let last_sent = state.mvcc.revision();
-        let mvcc = Mvcc::from_state(mvcc_state, state.mvcc.history_limit());
-        let new_state = SmState {
-            mvcc,
+        let history_limit = self.shared.read().mvcc.history_limit();
+        let mvcc = Mvcc::from_state(mvcc_state, history_limit);
+        let full = mvcc.to_state();
+        let kv_rows = full
+            .kvs
+            .iter()
+            .map(|kv| Ok((kv.key.clone(), encode(kv, "key")?)))
+            .collect::<Result<Vec<_>>>()?;
+        let event_rows = full
+            .history
+            .iter()
+            .map(|event| Ok((event.revision(), encode(event, "event")?)))
+            .collect::<Result<Vec<_>>>()?;
+        let sm_meta = SmMeta {
             applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
-            watchers: WatchHub::default(),
+            revision: mvcc.revision(),
+            compacted: mvcc.compacted_revision(),
         };
-        disk.write(Durability::Immediate, |txn| {
+        let snapshot_meta = meta.clone();
+        let data = data.to_vec();
+        // Queued after every earlier apply, so none of them can overwrite what this installs.
+        let job: Job = Box::new(move |disk, txn| {
             txn.delete_table(KV).map_err(|e| disk.db_err(e))?;
             txn.delete_table(EVENTS).map_err(|e| disk.db_err(e))?;
             let mut kv_table = txn.open_table(KV).map_err(|e| disk.db_err(e))?;
-            let full = new_state.mvcc.to_state();
-            for kv in &full.kvs {
-                let bytes = encode(kv, "key")?;
+            for (key, bytes) in &kv_rows {
                 kv_table
-                    .insert(kv.key.as_str(), bytes.as_slice())
+                    .insert(key.as_str(), bytes.as_slice())
                     .map_err(|e| disk.db_err(e))?;
             }
             let mut event_table = txn.open_table(EVENTS).map_err(|e| disk.db_err(e))?;
-            for event in &full.history {
-                let bytes = encode(event, "event")?;
+            for (revision, bytes) in &event_rows {
                 event_table
-                    .insert(event.revision(), bytes.as_slice())
+                    .insert(revision, bytes.as_slice())
                     .map_err(|e| disk.db_err(e))?;
             }
             drop(kv_table);
             drop(event_table);
-            self.save_sm_meta(txn, &new_state)?;
-            disk.put_meta(txn, SNAPSHOT, SNAPSHOT_META_KEY, meta)?;
+            sm_meta.save(disk, txn)?;
+            disk.put_meta(txn, SNAPSHOT, SNAPSHOT_META_KEY, &snapshot_meta)?;
             let mut snap = txn.open_table(SNAPSHOT).map_err(|e| disk.db_err(e))?;
-            snap.insert(SNAPSHOT_DATA_KEY, data)
+            snap.insert(SNAPSHOT_DATA_KEY, data.as_slice())
                 .map_err(|e| disk.db_err(e))?;
             Ok(())
-        })?;
-        let watchers = std::mem::take(&mut state.watchers);
-        state.mvcc = new_state.mvcc;
-        state.applied = new_state.applied;
-        state.membership = new_state.membership;
-        state.watchers = watchers;
+        });
+        self.writer.run(true, job).await.map_err(earlier)?;
+        let mut guard = self.shared.write();
+        let state = &mut *guard;
+        let last_sent = state.mvcc.revision();
+        state.mvcc = mvcc;
+        state.applied = meta.last_log_id;
+        state.membership = meta.last_membership.clone();
         let mvcc = state.mvcc.clone();
         state
             .watchers
             .resync(last_sent, |rev| mvcc.events_after(rev).ok());
         Ok(())
+    }
+}
+
+/// The state machine's bookkeeping rows, as of some applied entry.
+struct SmMeta {
+    applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, Node>,
+    revision: Revision,
+    compacted: Revision,
+}
+
+impl SmMeta {
+    fn of(state: &SmState) -> Self {
+        SmMeta {
+            applied: state.applied,
+            membership: state.membership.clone(),
+            revision: state.mvcc.revision(),
+            compacted: state.mvcc.compacted_revision(),
+        }
+    }
+
+    fn save(&self, disk: &Disk, txn: &WriteTransaction) -> Result<()> {
+        disk.put_meta(txn, SM_META, APPLIED_KEY, &self.applied)?;
+        disk.put_meta(txn, SM_META, MEMBERSHIP_KEY, &self.membership)?;
+        disk.put_meta(txn, SM_META, REVISION_KEY, &self.revision)?;
+        disk.put_meta(txn, SM_META, COMPACTED_KEY, &self.compacted)
     }
 }
 
@@ -742,7 +858,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         SnapshotBuilder {
-            disk: self.disk.clone(),
+            writer: self.writer.clone(),
             shared: self.shared.clone(),
         }
     }
@@ -759,6 +875,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<NodeId>> {
         self.install(meta, snapshot.get_ref())
+            .await
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e).into())
     }
 
@@ -788,7 +905,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 /// Builds snapshots of the state machine from a consistent in-memory copy.
 #[derive(Debug)]
 pub struct SnapshotBuilder {
-    disk: Arc<Disk>,
+    writer: Arc<Writer>,
     shared: SharedState,
 }
 
@@ -802,7 +919,6 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 state.membership.clone(),
             )
         };
-        let disk = &self.disk;
         let snapshot_id = match applied {
             Some(log_id) => format!(
                 "{}-{}-{}",
@@ -815,17 +931,25 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             last_membership: membership,
             snapshot_id,
         };
-        let result = encode(&mvcc_state, "snapshot").and_then(|data| {
-            disk.write(Durability::None, |txn| {
-                disk.put_meta(txn, SNAPSHOT, SNAPSHOT_META_KEY, &meta)?;
-                let mut table = txn.open_table(SNAPSHOT).map_err(|e| disk.db_err(e))?;
-                table
-                    .insert(SNAPSHOT_DATA_KEY, data.as_slice())
-                    .map_err(|e| disk.db_err(e))?;
-                Ok(())
-            })?;
-            Ok(data)
-        });
+        let result = match encode(&mvcc_state, "snapshot") {
+            Ok(data) => {
+                let (stored, stored_meta) = (data.clone(), meta.clone());
+                let job: Job = Box::new(move |disk, txn| {
+                    disk.put_meta(txn, SNAPSHOT, SNAPSHOT_META_KEY, &stored_meta)?;
+                    let mut table = txn.open_table(SNAPSHOT).map_err(|e| disk.db_err(e))?;
+                    table
+                        .insert(SNAPSHOT_DATA_KEY, stored.as_slice())
+                        .map_err(|e| disk.db_err(e))?;
+                    Ok(())
+                });
+                self.writer
+                    .run(false, job)
+                    .await
+                    .map(|()| data)
+                    .map_err(earlier)
+            }
+            Err(e) => Err(e),
+        };
         match result {
             Ok(data) => Ok(Snapshot {
                 meta,
