@@ -22,18 +22,42 @@ use crate::{Cgroup2, Netns, cluster::ControlPlane, place, workspace_bin};
 
 /// The pod CIDR the test node uses (inside its own namespace, with no route out).
 pub const POD_CIDR: &str = "10.244.7.0/24";
-/// The port of the agent's HTTP server inside the node's namespace.
-pub const AGENT_PORT: u16 = 10250;
 
-/// Relays TCP connections to the control plane's loopback port from inside the node's
-/// namespace (whose own loopback is a different one), so the agent reaches the API at the
-/// kubeconfig's `127.0.0.1` address. Loopback to loopback only.
-struct ApiRelay {
+/// Relays TCP connections accepted on one loopback to a port on another: loopback to loopback
+/// only, between the host's namespace and the node's.
+struct Relay {
     stop: Arc<AtomicBool>,
 }
 
-impl ApiRelay {
-    fn start(netns: &Netns, port: u16) -> Result<Self> {
+impl Relay {
+    /// Accepts on `listener` and connects each connection with `connect`.
+    fn start(
+        listener: TcpListener,
+        connect: impl Fn() -> Result<TcpStream> + Send + 'static,
+    ) -> Result<Self> {
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((accepted, _)) => {
+                        let _ = accepted.set_nonblocking(false);
+                        if let Ok(other) = connect() {
+                            pipe(accepted, other);
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Ok(Relay { stop })
+    }
+
+    /// The control plane's port, reachable at the same `127.0.0.1` port inside the node's
+    /// namespace (whose own loopback is a different one), so the agent uses the kubeconfig
+    /// as it is.
+    fn api(netns: &Netns, port: u16) -> Result<Self> {
         let ns = netns.try_clone()?;
         let listener = std::thread::spawn(move || -> Result<TcpListener> {
             ns.enter_current_thread()?;
@@ -41,23 +65,25 @@ impl ApiRelay {
         })
         .join()
         .map_err(|_| anyhow::anyhow!("relay thread panicked"))??;
-        listener.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        std::thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((inside, _)) => {
-                        let _ = inside.set_nonblocking(false);
-                        if let Ok(outside) = TcpStream::connect(("127.0.0.1", port)) {
-                            pipe(inside, outside);
-                        }
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-        });
-        Ok(ApiRelay { stop })
+        Relay::start(listener, move || {
+            Ok(TcpStream::connect(("127.0.0.1", port))?)
+        })
+    }
+
+    /// The agent's port inside the node's namespace, reachable at the same port on the
+    /// host's loopback, so the API server can proxy logs and exec to the node's address.
+    fn agent(netns: &Netns, listener: TcpListener) -> Result<Self> {
+        let port = listener.local_addr()?.port();
+        let ns = netns.try_clone()?;
+        Relay::start(listener, move || {
+            let ns = ns.try_clone()?;
+            std::thread::spawn(move || -> Result<TcpStream> {
+                ns.enter_current_thread()?;
+                Ok(TcpStream::connect(("127.0.0.1", port))?)
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("relay thread panicked"))?
+        })
     }
 }
 
@@ -73,7 +99,7 @@ fn pipe(a: TcpStream, b: TcpStream) {
     }
 }
 
-impl Drop for ApiRelay {
+impl Drop for Relay {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
@@ -91,7 +117,10 @@ fn api_port(kubeconfig: &Path) -> Result<u16> {
 
 /// The node's namespace, cgroup and state directory.
 pub struct NodeEnv {
-    relay: std::sync::Mutex<Option<ApiRelay>>,
+    relays: std::sync::Mutex<Vec<Relay>>,
+    /// The agent's port: inside the node's namespace, and relayed on the host's loopback.
+    agent_port: u16,
+    agent_listener: std::sync::Mutex<Option<TcpListener>>,
     name: String,
     state: tempfile::TempDir,
     netns: Netns,
@@ -123,13 +152,23 @@ impl NodeEnv {
     /// When namespaces or cgroup2 are not available.
     pub fn new(name: &str) -> Result<Self> {
         let state = tempfile::Builder::new().prefix("kt-node-").tempdir()?;
+        // A free port on the host's loopback, for the agent's relay; the agent listens on the
+        // same number inside its namespace.
+        let listener = TcpListener::bind(("127.0.0.1", 0))?;
         Ok(NodeEnv {
-            relay: std::sync::Mutex::new(None),
+            relays: std::sync::Mutex::new(Vec::new()),
+            agent_port: listener.local_addr()?.port(),
+            agent_listener: std::sync::Mutex::new(Some(listener)),
             name: name.to_owned(),
             state,
             netns: Netns::new()?,
             cgroup: Cgroup2::new("node")?,
         })
+    }
+
+    /// The agent's HTTP port (inside the node's namespace, relayed on the host's loopback).
+    pub fn agent_port(&self) -> u16 {
+        self.agent_port
     }
 
     /// The node's name.
@@ -174,12 +213,19 @@ impl NodeEnv {
     /// When it cannot be started.
     pub fn start_agent(&self, cp: &ControlPlane) -> Result<Agent> {
         {
-            let mut relay = self
-                .relay
+            let mut relays = self
+                .relays
                 .lock()
                 .map_err(|_| anyhow::anyhow!("relay lock"))?;
-            if relay.is_none() {
-                *relay = Some(ApiRelay::start(&self.netns, api_port(&cp.kubeconfig())?)?);
+            if relays.is_empty() {
+                relays.push(Relay::api(&self.netns, api_port(&cp.kubeconfig())?)?);
+                let listener = self
+                    .agent_listener
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("listener lock"))?
+                    .take()
+                    .context("the agent relay's listener is gone")?;
+                relays.push(Relay::agent(&self.netns, listener)?);
             }
         }
         let log = fs::OpenOptions::new()
@@ -191,7 +237,13 @@ impl NodeEnv {
             .arg("--kubeconfig")
             .arg(cp.kubeconfig())
             .args(["--node-name", &self.name, "--pod-cidr", POD_CIDR])
-            .args(["--port", &AGENT_PORT.to_string()])
+            // The node's address as the API server sees it: the relay on the host's loopback.
+            .args([
+                "--port",
+                &self.agent_port.to_string(),
+                "--node-ip",
+                "127.0.0.1",
+            ])
             .arg("--state-dir")
             .arg(self.state_dir())
             .arg("--cgroup2")
@@ -252,7 +304,7 @@ impl NodeEnv {
     /// # Errors
     /// Connection failures.
     pub fn agent_get(&self, path: &str) -> Result<(u16, String)> {
-        self.http_get(SocketAddr::from(([127, 0, 0, 1], AGENT_PORT)), path)
+        self.http_get(SocketAddr::from(([127, 0, 0, 1], self.agent_port)), path)
     }
 
     /// The names of the links in the node's namespace.

@@ -1,7 +1,8 @@
 //! The node agent against a real control plane: `keelson-agent node` in a network namespace
 //! and cgroup subtree of the test registers its Node and Lease, runs busybox pods from an
 //! imported OCI image with their own network, hostname and PID namespace, restarts a failing
-//! container with back-off, reports a bad image and an OOM kill, serves logs, follows a
+//! container with back-off, reports a bad image and an OOM kill, serves logs (also through
+//! `kubectl logs` and the API server), follows a
 //! readiness probe, survives `kill -9` without touching its containers, and stops a deleted pod
 //! gracefully.
 
@@ -145,7 +146,8 @@ fn run(cp: &ControlPlane, env: &NodeEnv, agent: keelson_e2e::node::Agent) -> Res
             .filter(|n| condition(n, "Ready").as_deref() == Some("True")))
     })?;
     ensure!(
-        node.pointer("/status/daemonEndpoints/kubeletEndpoint/Port") == Some(&Value::from(10250)),
+        node.pointer("/status/daemonEndpoints/kubeletEndpoint/Port")
+            == Some(&Value::from(env.agent_port())),
         "kubelet endpoint: {node}"
     );
     ensure!(node.pointer("/status/capacity/pods") == Some(&Value::from("110")));
@@ -175,7 +177,24 @@ fn run(cp: &ControlPlane, env: &NodeEnv, agent: keelson_e2e::node::Agent) -> Res
         .then_some(p))
     })?;
     let ip = web["status"]["podIP"].as_str().context("podIP")?.to_owned();
-    ensure!(ip.starts_with("10.244.7."), "podIP {ip}");
+    // From the agent's --pod-cidr, or from the podCIDR the control plane's IPAM gave the Node
+    // (whichever the agent had when it set up its bridge).
+    let assigned = get_json(cp, &["node", env.name()])?
+        .and_then(|n| {
+            n.pointer("/spec/podCIDR")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let in_cidr = |cidr: &str| {
+        cidr.strip_suffix(".0/24")
+            .is_some_and(|net| ip.starts_with(&format!("{net}.")))
+    };
+    ensure!(
+        in_cidr(keelson_e2e::node::POD_CIDR) || in_cidr(&assigned),
+        "podIP {ip} outside {} and {assigned}",
+        keelson_e2e::node::POD_CIDR
+    );
     let addr: SocketAddr = format!("{ip}:8080").parse()?;
     let (code, body) = wait_for("web to answer", t, || {
         Ok(env.http_get(addr, "/index.html").ok())
@@ -197,6 +216,12 @@ fn run(cp: &ControlPlane, env: &NodeEnv, agent: keelson_e2e::node::Agent) -> Res
     );
     let (code, _) = env.agent_get("/containerLogs/default/web/nope")?;
     ensure!(code == 404);
+    // The same log through the API server, as users read it.
+    let via_api = cp.kubectl(&["logs", "web"])?;
+    ensure!(
+        via_api.contains("pid=1 hostname=web"),
+        "kubectl logs: {via_api:?}"
+    );
 
     // Readiness follows the probe: unready, ready once the file exists, unready again.
     wait_for("web Ready", t, || {
@@ -227,6 +252,11 @@ fn run(cp: &ControlPlane, env: &NodeEnv, agent: keelson_e2e::node::Agent) -> Res
     ensure!(
         code == 200 && prev.contains("boom"),
         "previous logs {code}: {prev:?}"
+    );
+    let via_api = cp.kubectl(&["logs", "crash", "--previous", "--tail=1"])?;
+    ensure!(
+        via_api.trim() == "boom",
+        "kubectl logs --previous: {via_api:?}"
     );
 
     // The bad image is reported without harming the others.
