@@ -86,6 +86,55 @@ impl ControlPlane {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Runs kubectl as the admin with `input` on its stdin; the whole output, whatever the
+    /// exit status.
+    ///
+    /// # Errors
+    /// kubectl cannot be run.
+    pub fn kubectl_with_stdin(&self, args: &[&str], input: &[u8]) -> Result<std::process::Output> {
+        use std::io::Write as _;
+        let mut child = Command::new(KUBECTL)
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .args(args)
+            .env("HOME", self.dir.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running {KUBECTL}"))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(input)?;
+        }
+        Ok(child.wait_with_output()?)
+    }
+
+    /// Runs kubectl as the admin on a pseudo-terminal (util-linux `script`), as a user at a
+    /// shell would (`kubectl exec -it` needs one); what it printed.
+    ///
+    /// # Errors
+    /// `script` cannot be run or fails.
+    pub fn kubectl_in_terminal(&self, args: &[&str]) -> Result<String> {
+        let mut line = format!("{KUBECTL} --kubeconfig {}", self.kubeconfig().display());
+        for a in args {
+            line.push_str(&format!(" '{}'", a.replace('\'', "'\\''")));
+        }
+        let out = Command::new("script")
+            .args(["-q", "-e", "-c", &line, "/dev/null"])
+            .env("HOME", self.dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .context("running script(1) from util-linux")?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {args:?} on a terminal: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Applies a manifest given as text.
     ///
     /// # Errors

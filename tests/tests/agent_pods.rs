@@ -1,8 +1,8 @@
 //! The node agent against a real control plane: `keelson-agent node` in a network namespace
 //! and cgroup subtree of the test registers its Node and Lease, runs busybox pods from an
 //! imported OCI image with their own network, hostname and PID namespace, restarts a failing
-//! container with back-off, reports a bad image and an OOM kill, serves logs (also through
-//! `kubectl logs` and the API server), follows a
+//! container with back-off, reports a bad image and an OOM kill, serves logs and exec (also
+//! through `kubectl logs` / `kubectl exec` and the API server), follows a
 //! readiness probe, survives `kill -9` without touching its containers, and stops a deleted pod
 //! gracefully.
 
@@ -202,6 +202,33 @@ fn run(cp: &ControlPlane, env: &NodeEnv, agent: keelson_e2e::node::Agent) -> Res
     ensure!(
         code == 200 && body.contains("hello-from-web"),
         "{code} {body}"
+    );
+
+    // kubectl exec through the API server into the running container.
+    let host = cp.kubectl(&["exec", "web", "--", "hostname"])?;
+    ensure!(host.trim() == "web", "exec hostname: {host:?}");
+    let piped = cp.kubectl_with_stdin(&["exec", "-i", "web", "--", "cat"], b"piped\n")?;
+    ensure!(
+        piped.status.success() && piped.stdout == b"piped\n",
+        "exec -i cat: {piped:?}"
+    );
+    let on_tty = cp.kubectl_in_terminal(&[
+        "exec",
+        "-it",
+        "web",
+        "--",
+        "sh",
+        "-c",
+        "test -t 0 && test -t 1 && echo on-a-tty",
+    ])?;
+    ensure!(on_tty.contains("on-a-tty"), "exec -it: {on_tty:?}");
+    let failed = cp.kubectl_with_stdin(
+        &["exec", "web", "--", "sh", "-c", "echo oops >&2; exit 3"],
+        b"",
+    )?;
+    ensure!(
+        failed.status.code() == Some(3) && String::from_utf8_lossy(&failed.stderr).contains("oops"),
+        "exec exit code: {failed:?}"
     );
 
     // Logs through the agent's endpoint: own hostname, PID 1 in its namespace.

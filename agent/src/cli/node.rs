@@ -227,7 +227,11 @@ impl NodeArgs {
             );
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
             let mut http_stop = stop_rx.clone();
-            let http = tokio::spawn(server::serve(listener, layout.clone(), async move {
+            let http_state = server::ServerState {
+                layout: layout.clone(),
+                runtime_bin: runtime_bin(self.runtime.clone()),
+            };
+            let http = tokio::spawn(server::serve(listener, http_state, async move {
                 let _ = http_stop.wait_for(|s| *s).await;
             }));
             let beat = tokio::spawn(node::heartbeat(client.clone(), cfg));

@@ -1,5 +1,7 @@
 //! Container logs: the CRI log format the supervisors write ([`cri`]) and the agent's HTTP
-//! endpoint that serves them to the API server for `kubectl logs` ([`server`]).
+//! endpoint that serves them to the API server for `kubectl logs` ([`server`]), which also
+//! runs `kubectl exec` sessions ([`exec`]).
 
 pub mod cri;
+pub mod exec;
 pub mod server;

@@ -2,7 +2,8 @@
 //! kubelet's query parameters `follow`, `previous`, `tailLines`, `timestamps` and
 //! `limitBytes` answers with the container's log as plain text: the lines only (CRI prefix
 //! stripped), each prefixed by its RFC 3339 time with `timestamps=true`; `follow=true` streams
-//! new lines until the container's attempt ends.
+//! new lines until the container's attempt ends. `/exec/…` runs commands in containers
+//! ([`super::exec`]).
 
 use std::collections::VecDeque;
 use std::io::{Read as _, Seek as _, SeekFrom};
@@ -44,15 +45,40 @@ fn flag(v: &Option<String>) -> bool {
     matches!(v.as_deref(), Some("true" | "1" | ""))
 }
 
+/// What the handlers need.
+#[derive(Clone, Debug)]
+pub struct ServerState {
+    /// The agent's state directory.
+    pub layout: StateLayout,
+    /// The `keelson-runtime` binary (for exec).
+    pub runtime_bin: PathBuf,
+}
+
 /// The routes of the agent's HTTP server.
-pub fn router(layout: StateLayout) -> Router {
+pub fn router(state: ServerState) -> Router {
     Router::new()
         .route(
             "/containerLogs/{namespace}/{pod}/{container}",
             get(container_logs),
         )
+        .route(
+            "/exec/{namespace}/{pod}/{container}",
+            get(super::exec::exec),
+        )
         .route("/healthz", get(|| async { "ok" }))
-        .with_state(layout)
+        .with_state(state)
+}
+
+/// The pod uid and the latest attempt of `container` in `namespace/pod` on this node.
+pub fn current_attempt(
+    layout: &StateLayout,
+    namespace: &str,
+    pod: &str,
+    container: &str,
+) -> Option<(String, u32)> {
+    let (record, dir) = find_pod(layout, namespace, pod)?;
+    let attempt = *attempts(&dir.join(container)).last()?;
+    Some((record.uid, attempt))
 }
 
 /// Serves [`router`] on `listener` until `shutdown` completes.
@@ -61,10 +87,10 @@ pub fn router(layout: StateLayout) -> Router {
 /// When serving fails.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    layout: StateLayout,
+    state: ServerState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(layout))
+    axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -131,7 +157,7 @@ fn render(entry: &str, timestamps: bool, out: &mut Vec<u8>) {
 }
 
 async fn container_logs(
-    State(layout): State<StateLayout>,
+    State(ServerState { layout, .. }): State<ServerState>,
     UrlPath((namespace, pod, container)): UrlPath<(String, String, String)>,
     Query(q): Query<LogQuery>,
 ) -> Response {
