@@ -209,6 +209,16 @@ impl FieldSet {
     }
 }
 
+/// The merge key a keyed-list step names.
+fn item_key(k: &str) -> Option<Map<String, Value>> {
+    serde_json::from_str(k).ok()
+}
+
+/// Whether `item` is the list item `key` names.
+fn is_item(key: &Map<String, Value>, item: &Value) -> bool {
+    key.iter().all(|(kk, kv)| item.get(kk) == Some(kv))
+}
+
 /// The value at `path` in `obj`.
 fn value_at<'a>(obj: &'a Value, path: &Path) -> Option<&'a Value> {
     let mut cur = obj;
@@ -216,10 +226,8 @@ fn value_at<'a>(obj: &'a Value, path: &Path) -> Option<&'a Value> {
         cur = match step {
             Step::Field(f) => cur.get(f)?,
             Step::Key(k) => {
-                let key: Map<String, Value> = serde_json::from_str(k).ok()?;
-                cur.as_array()?
-                    .iter()
-                    .find(|item| key.iter().all(|(kk, kv)| item.get(kk) == Some(kv)))?
+                let key = item_key(k)?;
+                cur.as_array()?.iter().find(|item| is_item(&key, item))?
             }
         };
     }
@@ -236,14 +244,9 @@ fn remove_at(obj: &mut Value, path: &Path) {
         let next = match step {
             Step::Field(f) => cur.get_mut(f),
             Step::Key(k) => {
-                let Ok(key) = serde_json::from_str::<Map<String, Value>>(k) else {
-                    return;
-                };
-                cur.as_array_mut().and_then(|items| {
-                    items
-                        .iter_mut()
-                        .find(|item| key.iter().all(|(kk, kv)| item.get(kk) == Some(kv)))
-                })
+                let Some(key) = item_key(k) else { return };
+                cur.as_array_mut()
+                    .and_then(|items| items.iter_mut().find(|item| is_item(&key, item)))
             }
         };
         let Some(next) = next else { return };
@@ -256,11 +259,8 @@ fn remove_at(obj: &mut Value, path: &Path) {
             }
         }
         Step::Key(k) => {
-            if let (Ok(key), Some(items)) = (
-                serde_json::from_str::<Map<String, Value>>(k),
-                cur.as_array_mut(),
-            ) {
-                items.retain(|item| !key.iter().all(|(kk, kv)| item.get(kk) == Some(kv)));
+            if let (Some(key), Some(items)) = (item_key(k), cur.as_array_mut()) {
+                items.retain(|item| !is_item(&key, item));
             }
         }
     }
@@ -276,7 +276,7 @@ fn display_path(path: &Path) -> String {
                 out.push_str(f);
             }
             Step::Key(k) => {
-                let key: Map<String, Value> = serde_json::from_str(k).unwrap_or_default();
+                let key = item_key(k).unwrap_or_default();
                 let parts: Vec<String> = key.iter().map(|(kk, kv)| format!("{kk}={kv}")).collect();
                 out.push('[');
                 out.push_str(&parts.join(","));

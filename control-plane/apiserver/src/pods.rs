@@ -273,23 +273,13 @@ pub(crate) async fn stream(
     };
     if reply.status() != StatusCode::SWITCHING_PROTOCOLS {
         let status = reply.status();
-        let text = axum::body::to_bytes(Body::new(reply.into_body()), 64 * 1024)
-            .await
-            .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
-            .unwrap_or_default();
+        let e = agent_refusal(reply).await;
         return ApiError {
-            code: if status.is_client_error() {
-                StatusCode::BAD_REQUEST
-            } else {
-                StatusCode::INTERNAL_SERVER_ERROR
-            },
-            reason: if status.is_client_error() {
-                "BadRequest"
-            } else {
-                "InternalError"
-            },
-            message: format!("the agent refused the {sub} stream ({status}): {text}"),
-            details: None,
+            message: format!(
+                "the agent refused the {sub} stream ({status}): {}",
+                e.message
+            ),
+            ..e
         }
         .into_response();
     }
@@ -351,27 +341,25 @@ async fn proxy_log(api: &Api, req: &Request) -> ApiResult<Response> {
     })?;
     let (parts, body) = upstream.into_parts();
     if !parts.status.is_success() {
-        let text = axum::body::to_bytes(Body::new(body), 64 * 1024)
-            .await
-            .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
-            .unwrap_or_default();
-        let code = if parts.status == StatusCode::NOT_FOUND {
-            StatusCode::BAD_REQUEST
-        } else {
-            StatusCode::INTERNAL_SERVER_ERROR
-        };
-        return Err(ApiError {
-            code,
-            reason: if code == StatusCode::BAD_REQUEST {
-                "BadRequest"
-            } else {
-                "InternalError"
-            },
-            message: text,
-            details: None,
-        });
+        let refused = axum::http::Response::from_parts(parts, body);
+        return Err(agent_refusal(refused).await);
     }
     Ok(([(header::CONTENT_TYPE, "text/plain")], Body::new(body)).into_response())
+}
+
+/// The agent's error answer as an API error: its text, 400 for what the request got wrong
+/// (a missing container, a bad option), 500 otherwise.
+async fn agent_refusal(resp: axum::http::Response<hyper::body::Incoming>) -> ApiError {
+    let client_error = resp.status().is_client_error();
+    let text = axum::body::to_bytes(Body::new(resp.into_body()), 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    if client_error {
+        ApiError::bad_request(text)
+    } else {
+        ApiError::internal(text)
+    }
 }
 
 /// `host:port` of the agent on `node`: its InternalIP (else first address) and the

@@ -133,16 +133,7 @@ impl Deployments {
     ) -> Arc<Self> {
         let queue = WorkQueue::new();
         let (d_store, rs_store) = (deploys.store(), sets.store());
-        {
-            let (queue, store) = (queue.clone(), d_store.clone());
-            deploys.on(move |c| match c {
-                Change::Applied(d) | Change::Deleted(d) => queue.add(Key::of(d)),
-                Change::Relisted => store
-                    .state()
-                    .iter()
-                    .for_each(|d| queue.add(Key::of(d.as_ref()))),
-            });
-        }
+        deploys.queue_keys(&queue);
         {
             let (queue, store) = (queue.clone(), d_store.clone());
             sets.on(move |c| match c {

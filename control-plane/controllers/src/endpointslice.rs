@@ -56,16 +56,7 @@ impl EndpointSlices {
     ) -> Arc<Self> {
         let queue = WorkQueue::new();
         let svc_store = services.store();
-        {
-            let (queue, store) = (queue.clone(), svc_store.clone());
-            services.on(move |c| match c {
-                Change::Applied(s) | Change::Deleted(s) => queue.add(Key::of(s)),
-                Change::Relisted => store
-                    .state()
-                    .iter()
-                    .for_each(|s| queue.add(Key::of(s.as_ref()))),
-            });
-        }
+        services.queue_keys(&queue);
         {
             // Label changes can move a pod out of a Service, so every Service with a selector
             // in the pod's namespace looks again.

@@ -16,6 +16,8 @@ use kube::{
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
+use crate::{util::Key, workqueue::WorkQueue};
+
 /// What changed.
 pub(crate) enum Change<'a, K> {
     /// Added or modified.
@@ -62,6 +64,19 @@ where
     /// Registers a handler.
     pub fn on(&mut self, f: impl Fn(Change<'_, K>) + Send + Sync + 'static) {
         self.handlers.push(Box::new(f));
+    }
+
+    /// Queues the key of every changed object on `queue`, and every cached key after a
+    /// relist: what a controller of this resource type needs to hear of its own objects.
+    pub fn queue_keys(&mut self, queue: &WorkQueue<Key>) {
+        let (queue, store) = (queue.clone(), self.store());
+        self.on(move |c| match c {
+            Change::Applied(o) | Change::Deleted(o) => queue.add(Key::of(o)),
+            Change::Relisted => store
+                .state()
+                .iter()
+                .for_each(|o| queue.add(Key::of(o.as_ref()))),
+        });
     }
 
     /// Starts watching until `cancel`.

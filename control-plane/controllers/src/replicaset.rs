@@ -84,16 +84,7 @@ impl ReplicaSets {
     ) -> Arc<Self> {
         let queue = WorkQueue::new();
         let (rs_store, pod_store) = (sets.store(), pods.store());
-        {
-            let (queue, store) = (queue.clone(), rs_store.clone());
-            sets.on(move |c| match c {
-                Change::Applied(rs) | Change::Deleted(rs) => queue.add(Key::of(rs)),
-                Change::Relisted => store
-                    .state()
-                    .iter()
-                    .for_each(|rs| queue.add(Key::of(rs.as_ref()))),
-            });
-        }
+        sets.queue_keys(&queue);
         {
             let (queue, store) = (queue.clone(), rs_store.clone());
             pods.on(move |c| match c {
