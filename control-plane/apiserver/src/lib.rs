@@ -177,6 +177,7 @@ impl Api {
                 get(|| async { axum::Json(openapi::index()) }),
             )
             .route("/openapi/v3/{*gv}", get(openapi_document))
+            .route("/openapi/v2", get(openapi_v2))
             .route("/api/v1/{*rest}", any(core_resource))
             .route("/apis/{group}/{version}/{*rest}", any(group_resource))
             .route(
@@ -346,6 +347,28 @@ async fn openapi_document(Path(gv): Path<String>, uri: Uri) -> Response {
     match openapi::document(&gv) {
         Some(doc) => json_response(StatusCode::OK, doc),
         None => ApiError::no_route(uri.path()).into_response(),
+    }
+}
+
+/// `/openapi/v2`: gnostic protobuf when asked for (client-go does), JSON otherwise.
+async fn openapi_v2(headers: axum::http::HeaderMap) -> Response {
+    let (json, proto) = openapi::v2::document();
+    let wants_proto = headers
+        .get_all(axum::http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("protobuf"));
+    if wants_proto {
+        (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                openapi::v2::PROTOBUF.replace('@', "."),
+            )],
+            axum::body::Bytes::from_static(proto.as_slice()),
+        )
+            .into_response()
+    } else {
+        json_response(StatusCode::OK, json)
     }
 }
 

@@ -1,8 +1,12 @@
 //! OpenAPI v3 documents: `/openapi/v3` (the index) and one document per group version, with
-//! the schemas of the served types (from `k8s-openapi`) and the paths of the served resources.
+//! the schemas of the served types (from `k8s-openapi`) and the paths of the served resources;
+//! [`v2`] derives the single Swagger 2.0 document older clients read from them.
 //!
 //! kubectl reads them to validate manifests — seeing `fieldValidation` on PATCH, it leaves
 //! validation to the server — and `kubectl explain` reads the schemas.
+
+mod gnostic;
+pub mod v2;
 
 use std::{
     collections::BTreeMap,
@@ -132,6 +136,7 @@ fn group_version_doc(resources: &[&'static Resource]) -> Value {
             s.insert("x-kubernetes-group-version-kind".into(), json!([gvk(r)]));
         }
     }
+    annotate_patch_strategies(&mut schemas);
     let paths: Map<String, Value> = resources.iter().flat_map(|r| paths_of(r)).collect();
     json!({
         "openapi": "3.0.0",
@@ -139,6 +144,205 @@ fn group_version_doc(resources: &[&'static Resource]) -> Value {
         "paths": paths,
         "components": {"schemas": schemas},
     })
+}
+
+/// How Kubernetes merges the lists of the served types (their Go `patchStrategy` and
+/// `patchMergeKey` tags, and `listType`/`listMapKeys`), which the generated schemas do not
+/// carry: (definition, property, strategy, list map keys). Clients compute strategic merge
+/// patches from these; without them a list counts as atomic and `kubectl apply` would resend
+/// whole lists that it otherwise merges item by item.
+const PATCH_STRATEGIES: &[(&str, &str, &str, &[&str])] = &[
+    (
+        "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta",
+        "finalizers",
+        "merge",
+        &[],
+    ),
+    (
+        "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta",
+        "ownerReferences",
+        "merge",
+        &["uid"],
+    ),
+    (
+        "io.k8s.api.core.v1.PodSpec",
+        "containers",
+        "merge",
+        &["name"],
+    ),
+    (
+        "io.k8s.api.core.v1.PodSpec",
+        "initContainers",
+        "merge",
+        &["name"],
+    ),
+    (
+        "io.k8s.api.core.v1.PodSpec",
+        "ephemeralContainers",
+        "merge",
+        &["name"],
+    ),
+    (
+        "io.k8s.api.core.v1.PodSpec",
+        "volumes",
+        "merge,retainKeys",
+        &["name"],
+    ),
+    (
+        "io.k8s.api.core.v1.PodSpec",
+        "imagePullSecrets",
+        "merge",
+        &["name"],
+    ),
+    (
+        "io.k8s.api.core.v1.PodSpec",
+        "hostAliases",
+        "merge",
+        &["ip"],
+    ),
+    (
+        "io.k8s.api.core.v1.PodSpec",
+        "schedulingGates",
+        "merge",
+        &["name"],
+    ),
+    (
+        "io.k8s.api.core.v1.PodSpec",
+        "resourceClaims",
+        "merge,retainKeys",
+        &["name"],
+    ),
+    (
+        "io.k8s.api.core.v1.PodSpec",
+        "topologySpreadConstraints",
+        "merge",
+        &["topologyKey", "whenUnsatisfiable"],
+    ),
+    (
+        "io.k8s.api.core.v1.Container",
+        "ports",
+        "merge",
+        &["containerPort", "protocol"],
+    ),
+    ("io.k8s.api.core.v1.Container", "env", "merge", &["name"]),
+    (
+        "io.k8s.api.core.v1.Container",
+        "volumeMounts",
+        "merge",
+        &["mountPath"],
+    ),
+    (
+        "io.k8s.api.core.v1.Container",
+        "volumeDevices",
+        "merge",
+        &["devicePath"],
+    ),
+    (
+        "io.k8s.api.core.v1.EphemeralContainer",
+        "env",
+        "merge",
+        &["name"],
+    ),
+    (
+        "io.k8s.api.core.v1.EphemeralContainer",
+        "volumeMounts",
+        "merge",
+        &["mountPath"],
+    ),
+    (
+        "io.k8s.api.core.v1.EphemeralContainer",
+        "volumeDevices",
+        "merge",
+        &["devicePath"],
+    ),
+    (
+        "io.k8s.api.core.v1.PodStatus",
+        "conditions",
+        "merge",
+        &["type"],
+    ),
+    ("io.k8s.api.core.v1.PodStatus", "podIPs", "merge", &["ip"]),
+    ("io.k8s.api.core.v1.PodStatus", "hostIPs", "merge", &["ip"]),
+    ("io.k8s.api.core.v1.NodeSpec", "podCIDRs", "merge", &[]),
+    (
+        "io.k8s.api.core.v1.NodeStatus",
+        "conditions",
+        "merge",
+        &["type"],
+    ),
+    (
+        "io.k8s.api.core.v1.NodeStatus",
+        "addresses",
+        "merge",
+        &["type"],
+    ),
+    (
+        "io.k8s.api.core.v1.ServiceSpec",
+        "ports",
+        "merge",
+        &["port", "protocol"],
+    ),
+    (
+        "io.k8s.api.core.v1.ServiceStatus",
+        "conditions",
+        "merge",
+        &["type"],
+    ),
+    (
+        "io.k8s.api.core.v1.NamespaceStatus",
+        "conditions",
+        "merge",
+        &["type"],
+    ),
+    (
+        "io.k8s.api.apps.v1.DeploymentSpec",
+        "strategy",
+        "retainKeys",
+        &[],
+    ),
+    (
+        "io.k8s.api.apps.v1.DeploymentStatus",
+        "conditions",
+        "merge",
+        &["type"],
+    ),
+    (
+        "io.k8s.api.apps.v1.ReplicaSetStatus",
+        "conditions",
+        "merge",
+        &["type"],
+    ),
+    (
+        "io.k8s.api.apps.v1.DaemonSetStatus",
+        "conditions",
+        "merge",
+        &["type"],
+    ),
+    (
+        "io.k8s.api.batch.v1.JobStatus",
+        "conditions",
+        "merge",
+        &["type"],
+    ),
+];
+
+fn annotate_patch_strategies(schemas: &mut Map<String, Value>) {
+    for (definition, property, strategy, keys) in PATCH_STRATEGIES {
+        let Some(Value::Object(p)) = schemas
+            .get_mut(*definition)
+            .and_then(|d| d.pointer_mut(&format!("/properties/{property}")))
+        else {
+            continue;
+        };
+        p.insert("x-kubernetes-patch-strategy".into(), json!(strategy));
+        if let Some(key) = keys.first() {
+            p.insert("x-kubernetes-patch-merge-key".into(), json!(key));
+            p.insert("x-kubernetes-list-type".into(), json!("map"));
+            p.insert("x-kubernetes-list-map-keys".into(), json!(keys));
+        } else if strategy.contains("merge") {
+            p.insert("x-kubernetes-list-type".into(), json!("set"));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -172,5 +376,25 @@ mod tests {
             "Deployment"
         );
         assert!(doc["components"]["schemas"]["io.k8s.api.core.v1.PodSpec"].is_object());
+        let core = document("api/v1").unwrap();
+        let containers = &core["components"]["schemas"]["io.k8s.api.core.v1.PodSpec"]["properties"]
+            ["containers"];
+        assert_eq!(containers["x-kubernetes-patch-merge-key"], "name");
+        assert_eq!(containers["x-kubernetes-patch-strategy"], "merge");
+    }
+
+    #[test]
+    fn every_patch_strategy_names_a_served_property() {
+        for (definition, property, strategy, _) in PATCH_STRATEGIES {
+            let annotated = documents().values().any(|(_, doc)| {
+                doc["components"]["schemas"][*definition]["properties"][*property]
+                    ["x-kubernetes-patch-strategy"]
+                    == *strategy
+            });
+            assert!(
+                annotated,
+                "{definition}.{property} is not in any served schema"
+            );
+        }
     }
 }

@@ -558,6 +558,52 @@ pub(crate) struct DeleteOptions {
     pub(crate) uid: Option<String>,
     pub(crate) revision: Option<Revision>,
     pub(crate) dry_run: bool,
+    /// What happens to dependents; `None` when the caller did not say.
+    pub(crate) propagation: Option<Propagation>,
+}
+
+/// What happens to the dependents of a deleted object (`propagationPolicy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Propagation {
+    /// The object goes now; the garbage collector deletes dependents afterwards.
+    Background,
+    /// The object stays (with the `foregroundDeletion` finalizer) until its dependents are
+    /// gone.
+    Foreground,
+    /// The object stays (with the `orphan` finalizer) until the garbage collector has removed
+    /// the owner references its dependents hold.
+    Orphan,
+}
+
+impl Propagation {
+    const FINALIZERS: [&str; 2] = ["foregroundDeletion", "orphan"];
+
+    fn parse(v: &str) -> ApiResult<Self> {
+        match v {
+            "Background" => Ok(Self::Background),
+            "Foreground" => Ok(Self::Foreground),
+            "Orphan" => Ok(Self::Orphan),
+            other => Err(ApiError::invalid_options(
+                "DeleteOptions",
+                Cause {
+                    reason: "FieldValueNotSupported",
+                    message: format!(
+                        "Unsupported value: {other:?}: supported values: \"Foreground\", \"Background\", \"Orphan\""
+                    ),
+                    field: "propagationPolicy".into(),
+                },
+            )),
+        }
+    }
+
+    /// The finalizer the garbage collector acts on.
+    fn finalizer(self) -> Option<&'static str> {
+        match self {
+            Self::Background => None,
+            Self::Foreground => Some("foregroundDeletion"),
+            Self::Orphan => Some("orphan"),
+        }
+    }
 }
 
 fn main_scope(t: &Target) -> Scope {
@@ -696,7 +742,36 @@ impl DeleteOptions {
                 .get("dryRun")
                 .and_then(Value::as_array)
                 .is_some_and(|d| d.iter().any(|x| x == "All"));
+        let policy = req
+            .query
+            .get("propagationPolicy")
+            .filter(|p| !p.is_empty())
+            .or_else(|| body.get("propagationPolicy").and_then(Value::as_str))
+            .map(Propagation::parse)
+            .transpose()?;
+        // The deprecated boolean, still sent by old clients.
+        let orphan = match req.query.get("orphanDependents").filter(|v| !v.is_empty()) {
+            Some(v) => Some(matches!(v, "1" | "true" | "True")),
+            None => body.get("orphanDependents").and_then(Value::as_bool),
+        };
+        let propagation = match (policy, orphan) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::invalid_options(
+                    "DeleteOptions",
+                    Cause {
+                        reason: "FieldValueInvalid",
+                        message: "Invalid value: \"null\": orphanDependents and propagationPolicy cannot be both set".into(),
+                        field: "propagationPolicy".into(),
+                    },
+                ));
+            }
+            (Some(p), None) => Some(p),
+            (None, Some(true)) => Some(Propagation::Orphan),
+            (None, Some(false)) => Some(Propagation::Background),
+            (None, None) => None,
+        };
         Ok(DeleteOptions {
+            propagation,
             grace,
             uid: body
                 .pointer("/preconditions/uid")
@@ -745,9 +820,33 @@ pub(crate) async fn delete_one(api: &Api, t: &Target, opts: &DeleteOptions) -> A
             Some("Succeeded" | "Failed")
         );
     let namespace = r.kind == "Namespace" && r.group.is_empty();
-    if has_finalizers || graceful_pod || namespace {
+    // Foreground and orphan deletion hand the object to the garbage collector through a
+    // finalizer. An object nothing depends on has nothing to wait for, so it goes at once
+    // (Kubernetes adds the finalizer and its collector removes it straight away).
+    let propagation = match opts.propagation {
+        Some(Propagation::Foreground | Propagation::Orphan)
+            if !namespace && !has_dependents(api, &obj).await? =>
+        {
+            Some(Propagation::Background)
+        }
+        p => p,
+    };
+    let wanted = propagation.and_then(Propagation::finalizer);
+    if has_finalizers || graceful_pod || namespace || wanted.is_some() {
         if obj.pointer("/metadata/deletionTimestamp").is_some() {
-            return Ok(obj);
+            // A second delete may switch to foreground or orphan deletion, as in Kubernetes.
+            if wanted.is_none() || !set_propagation(&mut obj, wanted) || opts.dry_run {
+                return Ok(obj);
+            }
+            let stored = api
+                .store
+                .update(&t.key(), object::encode(&obj)?, Some(revision))
+                .await
+                .map_err(|e| ApiError::from_storage(e, r, t.name()))?;
+            return object::decode(r, &stored);
+        }
+        if !namespace {
+            set_propagation(&mut obj, wanted);
         }
         let meta = object::metadata_mut(&mut obj);
         meta.insert("deletionTimestamp".into(), json!(object::now_rfc3339()));
@@ -790,6 +889,70 @@ pub(crate) async fn delete_one(api: &Api, t: &Target, opts: &DeleteOptions) -> A
         json!(gone.mod_revision.to_string()),
     );
     Ok(obj)
+}
+
+/// Sets the propagation finalizer of `obj` to `wanted` (removing the other one); whether that
+/// changed anything.
+fn set_propagation(obj: &mut Value, wanted: Option<&str>) -> bool {
+    let mut finalizers: Vec<Value> = obj
+        .pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let before = finalizers.clone();
+    finalizers.retain(|f| {
+        f.as_str()
+            .is_none_or(|f| !Propagation::FINALIZERS.contains(&f) || Some(f) == wanted)
+    });
+    if let Some(w) = wanted
+        && !finalizers.iter().any(|f| f == w)
+    {
+        finalizers.push(json!(w));
+    }
+    if finalizers == before {
+        return false;
+    }
+    let meta = object::metadata_mut(obj);
+    if finalizers.is_empty() {
+        meta.remove("finalizers");
+    } else {
+        meta.insert("finalizers".into(), Value::Array(finalizers));
+    }
+    true
+}
+
+/// Whether any stored object names `owner` in its ownerReferences. Dependents live in the
+/// owner's namespace, or anywhere for a cluster-scoped owner.
+async fn has_dependents(api: &Api, owner: &Value) -> ApiResult<bool> {
+    let Some(uid) = object::meta_str(owner, "uid") else {
+        return Ok(false);
+    };
+    let ns = object::meta_str(owner, "namespace");
+    for r in crate::resources::RESOURCES {
+        let prefix = match (r.namespaced, ns) {
+            (true, Some(ns)) => r.key_prefix(Some(ns)),
+            (false, Some(_)) => continue,
+            (_, None) => r.key_prefix(None),
+        };
+        let page = api
+            .store
+            .range(&prefix, None, 0)
+            .await
+            .map_err(|e| ApiError::from_storage(e, r, ""))?;
+        for (_, v) in page.items {
+            let Ok(o) = object::decode(r, &v) else {
+                continue;
+            };
+            let owned = o
+                .pointer("/metadata/ownerReferences")
+                .and_then(Value::as_array)
+                .is_some_and(|refs| refs.iter().any(|x| x["uid"] == uid));
+            if owned {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
 }
 
 fn is_pod(r: &crate::resources::Resource) -> bool {

@@ -126,6 +126,24 @@ impl ApiError {
         e
     }
 
+    /// 422 for invalid options of a request (e.g. `DeleteOptions`), which are not stored
+    /// objects: `<kind>.meta.k8s.io "" is invalid: …`, as Kubernetes words it.
+    pub fn invalid_options(kind: &str, cause: Cause) -> Self {
+        let mut e = Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            format!(
+                "{kind}.meta.k8s.io \"\" is invalid: {}: {}",
+                cause.field, cause.message
+            ),
+        );
+        e.details = Some(json!({
+            "group": "meta.k8s.io", "kind": kind,
+            "causes": [{"reason": cause.reason, "message": cause.message, "field": cause.field}],
+        }));
+        e
+    }
+
     /// 410 Gone: a resourceVersion older than the history kept.
     pub fn gone(message: impl Into<String>) -> Self {
         Self::new(StatusCode::GONE, "Expired", message)

@@ -392,6 +392,25 @@ fn kubectl_applies_and_reapplies_a_multi_document_manifest() {
     let out = s.ok("1.33", &["-n", "shop", "get", "deploy", "-o", "wide"]);
     assert!(out.starts_with("NAME"), "{out}");
     assert!(out.contains("UP-TO-DATE"), "{out}");
+    let described = s.ok("1.33", &["-n", "shop", "describe", "deploy", "web"]);
+    for line in [
+        "Name:",
+        "Selector:",
+        "app=web",
+        "StrategyType:",
+        "RollingUpdate",
+        "busybox:1.36",
+    ] {
+        assert!(
+            described.contains(line),
+            "{line} missing from:\n{described}"
+        );
+    }
+    let described = s.ok("1.33", &["-n", "shop", "describe", "svc", "web"]);
+    assert!(
+        described.contains("TargetPort:") && described.contains("8080/TCP"),
+        "{described}"
+    );
     let secret = s.ok(
         "1.33",
         &[
@@ -662,18 +681,24 @@ fn kubectl_discovery_explain_and_old_clients() {
         "{explain}"
     );
 
-    // kubectl 1.27 validates with OpenAPI v2 (protobuf), which the server does not serve
-    // yet; with client-side validation off it works.
-    let manifest = s.write("app.yaml", MANIFEST);
-    let out = s.ok(
-        "1.27",
-        &[
-            "apply",
-            "--validate=false",
-            "-f",
-            manifest.to_str().unwrap(),
-        ],
+    // kubectl 1.27 reads OpenAPI v2 (protobuf): it finds `fieldValidation` on PATCH and
+    // leaves strict validation to the server, and explains from the v2 schemas.
+    let unknown = s.write(
+        "unknown.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: ok}\nbogus: 1\n",
     );
+    let err = s.fails("1.27", &["apply", "-f", unknown.to_str().unwrap()]);
+    assert!(err.contains(r#"unknown field "bogus""#), "{err}");
+    let explain = s.ok(
+        "1.27",
+        &["explain", "deployment.spec.template.spec.containers.image"],
+    );
+    assert!(
+        explain.contains("FIELD: image <string>") || explain.contains("FIELD:    image <string>"),
+        "{explain}"
+    );
+    let manifest = s.write("app.yaml", MANIFEST);
+    let out = s.ok("1.27", &["apply", "-f", manifest.to_str().unwrap()]);
     assert_eq!(out.matches("created").count(), 5, "{out}");
     let out = s.ok(
         "1.27",
@@ -1015,4 +1040,98 @@ fn kubectl_create_generators_send_protobuf() {
         err.contains("NotFound") || err.contains("not found"),
         "{err}"
     );
+}
+
+#[test]
+fn kubectl_delete_cascade_hands_dependents_to_the_collector() {
+    let s = Server::start();
+    let cm = |name: &str| {
+        s.write(
+            &format!("{name}.yaml"),
+            &format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {name}}}\n"),
+        )
+    };
+    for name in ["owner", "lonely"] {
+        s.ok("1.33", &["create", "-f", cm(name).to_str().unwrap()]);
+    }
+    let uid = s.ok(
+        "1.33",
+        &["get", "cm", "owner", "-o", "jsonpath={.metadata.uid}"],
+    );
+    let dependent = s.write(
+        "dep.yaml",
+        &format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: dep\n  ownerReferences:\n  \
+             - {{apiVersion: v1, kind: ConfigMap, name: owner, uid: {uid}}}\n"
+        ),
+    );
+    s.ok("1.33", &["create", "-f", dependent.to_str().unwrap()]);
+
+    // With dependents, orphan (and foreground) deletion leave the owner terminating with the
+    // finalizer the garbage collector acts on.
+    s.ok(
+        "1.33",
+        &["delete", "cm", "owner", "--cascade=orphan", "--wait=false"],
+    );
+    let meta = s.ok(
+        "1.33",
+        &[
+            "get",
+            "cm",
+            "owner",
+            "-o",
+            "jsonpath={.metadata.finalizers} {.metadata.deletionTimestamp}",
+        ],
+    );
+    assert!(meta.starts_with(r#"["orphan"] 20"#), "{meta}");
+    // A second delete switches the propagation.
+    s.ok(
+        "1.33",
+        &[
+            "delete",
+            "cm",
+            "owner",
+            "--cascade=foreground",
+            "--wait=false",
+        ],
+    );
+    let finalizers = s.ok(
+        "1.33",
+        &[
+            "get",
+            "cm",
+            "owner",
+            "-o",
+            "jsonpath={.metadata.finalizers}",
+        ],
+    );
+    assert_eq!(finalizers, r#"["foregroundDeletion"]"#);
+
+    // Nothing depends on this one: it goes at once.
+    s.ok("1.33", &["delete", "cm", "lonely", "--cascade=foreground"]);
+    let err = s.fails("1.33", &["get", "cm", "lonely"]);
+    assert!(err.contains("NotFound"), "{err}");
+
+    let err = s.fails(
+        "1.33",
+        &[
+            "delete",
+            "--raw",
+            "/api/v1/namespaces/default/configmaps/dep?propagationPolicy=Sideways",
+        ],
+    );
+    assert!(
+        err.contains(r#"propagationPolicy: Unsupported value: "Sideways""#),
+        "{err}"
+    );
+    let err = s.fails(
+        "1.33",
+        &[
+            "delete",
+            "--raw",
+            "/api/v1/namespaces/default/configmaps/dep?propagationPolicy=Orphan&orphanDependents=true",
+        ],
+    );
+    assert!(err.contains("cannot be both set"), "{err}");
+    s.ok("1.33", &["get", "cm", "dep"]);
 }

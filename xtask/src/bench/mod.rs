@@ -3,6 +3,7 @@
 //!
 //! Adding a suite: a variant in [`Suite`] and one match arm in [`run`].
 
+mod api;
 mod scheduler;
 mod store;
 
@@ -27,6 +28,9 @@ pub struct BenchArgs {
 enum Suite {
     /// A 3-member Keelson store against a 3-member etcd: writes/s, p50/p99 latency, ratios.
     Store,
+    /// The API server, one member: creates/gets/lists of 10k pods, mutating-call p99, watch
+    /// fan-out to 1000 watchers.
+    Api,
     /// The scheduler: pods bound/s and p99 create→bound latency at 500 and 5000 nodes.
     Scheduler,
 }
@@ -38,6 +42,7 @@ enum Suite {
 pub fn run(args: &BenchArgs) -> Result<()> {
     match args.suite {
         Suite::Store => store::run(&args.extra),
+        Suite::Api => api::run(&args.extra),
         Suite::Scheduler => scheduler::run(&args.extra),
     }
 }
