@@ -88,7 +88,10 @@ async fn one(nodes: usize, pods: usize) -> anyhow::Result<Result1> {
     let opts = keelson_controllers::Options {
         leader_election: false,
         workloads: false,
+        daemon_sets: false,
+        jobs: false,
         endpoint_slices: false,
+        endpoints: false,
         node_lifecycle: false,
         node_ipam: false,
         garbage_collector: false,

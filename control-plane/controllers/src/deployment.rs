@@ -83,7 +83,12 @@ fn spec_replicas(rs: &ReplicaSet) -> i32 {
 }
 
 /// Resolves an int-or-percent of `total`, rounding up or down.
-fn scaled(v: Option<&IntOrString>, total: i32, default_percent: i32, round_up: bool) -> i32 {
+pub(crate) fn scaled(
+    v: Option<&IntOrString>,
+    total: i32,
+    default_percent: i32,
+    round_up: bool,
+) -> i32 {
     let percent = match v {
         Some(IntOrString::Int(i)) => return *i,
         Some(IntOrString::String(s)) => s

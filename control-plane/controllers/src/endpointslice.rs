@@ -209,7 +209,7 @@ fn same(a: &EndpointSlice, b: &EndpointSlice) -> bool {
 }
 
 /// The port a Service port reaches on one pod, if it resolves.
-fn resolve(target: Option<&IntOrString>, port: i32, pod: &Pod) -> Option<i32> {
+pub(crate) fn resolve(target: Option<&IntOrString>, port: i32, pod: &Pod) -> Option<i32> {
     match target {
         None => Some(port),
         Some(IntOrString::Int(p)) => Some(*p),

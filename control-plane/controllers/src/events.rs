@@ -26,6 +26,11 @@ impl Recorder {
         Recorder { client, component }
     }
 
+    /// The client Events are written with.
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
     /// Records an Event about `obj`.
     pub fn record<K: Resource<DynamicType = ()>>(
         &self,

@@ -9,24 +9,31 @@
 //! [`run`] takes the controller-manager Lease (`kube-system/keelson-controller-manager`) and,
 //! while it holds it, runs:
 //! - the scheduler (queue, filters, scores, binding),
-//! - the ReplicaSet and Deployment controllers,
-//! - the EndpointSlice controller,
+//! - the ReplicaSet, Deployment, DaemonSet and Job controllers (Jobs deleted after their
+//!   `ttlSecondsAfterFinished`),
+//! - the EndpointSlice controller and the legacy Endpoints controller,
 //! - node lifecycle (Lease heartbeats, `Ready=Unknown`, the `unreachable` taint, eviction) and
 //!   node IPAM (`spec.podCIDR`),
-//! - garbage collection by owner references.
+//! - garbage collection by owner references (background, orphan and foreground
+//!   propagation) over every resource type these controllers own or create.
 #![deny(missing_docs)]
 
 mod connect;
+mod daemonset;
 mod deployment;
+mod endpoints;
 mod endpointslice;
 mod error;
 mod events;
+mod expectations;
 mod gc;
 mod informer;
 mod ipam;
+mod job;
 mod leader;
 mod manager;
 mod nodelifecycle;
+mod podwrites;
 pub mod quantity;
 mod replicaset;
 mod scheduler;
@@ -66,8 +73,18 @@ pub struct Options {
     pub bind_concurrency: usize,
     /// Run the workload controllers: ReplicaSet, Deployment (true).
     pub workloads: bool,
+    /// Run the DaemonSet controller (true).
+    pub daemon_sets: bool,
+    /// Run the Job controller, with deletion after `ttlSecondsAfterFinished` (true).
+    pub jobs: bool,
+    /// First delay before a Job replaces a failed pod (10 s), doubled per failure…
+    pub job_backoff_initial: Duration,
+    /// …up to this (6 min).
+    pub job_backoff_max: Duration,
     /// Run the EndpointSlice controller (true).
     pub endpoint_slices: bool,
+    /// Run the legacy `v1` Endpoints controller (true).
+    pub endpoints: bool,
     /// Run node lifecycle (true).
     pub node_lifecycle: bool,
     /// A node whose Lease is not renewed for this long becomes `Ready=Unknown` and tainted
@@ -109,7 +126,12 @@ impl Default for Options {
             scheduler_retry_unschedulable: Duration::from_secs(60),
             bind_concurrency: 64,
             workloads: true,
+            daemon_sets: true,
+            jobs: true,
+            job_backoff_initial: Duration::from_secs(10),
+            job_backoff_max: Duration::from_secs(360),
             endpoint_slices: true,
+            endpoints: true,
             node_lifecycle: true,
             node_monitor_grace: Duration::from_secs(40),
             node_monitor_period: Duration::from_secs(5),

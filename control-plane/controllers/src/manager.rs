@@ -3,18 +3,19 @@
 use std::{future::Future, pin::Pin};
 
 use k8s_openapi::api::{
-    apps::v1::{Deployment, ReplicaSet},
+    apps::v1::{DaemonSet, Deployment, ReplicaSet},
+    batch::v1::Job,
     coordination::v1::Lease,
-    core::v1::{Node, Pod, Service},
+    core::v1::{ConfigMap, Endpoints, Node, Pod, Secret, Service, ServiceAccount},
     discovery::v1::EndpointSlice,
 };
 use kube::{Api, Client, runtime::watcher};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Options, deployment::Deployments, endpointslice::EndpointSlices, gc::GarbageCollector,
-    informer::Informer, ipam::Ipam, nodelifecycle::NodeLifecycle, replicaset::ReplicaSets,
-    scheduler::Scheduler,
+    Options, daemonset::DaemonSets, deployment::Deployments, endpoints::EndpointsController,
+    endpointslice::EndpointSlices, gc::GarbageCollector, informer::Informer, ipam::Ipam, job::Jobs,
+    nodelifecycle::NodeLifecycle, replicaset::ReplicaSets, scheduler::Scheduler,
 };
 
 type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -26,9 +27,13 @@ pub(crate) async fn run_all(client: Client, opts: &Options, cancel: Cancellation
     let mut nodes = Informer::<Node>::new(Api::all(client.clone()), cfg());
     let mut sets = Informer::<ReplicaSet>::new(Api::all(client.clone()), cfg());
     let mut deploys = Informer::<Deployment>::new(Api::all(client.clone()), cfg());
+    let mut daemons = Informer::<DaemonSet>::new(Api::all(client.clone()), cfg());
+    let mut jobs = Informer::<Job>::new(Api::all(client.clone()), cfg());
     let mut services = Informer::<Service>::new(Api::all(client.clone()), cfg());
     let mut slices = Informer::<EndpointSlice>::new(Api::all(client.clone()), cfg());
-    let leases = Informer::<Lease>::new(Api::namespaced(client.clone(), "kube-node-lease"), cfg());
+    let mut endpoints = Informer::<Endpoints>::new(Api::all(client.clone()), cfg());
+    // All namespaces: node lifecycle reads those in kube-node-lease, the collector all.
+    let mut leases = Informer::<Lease>::new(Api::all(client.clone()), cfg());
 
     let mut tasks: Vec<Task> = Vec::new();
     let c = || cancel.clone();
@@ -42,8 +47,21 @@ pub(crate) async fn run_all(client: Client, opts: &Options, cancel: Cancellation
         let d = Deployments::register(client.clone(), &mut deploys, &mut sets, &mut pods);
         tasks.push(Box::pin(d.run(c())));
     }
+    if opts.daemon_sets {
+        let d = DaemonSets::register(client.clone(), &mut daemons, &mut pods, &mut nodes);
+        tasks.push(Box::pin(d.run(c())));
+    }
+    if opts.jobs {
+        let j = Jobs::register(client.clone(), opts, &mut jobs, &mut pods);
+        tasks.push(Box::pin(j.run(c())));
+    }
     if opts.endpoint_slices {
         let e = EndpointSlices::register(client.clone(), &mut services, &mut pods, &mut slices);
+        tasks.push(Box::pin(e.run(c())));
+    }
+    if opts.endpoints {
+        let e =
+            EndpointsController::register(client.clone(), &mut services, &mut pods, &mut endpoints);
         tasks.push(Box::pin(e.run(c())));
     }
     if opts.node_lifecycle {
@@ -54,28 +72,43 @@ pub(crate) async fn run_all(client: Client, opts: &Options, cancel: Cancellation
         let i = Ipam::register(client.clone(), opts, &mut nodes);
         tasks.push(Box::pin(i.run(c())));
     }
+    let mut watches = Vec::new();
     if opts.garbage_collector {
-        let g = GarbageCollector::register(
-            client.clone(),
-            opts,
-            &mut pods,
-            &mut sets,
-            &mut deploys,
-            &mut services,
-            &slices,
-            &mut nodes,
-        );
+        // Every served type but Events and Namespaces (as in Kubernetes, whose collector
+        // ignores Events; namespaces are emptied by their own deletion), as owner and as
+        // dependent. Config maps, secrets and service accounts are watched for it alone.
+        let mut g = GarbageCollector::new(client.clone(), opts);
+        g.track(&mut pods);
+        g.track(&mut sets);
+        g.track(&mut deploys);
+        g.track(&mut daemons);
+        g.track(&mut jobs);
+        g.track(&mut services);
+        g.track(&mut slices);
+        g.track(&mut endpoints);
+        g.track(&mut nodes);
+        g.track(&mut leases);
+        let mut maps = Informer::<ConfigMap>::new(Api::all(client.clone()), cfg());
+        let mut secrets = Informer::<Secret>::new(Api::all(client.clone()), cfg());
+        let mut accounts = Informer::<ServiceAccount>::new(Api::all(client.clone()), cfg());
+        g.track(&mut maps);
+        g.track(&mut secrets);
+        g.track(&mut accounts);
+        watches.extend([maps.spawn(c()), secrets.spawn(c()), accounts.spawn(c())]);
         tasks.push(Box::pin(g.run(c())));
     }
-    let watches = [
+    watches.extend([
         pods.spawn(c()),
         nodes.spawn(c()),
         sets.spawn(c()),
         deploys.spawn(c()),
+        daemons.spawn(c()),
+        jobs.spawn(c()),
         services.spawn(c()),
         slices.spawn(c()),
+        endpoints.spawn(c()),
         leases.spawn(c()),
-    ];
+    ]);
     futures::future::join_all(tasks).await;
     cancel.cancel();
     for w in watches {

@@ -4,12 +4,7 @@
 //! Between writing pods and seeing them in the cache it remembers what it asked for
 //! ("expectations"), so that a cache that lags behind never makes it create or delete twice.
 
-use std::{
-    cmp::Reverse,
-    collections::{HashMap, HashSet},
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{cmp::Reverse, collections::HashMap, sync::Arc, time::Duration};
 
 use futures::StreamExt as _;
 use k8s_openapi::api::{apps::v1::ReplicaSet, core::v1::Pod};
@@ -19,13 +14,13 @@ use kube::{
     runtime::reflector::{ObjectRef, Store},
 };
 use serde_json::json;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     Result,
     error::ApiContext as _,
     events::{Recorder, Type},
+    expectations::Expectations,
     informer::{Change, Informer},
     util::{self, Key},
     workqueue::WorkQueue,
@@ -35,23 +30,13 @@ use crate::{
 const BURST: usize = 500;
 /// Concurrent writes per reconcile.
 const PARALLEL: usize = 16;
-/// Expectations not met after this are dropped (a watch event may have been missed).
-const EXPECTATION_TTL: Duration = Duration::from_secs(10);
-
-#[derive(Default)]
-struct Expect {
-    creates: HashSet<String>,
-    deletes: HashSet<String>,
-    at: Option<Instant>,
-}
-
 /// The ReplicaSet controller.
 pub(crate) struct ReplicaSets {
     client: Client,
     sets: Store<ReplicaSet>,
     pods: Store<Pod>,
     queue: WorkQueue<Key>,
-    expectations: Mutex<HashMap<Key, Expect>>,
+    expectations: Expectations<Key>,
     recorder: Recorder,
 }
 
@@ -101,7 +86,7 @@ impl ReplicaSets {
             sets: rs_store,
             pods: pod_store,
             queue,
-            expectations: Mutex::new(HashMap::new()),
+            expectations: Expectations::new(),
         })
     }
 
@@ -122,37 +107,9 @@ impl ReplicaSets {
             .await;
     }
 
-    /// Whether earlier creates and deletes of `key` are all visible in the cache.
-    fn expectations_met(&self, key: &Key, pods: &HashMap<&str, &Pod>) -> bool {
-        let mut all = self.expectations.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(e) = all.get_mut(key) else {
-            return true;
-        };
-        e.creates.retain(|n| !pods.contains_key(n.as_str()));
-        e.deletes
-            .retain(|n| pods.get(n.as_str()).is_some_and(|p| !util::terminating(*p)));
-        let stale = e.at.is_some_and(|at| at.elapsed() > EXPECTATION_TTL);
-        if (e.creates.is_empty() && e.deletes.is_empty()) || stale {
-            all.remove(key);
-            return true;
-        }
-        false
-    }
-
-    fn expect(&self, key: &Key, creates: Vec<String>, deletes: Vec<String>) {
-        let mut all = self.expectations.lock().unwrap_or_else(|e| e.into_inner());
-        let e = all.entry(key.clone()).or_default();
-        e.creates.extend(creates);
-        e.deletes.extend(deletes);
-        e.at = Some(Instant::now());
-    }
-
     async fn reconcile(&self, key: Key) -> Result<Option<Duration>> {
         let Some(rs) = self.sets.get(&ObjectRef::new(&key.name).within(&key.ns)) else {
-            self.expectations
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&key);
+            self.expectations.forget(&key);
             return Ok(None);
         };
         let Some(spec) = rs.spec.as_ref() else {
@@ -200,7 +157,7 @@ impl ReplicaSets {
             .iter()
             .filter_map(|p| Some((p.metadata.name.as_deref()?, p.as_ref())))
             .collect();
-        let met = self.expectations_met(&key, &by_name);
+        let met = self.expectations.met(&key, &by_name);
         let active: Vec<&Arc<Pod>> = owned
             .iter()
             .filter(|p| !util::terminating(p.as_ref()))
@@ -327,7 +284,7 @@ impl ReplicaSets {
                 format!("Created {} pod(s): {}", names.len(), names.join(", ")),
             );
         }
-        self.expect(key, names, Vec::new());
+        self.expectations.expect(key, names, Vec::new());
         match error {
             Some(e) => Err(e).ctx(|| format!("creating pods for replicaset {key}")),
             None => Ok(()),
@@ -345,28 +302,37 @@ impl ReplicaSets {
             .iter()
             .filter_map(|p| p.metadata.name.clone())
             .collect();
-        self.expect(key, Vec::new(), names.clone());
-        let results: Vec<_> = futures::stream::iter(names.clone())
+        let results: Vec<_> = futures::stream::iter(names)
             .map(|n| {
                 let api = api.clone();
-                async move { api.delete(&n, &DeleteParams::default()).await }
+                async move { (api.delete(&n, &DeleteParams::default()).await, n) }
             })
             .buffer_unordered(PARALLEL)
             .collect()
             .await;
-        self.recorder.record(
-            rs,
-            Type::Normal,
-            "SuccessfulDelete",
-            format!("Deleted {} pod(s): {}", names.len(), names.join(", ")),
-        );
-        for r in results {
+        let mut deleted = Vec::new();
+        let mut error = None;
+        for (r, n) in results {
             match r {
-                Ok(_) | Err(kube::Error::Api(_)) => {}
-                Err(e) => return Err(e).ctx(|| format!("deleting pods of replicaset {key}")),
+                Ok(_) => deleted.push(n),
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                // A conflict with a concurrent write: retried, and not expected meanwhile.
+                Err(e) => error = Some(e),
             }
         }
-        Ok(())
+        if !deleted.is_empty() {
+            self.recorder.record(
+                rs,
+                Type::Normal,
+                "SuccessfulDelete",
+                format!("Deleted {} pod(s): {}", deleted.len(), deleted.join(", ")),
+            );
+        }
+        self.expectations.expect(key, Vec::new(), deleted);
+        match error {
+            Some(e) => Err(e).ctx(|| format!("deleting pods of replicaset {key}")),
+            None => Ok(()),
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! A test cluster: an in-process API server over the in-memory store, fake nodes (Node
 //! objects whose Leases a task renews, no agents) and a fake kubelet that gives bound pods an
-//! IP and readiness and finishes their deletion, as an agent would — until its node "dies".
+//! IP and readiness (or lets them exit, see [`EXIT_CODE`]) and finishes their deletion, as an
+//! agent would — until its node "dies".
 
 #![allow(dead_code)]
 
@@ -33,6 +34,12 @@ use tokio_util::sync::CancellationToken;
 
 /// Pods with this annotation are not made ready by the fake kubelet.
 pub const MANUAL_READY: &str = "test.keelson.io/manual-ready";
+/// Pods with this annotation "exit" with its value as soon as they run: `0` makes them
+/// `Succeeded`, anything else `Failed` — or, under `restartPolicy: OnFailure`, restarted
+/// (their restart count grows, up to 10).
+pub const EXIT_CODE: &str = "test.keelson.io/exit-code";
+/// The kubectl the tests drive.
+pub const KUBECTL: &str = "/usr/lib/google-cloud-sdk/bin/kubectl.1.33";
 
 pub struct Cluster {
     pub client: Client,
@@ -40,7 +47,7 @@ pub struct Cluster {
     /// Stops the controllers started with the cluster.
     pub first: CancellationToken,
     alive: Arc<Mutex<HashMap<String, bool>>>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     _server: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -122,7 +129,7 @@ impl Cluster {
             first: stop.child_token(),
             stop: stop.clone(),
             alive: Arc::new(Mutex::new(HashMap::new())),
-            _dir: dir,
+            dir,
             _server: server,
         };
         cluster.spawn_controllers(opts, cluster.first.clone());
@@ -202,6 +209,11 @@ impl Cluster {
         });
     }
 
+    /// The admin kubeconfig of the cluster's API server, for kubectl.
+    pub fn kubeconfig(&self) -> std::path::PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+
     /// Stops a node's agent: its Lease is no longer renewed and its pods are left as they are.
     pub fn kill_node(&self, name: &str) {
         self.alive
@@ -256,29 +268,78 @@ async fn fake_kubelet(
             continue;
         }
         let status = pod.status.clone().unwrap_or_default();
-        if status.phase.as_deref() == Some("Running") && status.pod_ip.is_some() {
+        if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
             continue;
         }
-        let n = node_index.len() as u32;
-        let idx = *node_index.entry(node.clone()).or_insert(n);
-        let host = next_ip.entry(node.clone()).or_insert(1);
-        *host += 1;
-        let ip = format!("10.200.{idx}.{host}");
+        let exit: Option<i32> = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(EXIT_CODE))
+            .and_then(|c| c.parse().ok());
+        let restart_on_failure =
+            pod.spec.as_ref().and_then(|s| s.restart_policy.as_deref()) == Some("OnFailure");
+        let restarts = status
+            .container_statuses
+            .as_ref()
+            .and_then(|c| c.first())
+            .map_or(0, |c| c.restart_count);
+        let running = status.phase.as_deref() == Some("Running") && status.pod_ip.is_some();
+        if running && !(exit.is_some_and(|c| c != 0) && restart_on_failure && restarts < 10) {
+            continue;
+        }
+        let ip = match status.pod_ip.clone() {
+            Some(ip) => ip,
+            None => {
+                let n = node_index.len() as u32;
+                let idx = *node_index.entry(node.clone()).or_insert(n);
+                let host = next_ip.entry(node.clone()).or_insert(1);
+                *host += 1;
+                format!("10.200.{idx}.{host}")
+            }
+        };
         let manual = pod
             .metadata
             .annotations
             .as_ref()
             .is_some_and(|a| a.contains_key(MANUAL_READY));
-        let ready = if manual { "False" } else { "True" };
         let now = jiff::Timestamp::now().to_string();
+        let container = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.first())
+            .map(|c| c.name.clone())
+            .unwrap_or_default();
+        let (phase, ready, restarts, state) = match exit {
+            Some(code) if code != 0 && restart_on_failure => (
+                "Running",
+                "False",
+                restarts + 1,
+                json!({"waiting": {"reason": "CrashLoopBackOff"}}),
+            ),
+            Some(code) => (
+                if code == 0 { "Succeeded" } else { "Failed" },
+                "False",
+                restarts,
+                json!({"terminated": {"exitCode": code, "finishedAt": now}}),
+            ),
+            None => (
+                "Running",
+                if manual { "False" } else { "True" },
+                restarts,
+                json!({"running": {"startedAt": now}}),
+            ),
+        };
         let patch = json!({"status": {
-            "phase": "Running",
+            "phase": phase,
             "podIP": ip,
             "podIPs": [{"ip": ip}],
             "conditions": [
                 {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
                 {"type": "Ready", "status": ready, "lastTransitionTime": now},
             ],
+            "containerStatuses": [{"name": container, "image": "test", "imageID": "",
+                "ready": ready == "True", "restartCount": restarts, "state": state}],
         }});
         let _ = api
             .patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
