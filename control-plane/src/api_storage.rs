@@ -138,6 +138,14 @@ impl Storage for RaftStorage {
             .map_err(store_err)
     }
 
+    async fn get_local(&self, key: &str) -> Result<Option<Versioned>, StorageError> {
+        self.store
+            .get(key, None, Consistency::Serializable)
+            .await
+            .map(|kv| kv.map(versioned))
+            .map_err(store_err)
+    }
+
     async fn range(
         &self,
         prefix: &str,

@@ -343,15 +343,81 @@ pub fn apply_defaults(r: &Resource, obj: &mut Value) {
             }
             default_pod_spec(obj.pointer_mut("/spec/template/spec"));
         }
-        ("apps", "ReplicaSet") | ("apps", "DaemonSet") | ("batch", "Job") => {
-            if r.kind == "ReplicaSet"
-                && let Some(spec) = obj.pointer_mut("/spec").and_then(Value::as_object_mut)
-            {
+        ("apps", "ReplicaSet") => {
+            if let Some(spec) = obj.pointer_mut("/spec").and_then(Value::as_object_mut) {
                 spec.entry("replicas").or_insert(json!(1));
             }
             default_pod_spec(obj.pointer_mut("/spec/template/spec"));
         }
+        ("apps", "DaemonSet") => {
+            if let Some(spec) = obj.pointer_mut("/spec").and_then(Value::as_object_mut) {
+                spec.entry("revisionHistoryLimit").or_insert(json!(10));
+                let strategy = spec
+                    .entry("updateStrategy")
+                    .or_insert(json!({"type": "RollingUpdate"}));
+                if let Some(strategy) = strategy.as_object_mut() {
+                    let kind = strategy.entry("type").or_insert(json!("RollingUpdate"));
+                    if kind == "RollingUpdate" {
+                        let rolling = strategy.entry("rollingUpdate").or_insert(json!({}));
+                        if let Some(rolling) = rolling.as_object_mut() {
+                            rolling.entry("maxUnavailable").or_insert(json!(1));
+                            rolling.entry("maxSurge").or_insert(json!(0));
+                        }
+                    }
+                }
+            }
+            default_pod_spec(obj.pointer_mut("/spec/template/spec"));
+        }
+        ("batch", "Job") => {
+            default_job(obj);
+            default_pod_spec(obj.pointer_mut("/spec/template/spec"));
+        }
         _ => {}
+    }
+}
+
+/// Job defaults, and the selector Kubernetes generates (unless `manualSelector`): the Job's
+/// uid as a label of its pods.
+fn default_job(obj: &mut Value) {
+    let uid = meta_str(obj, "uid").unwrap_or_default().to_owned();
+    let name = meta_str(obj, "name").unwrap_or_default().to_owned();
+    let Some(spec) = obj.pointer_mut("/spec").and_then(Value::as_object_mut) else {
+        return;
+    };
+    if !spec.contains_key("completions") && !spec.contains_key("parallelism") {
+        spec.insert("completions".into(), json!(1));
+    }
+    spec.entry("parallelism").or_insert(json!(1));
+    spec.entry("backoffLimit").or_insert(json!(6));
+    spec.entry("completionMode").or_insert(json!("NonIndexed"));
+    spec.entry("suspend").or_insert(json!(false));
+    let manual = spec.get("manualSelector") == Some(&json!(true));
+    if manual || uid.is_empty() || spec.contains_key("selector") {
+        return;
+    }
+    spec.insert(
+        "selector".into(),
+        json!({"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}),
+    );
+    let template = spec.entry("template").or_insert(json!({}));
+    if !template
+        .pointer("/metadata/labels")
+        .is_some_and(Value::is_object)
+    {
+        template["metadata"]["labels"] = json!({});
+    }
+    if let Some(labels) = template
+        .pointer_mut("/metadata/labels")
+        .and_then(Value::as_object_mut)
+    {
+        for (k, v) in [
+            ("batch.kubernetes.io/controller-uid", &uid),
+            ("batch.kubernetes.io/job-name", &name),
+            ("controller-uid", &uid),
+            ("job-name", &name),
+        ] {
+            labels.insert(k.into(), json!(v));
+        }
     }
 }
 
@@ -413,10 +479,26 @@ pub fn validate_required(r: &Resource, obj: &Value) -> Vec<Cause> {
                 "spec.template.spec.containers",
             );
         }
-        ("batch", "Job") => require(
-            "/spec/template/spec/containers",
-            "spec.template.spec.containers",
-        ),
+        ("batch", "Job") => {
+            require(
+                "/spec/template/spec/containers",
+                "spec.template.spec.containers",
+            );
+            // A Job's pods must end: Always (also the default) is refused, as in Kubernetes.
+            let policy = obj
+                .pointer("/spec/template/spec/restartPolicy")
+                .and_then(Value::as_str)
+                .unwrap_or("Always");
+            if !matches!(policy, "OnFailure" | "Never") {
+                causes.push(Cause {
+                    reason: "FieldValueNotSupported",
+                    message: format!(
+                        "Unsupported value: {policy:?}: supported values: \"OnFailure\", \"Never\""
+                    ),
+                    field: "spec.template.spec.restartPolicy".into(),
+                });
+            }
+        }
         _ => {}
     }
     if let Some(Value::Array(containers)) = obj
@@ -458,6 +540,57 @@ pub fn validate_required(r: &Resource, obj: &Value) -> Vec<Cause> {
 mod tests {
     use super::*;
     use crate::resources::find;
+
+    #[test]
+    fn jobs_get_a_selector_and_must_not_restart_always() {
+        let jobs = find("batch", "v1", "jobs").unwrap();
+        let mut job = json!({
+            "metadata": {"name": "pi", "uid": "u-1"},
+            "spec": {"template": {"spec": {"containers": [{"name": "c", "image": "busybox"}]}}}
+        });
+        let causes = validate_required(jobs, &job);
+        assert_eq!(causes.len(), 1);
+        assert_eq!(causes[0].field, "spec.template.spec.restartPolicy");
+        assert!(causes[0].message.contains(r#"Unsupported value: "Always""#));
+        job["spec"]["template"]["spec"]["restartPolicy"] = json!("Never");
+        assert!(validate_required(jobs, &job).is_empty());
+        apply_defaults(jobs, &mut job);
+        assert_eq!(
+            job["spec"]["selector"]["matchLabels"]["batch.kubernetes.io/controller-uid"],
+            "u-1"
+        );
+        let labels = &job["spec"]["template"]["metadata"]["labels"];
+        assert_eq!(labels["job-name"], "pi");
+        assert_eq!(labels["batch.kubernetes.io/controller-uid"], "u-1");
+        assert_eq!(job["spec"]["completions"], 1);
+        assert_eq!(job["spec"]["parallelism"], 1);
+        assert_eq!(job["spec"]["backoffLimit"], 6);
+        // A work queue (parallelism without completions) keeps completions unset.
+        let mut queue =
+            json!({"metadata": {"name": "q", "uid": "u-2"}, "spec": {"parallelism": 3}});
+        apply_defaults(jobs, &mut queue);
+        assert!(queue["spec"].get("completions").is_none());
+    }
+
+    #[test]
+    fn daemon_sets_default_to_rolling_updates_one_node_at_a_time() {
+        let sets = find("apps", "v1", "daemonsets").unwrap();
+        let mut ds = json!({"metadata": {"name": "d"}, "spec": {}});
+        apply_defaults(sets, &mut ds);
+        assert_eq!(ds["spec"]["updateStrategy"]["type"], "RollingUpdate");
+        assert_eq!(
+            ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"],
+            1
+        );
+        assert_eq!(ds["spec"]["revisionHistoryLimit"], 10);
+        let mut on_delete = json!({"spec": {"updateStrategy": {"type": "OnDelete"}}});
+        apply_defaults(sets, &mut on_delete);
+        assert!(
+            on_delete["spec"]["updateStrategy"]
+                .get("rollingUpdate")
+                .is_none()
+        );
+    }
 
     #[test]
     fn names_follow_rfc_1123() {

@@ -214,12 +214,23 @@ async fn ensure_namespace(api: &Api, t: &Target) -> ApiResult<()> {
     };
     let namespaces = crate::resources::find("", "v1", "namespaces")
         .ok_or_else(|| ApiError::internal("namespaces are not served"))?;
-    let existing = api
+    // This member's copy answers almost always; only a miss (perhaps a namespace created a
+    // moment ago through another member) is worth a linearizable read.
+    let key = namespaces.key(None, ns);
+    let local = api
         .store
-        .get(&namespaces.key(None, ns))
+        .get_local(&key)
         .await
-        .map_err(|e| ApiError::from_storage(e, namespaces, ns))?
-        .ok_or_else(|| ApiError::not_found(namespaces, ns))?;
+        .map_err(|e| ApiError::from_storage(e, namespaces, ns))?;
+    let existing = match local {
+        Some(v) => v,
+        None => api
+            .store
+            .get(&key)
+            .await
+            .map_err(|e| ApiError::from_storage(e, namespaces, ns))?
+            .ok_or_else(|| ApiError::not_found(namespaces, ns))?,
+    };
     let obj = object::decode(namespaces, &existing)?;
     if obj.pointer("/metadata/deletionTimestamp").is_some() {
         return Err(ApiError::forbidden(format!(
@@ -268,12 +279,15 @@ async fn create_object(api: &Api, req: &Request, mut obj: Value) -> ApiResult<Re
         .to_owned();
     let key = r.key(t.namespace.as_deref(), &name);
     let dry_run = req.query.dry_run()?;
-    if api
-        .store
-        .get(&key)
-        .await
-        .map_err(|e| ApiError::from_storage(e, r, &name))?
-        .is_some()
+    // The store's create refuses an existing key by itself; look first only where nothing
+    // will be written (dry run) or something is allocated before the write (Services).
+    if (dry_run || is_service(r))
+        && api
+            .store
+            .get(&key)
+            .await
+            .map_err(|e| ApiError::from_storage(e, r, &name))?
+            .is_some()
     {
         return Err(ApiError::already_exists(r, &name));
     }
@@ -788,7 +802,20 @@ async fn delete(api: &Api, req: &Request) -> ApiResult<Reply> {
     delete_one(api, &req.target, &opts).await.map(Reply::ok)
 }
 
+/// Deletes one object. Without preconditions a write that raced with another (e.g. an agent
+/// updating a pod's status) is retried on the new state, as Kubernetes does.
 pub(crate) async fn delete_one(api: &Api, t: &Target, opts: &DeleteOptions) -> ApiResult<Value> {
+    let preconditions = opts.uid.is_some() || opts.revision.is_some();
+    for _ in 0..PATCH_RETRIES {
+        match delete_attempt(api, t, opts).await {
+            Err(e) if e.reason == "Conflict" && !preconditions => continue,
+            result => return result,
+        }
+    }
+    Err(ApiError::conflict(t.resource, t.name()))
+}
+
+async fn delete_attempt(api: &Api, t: &Target, opts: &DeleteOptions) -> ApiResult<Value> {
     let r = t.resource;
     let (mut obj, revision) = current(api, t).await?;
     if opts
@@ -799,10 +826,6 @@ pub(crate) async fn delete_one(api: &Api, t: &Target, opts: &DeleteOptions) -> A
     {
         return Err(ApiError::conflict(r, t.name()));
     }
-    let has_finalizers = obj
-        .pointer("/metadata/finalizers")
-        .and_then(Value::as_array)
-        .is_some_and(|f| !f.is_empty());
     // A pod on a node is stopped by its agent first: mark it and let the agent finish.
     let grace = opts.grace.or_else(|| {
         obj.pointer("/spec/terminationGracePeriodSeconds")
@@ -832,8 +855,18 @@ pub(crate) async fn delete_one(api: &Api, t: &Target, opts: &DeleteOptions) -> A
         p => p,
     };
     let wanted = propagation.and_then(Propagation::finalizer);
-    if has_finalizers || graceful_pod || namespace || wanted.is_some() {
-        if obj.pointer("/metadata/deletionTimestamp").is_some() {
+    let terminating = obj.pointer("/metadata/deletionTimestamp").is_some();
+    // A policy given on the first delete sets the propagation finalizers; none given leaves
+    // the object's own finalizers as they are.
+    if !terminating && !namespace && propagation.is_some() {
+        set_propagation(&mut obj, wanted);
+    }
+    let has_finalizers = obj
+        .pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .is_some_and(|f| !f.is_empty());
+    if has_finalizers || graceful_pod || namespace {
+        if terminating {
             // A second delete may switch to foreground or orphan deletion, as in Kubernetes.
             if wanted.is_none() || !set_propagation(&mut obj, wanted) || opts.dry_run {
                 return Ok(obj);
@@ -844,9 +877,6 @@ pub(crate) async fn delete_one(api: &Api, t: &Target, opts: &DeleteOptions) -> A
                 .await
                 .map_err(|e| ApiError::from_storage(e, r, t.name()))?;
             return object::decode(r, &stored);
-        }
-        if !namespace {
-            set_propagation(&mut obj, wanted);
         }
         let meta = object::metadata_mut(&mut obj);
         meta.insert("deletionTimestamp".into(), json!(object::now_rfc3339()));

@@ -137,6 +137,13 @@ pub trait Storage: Send + Sync + 'static {
     /// The current value of `key`.
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StorageError>;
 
+    /// The value of `key` as this member last applied it: cheaper than [`Storage::get`] and
+    /// possibly stale, for checks that tolerate that (as Kubernetes' admission checks read
+    /// informer caches).
+    async fn get_local(&self, key: &str) -> Result<Option<Versioned>, StorageError> {
+        self.get(key).await
+    }
+
     /// Up to `limit` keys (0: no limit) starting with `prefix`, continuing a paged range if
     /// `from` is given (a continuation older than the history kept is
     /// [`StorageError::Compacted`]).

@@ -1134,4 +1134,30 @@ fn kubectl_delete_cascade_hands_dependents_to_the_collector() {
     );
     assert!(err.contains("cannot be both set"), "{err}");
     s.ok("1.33", &["get", "cm", "dep"]);
+
+    // A delete that names no policy leaves the finalizers the object carries.
+    let held = s.write(
+        "held.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: held, finalizers: [orphan]}\n",
+    );
+    s.ok("1.33", &["create", "-f", held.to_str().unwrap()]);
+    s.ok(
+        "1.33",
+        &[
+            "delete",
+            "--raw",
+            "/api/v1/namespaces/default/configmaps/held",
+        ],
+    );
+    let meta = s.ok(
+        "1.33",
+        &[
+            "get",
+            "cm",
+            "held",
+            "-o",
+            "jsonpath={.metadata.finalizers} {.metadata.deletionTimestamp}",
+        ],
+    );
+    assert!(meta.starts_with(r#"["orphan"] 20"#), "{meta}");
 }

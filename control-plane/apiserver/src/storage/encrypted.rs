@@ -364,6 +364,14 @@ impl Storage for EncryptedStore {
             .transpose()
     }
 
+    async fn get_local(&self, key: &str) -> Result<Option<Versioned>, StorageError> {
+        self.inner
+            .get_local(key)
+            .await?
+            .map(|v| self.config.open_versioned(key, v))
+            .transpose()
+    }
+
     async fn range(
         &self,
         prefix: &str,
