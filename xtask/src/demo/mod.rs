@@ -1,18 +1,21 @@
-//! `cargo xtask up` / `down`: the local demo.
+//! `cargo xtask up` / `down`: the local demo, a one-node cluster on this machine.
 //!
-//! What runs today:
-//! - the control plane: `keelson-server`, a single-member Raft store serving the Kubernetes
-//!   API on `https://127.0.0.1:6443` with the scheduler and controllers, and the admin
-//!   kubeconfig at `.keelson/admin.kubeconfig`;
-//! - a sample app (two busybox httpd backends) in a network namespace of its own
-//!   (`keelson-demo`, only `lo`, no route out), and a Service for it created through the API;
-//! - the agent's service proxy (`keelson-agent proxy`): the eBPF load balancer on a cgroup2
-//!   directory of its own, with its pins in a private bpffs under `.keelson/`, following the
-//!   Service and its EndpointSlices through the API.
+//! - The control plane: `keelson-server`, a single-member Raft store serving the Kubernetes
+//!   API on `https://10.250.250.1:6443` with the scheduler and controllers; the admin
+//!   kubeconfig at `.keelson/admin.kubeconfig`.
+//! - The node: a network namespace (`keelson-demo`) joined to the host by one veth pair
+//!   (`10.250.250.1` on the host, `10.250.250.2` in the namespace; no route out of it), where
+//!   `keelson-agent node` registers Node `keelson-demo` and runs its pods on a bridge, with a
+//!   cgroup2 directory of its own (`keelson-demo`) holding them.
+//! - A sample app: Deployment `demo/web` (two busybox httpd pods, image imported from Debian's
+//!   static busybox) behind Service `demo/web`, whose EndpointSlices the controllers keep.
+//! - The service proxy: `keelson-agent proxy`, the eBPF load balancer attached to the node's
+//!   cgroup2 directory with its pins in a private bpffs under `.keelson/`.
 //!
-//! The backends run as plain processes behind a Service without a selector, whose
-//! EndpointSlices `up` writes: the demo does not start a node agent with a pod network yet.
 //! Nothing leaves this machine, and `down` removes all of it.
+
+mod cleanup;
+mod image;
 
 use std::{
     fs,
@@ -31,8 +34,14 @@ use crate::{
 
 const NETNS: &str = "keelson-demo";
 const CGROUP: &str = "keelson-demo";
+const NODE: &str = "keelson-demo";
+/// The host's end of the veth pair, and the API's address.
+const HOST_LINK: &str = "kdemo0";
+const HOST_IP: &str = "10.250.250.1";
+/// The node's address, in its namespace.
+const NODE_IP: &str = "10.250.250.2";
+const IMAGE: &str = "busybox:1.36";
 const SERVICE_PORT: u16 = 80;
-const BACKENDS: [&str; 2] = ["127.0.0.1:8081", "127.0.0.1:8082"];
 /// kubectl releases installed on this project's machines, newest first, then `kubectl`.
 const KUBECTLS: [&str; 3] = [
     "/usr/lib/google-cloud-sdk/bin/kubectl.1.33",
@@ -46,9 +55,9 @@ pub struct UpArgs {
     /// Skip `setup` (for a machine already set up).
     #[arg(long)]
     no_setup: bool,
-    /// Address of the Kubernetes API.
-    #[arg(long, default_value = "127.0.0.1:6443")]
-    api: String,
+    /// Port of the Kubernetes API (on the host's end of the node's veth, 10.250.250.1).
+    #[arg(long, default_value_t = 6443)]
+    api_port: u16,
 }
 
 fn keelson_dir() -> PathBuf {
@@ -61,6 +70,10 @@ fn state_dir() -> PathBuf {
 
 fn kubeconfig() -> PathBuf {
     keelson_dir().join("admin.kubeconfig")
+}
+
+fn agent_state() -> PathBuf {
+    state_dir().join("agent")
 }
 
 fn pins_mount() -> PathBuf {
@@ -141,6 +154,8 @@ pub fn up(args: &UpArgs) -> Result<()> {
         "--package",
         "keelson-agent",
         "--package",
+        "keelson-runtime",
+        "--package",
         "keelson-server",
     ]))?;
 
@@ -151,8 +166,29 @@ pub fn up(args: &UpArgs) -> Result<()> {
     let mut pids = Vec::new();
 
     step(&format!(
-        "control plane: keelson-server, Kubernetes API on https://{}",
-        args.api
+        "node network namespace {NETNS}: veth {HOST_IP} (host) <-> {NODE_IP} (node), no route out"
+    ));
+    run(Command::new("ip").args(["netns", "add", NETNS]))?;
+    run(Command::new("ip").args(["-n", NETNS, "link", "set", "lo", "up"]))?;
+    run(Command::new("ip").args([
+        "link", "add", HOST_LINK, "type", "veth", "peer", "name", "eth0", "netns", NETNS,
+    ]))?;
+    run(Command::new("ip").args(["addr", "add", &format!("{HOST_IP}/30"), "dev", HOST_LINK]))?;
+    run(Command::new("ip").args(["link", "set", HOST_LINK, "up"]))?;
+    run(Command::new("ip").args([
+        "-n",
+        NETNS,
+        "addr",
+        "add",
+        &format!("{NODE_IP}/30"),
+        "dev",
+        "eth0",
+    ]))?;
+    run(Command::new("ip").args(["-n", NETNS, "link", "set", "eth0", "up"]))?;
+
+    let api = format!("{HOST_IP}:{}", args.api_port);
+    step(&format!(
+        "control plane: keelson-server, Kubernetes API on https://{api}"
     ));
     let pid = spawn_logged(
         Command::new(bin("keelson-server"))
@@ -163,8 +199,9 @@ pub fn up(args: &UpArgs) -> Result<()> {
                 "127.0.0.1:0",
                 "--init",
                 "--api-listen",
-                &args.api,
+                &api,
             ])
+            .args(["--api-san", HOST_IP])
             .arg("--data-dir")
             .arg(state.join("server"))
             .arg("--admin-kubeconfig")
@@ -177,83 +214,73 @@ pub fn up(args: &UpArgs) -> Result<()> {
         "keelson-server pid {pid}, log {}",
         state.join("server.log").display()
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while kubectl(&["get", "--raw", "/readyz"]).is_err() {
-        if Instant::now() > deadline {
-            bail!(
-                "the API did not come up; see {}",
-                state.join("server.log").display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    print!("{}", kubectl(&["get", "namespaces"])?);
+    wait_until("the API is ready", 60, &state.join("server.log"), || {
+        kubectl(&["get", "--raw", "/readyz"]).is_ok()
+    })?;
 
     step(&format!(
-        "network namespace {NETNS} (only lo, no route out)"
+        "image {IMAGE}: Debian's static busybox, imported into the node's store"
     ));
-    run(Command::new("ip").args(["netns", "add", NETNS]))?;
-    run(Command::new("ip").args(["-n", NETNS, "link", "set", "lo", "up"]))?;
-
-    step("sample app: two HTTP backends in the namespace");
-    for (i, backend) in BACKENDS.iter().enumerate() {
-        let www = state.join(format!("www-{i}"));
-        fs::create_dir_all(&www).with_context(|| format!("creating {}", www.display()))?;
-        fs::write(
-            www.join("index.html"),
-            format!("hello from backend-{i} ({backend})\n"),
-        )?;
-        let pid = spawn_logged(
-            Command::new("ip")
-                .args([
-                    "netns", "exec", NETNS, "busybox", "httpd", "-f", "-p", backend, "-h",
-                ])
-                .arg(&www),
-            &state.join(format!("backend-{i}.log")),
-        )?;
-        println!("backend-{i}: busybox httpd on {backend}, pid {pid}");
-        pids.push(pid);
-    }
-    record_pids(&pids)?;
-
-    // A Service without a selector, as for any backends outside the cluster's pods: its
-    // EndpointSlices are written by hand, and the EndpointSlice controller leaves them be.
-    step("the Service and its EndpointSlices, through the Kubernetes API");
-    let manifest = state.join("web.yaml");
-    let mut yaml = format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: demo}}\n---\n\
-         apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: demo}}\n\
-         spec: {{ports: [{{name: http, port: {SERVICE_PORT}}}]}}\n"
-    );
-    for (i, backend) in BACKENDS.iter().enumerate() {
-        let (ip, port) = backend.split_once(':').context("backend address")?;
-        yaml.push_str(&format!(
-            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-             metadata: {{name: web-{i}, namespace: demo, labels: {{kubernetes.io/service-name: web}}}}\n\
-             addressType: IPv4\nports: [{{name: http, port: {port}, protocol: TCP}}]\n\
-             endpoints: [{{addresses: [{ip}], conditions: {{ready: true}}}}]\n"
-        ));
-    }
-    fs::write(&manifest, yaml)?;
+    let layout = state.join("image");
+    image::busybox(&layout, IMAGE)?;
     print!(
         "{}",
-        kubectl(&["apply", "-f", &manifest.to_string_lossy()])?
+        run_capture(
+            Command::new(bin("keelson-agent"))
+                .args(["image", "import"])
+                .arg(&layout)
+                .args(["--name", IMAGE, "--state-dir"])
+                .arg(agent_state())
+        )?
     );
-    let cluster_ip = kubectl(&[
-        "-n",
-        "demo",
-        "get",
-        "svc",
-        "web",
-        "-o",
-        "jsonpath={.spec.clusterIP}",
-    ])?;
-    let vip = format!("{}:{SERVICE_PORT}", cluster_ip.trim());
-    println!("Service demo/web has cluster IP {}", cluster_ip.trim());
 
-    step("the agent's service proxy: eBPF load balancer following Services and EndpointSlices");
+    step(&format!(
+        "node agent: keelson-agent node in {NETNS}, pods under cgroup {CGROUP}"
+    ));
     let cgroup = cgroup_dir()?;
     fs::create_dir_all(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
+    let pid = spawn_logged(
+        // nsenter switches only the network namespace: `ip netns exec` would also remount
+        // /sys, hiding the cgroup2 hierarchy from the agent.
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{NETNS}"))
+            .arg(bin("keelson-agent"))
+            .arg("node")
+            .arg("--kubeconfig")
+            .arg(kubeconfig())
+            .args([
+                "--node-name",
+                NODE,
+                "--node-ip",
+                NODE_IP,
+                "--address",
+                NODE_IP,
+            ])
+            .arg("--state-dir")
+            .arg(agent_state())
+            .arg("--cgroup2")
+            .arg(&cgroup),
+        &state.join("agent.log"),
+    )?;
+    pids.push(pid);
+    record_pids(&pids)?;
+    println!(
+        "keelson-agent node pid {pid}, log {}",
+        state.join("agent.log").display()
+    );
+    wait_until("the node is Ready", 60, &state.join("agent.log"), || {
+        kubectl(&[
+            "get",
+            "node",
+            NODE,
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+        ])
+        .is_ok_and(|s| s.trim() == "True")
+    })?;
+    print!("{}", kubectl(&["get", "nodes", "-o", "wide"])?);
+
+    step("the agent's service proxy: eBPF load balancer following Services and EndpointSlices");
     fs::create_dir_all(pins_mount())?;
     run(Command::new("mount")
         .args(["-t", "bpf", "bpf"])
@@ -276,10 +303,43 @@ pub fn up(args: &UpArgs) -> Result<()> {
         state.join("proxy.log").display()
     );
 
-    step(&format!("requests to http://{vip}/ from inside the cgroup"));
+    step("sample app: Deployment demo/web (2 pods) behind Service demo/web");
+    let manifest = state.join("web.yaml");
+    fs::write(&manifest, web_manifest())?;
+    print!(
+        "{}",
+        kubectl(&["apply", "-f", &manifest.to_string_lossy()])?
+    );
+    print!(
+        "{}",
+        kubectl(&[
+            "-n",
+            "demo",
+            "rollout",
+            "status",
+            "deploy/web",
+            "--timeout=120s"
+        ])?
+    );
+    print!("{}", kubectl(&["-n", "demo", "get", "pods", "-o", "wide"])?);
+    let cluster_ip = kubectl(&[
+        "-n",
+        "demo",
+        "get",
+        "svc",
+        "web",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ])?;
+    let vip = format!("{}:{SERVICE_PORT}", cluster_ip.trim());
+    println!("Service demo/web has cluster IP {}", cluster_ip.trim());
+
+    step(&format!(
+        "requests to http://{vip}/ from a process in the node's cgroup"
+    ));
     let fetch = client_command(&cgroup, &vip);
     let mut answered = 0;
-    for _ in 0..100 {
+    for _ in 0..150 {
         std::thread::sleep(Duration::from_millis(100));
         if let Some(body) = probe(Command::new("sh").args(["-c", &fetch])) {
             print!("{body}");
@@ -290,7 +350,10 @@ pub fn up(args: &UpArgs) -> Result<()> {
         }
     }
     if answered == 0 {
-        bail!("the Service did not answer; see {}", state.display());
+        bail!(
+            "the Service did not answer; see the logs in {}",
+            state.display()
+        );
     }
     print!(
         "{}",
@@ -303,23 +366,72 @@ pub fn up(args: &UpArgs) -> Result<()> {
 
     println!(
         "\nKeelson demo is up:\n\
-         - Kubernetes API on https://{api} (keelson-server, single-member Raft store)\n\
-         - admin kubeconfig: {kubeconfig}\n\
-         - Service demo/web {vip} -> {backends} (busybox httpd in netns {NETNS}),\n  \
-         load-balanced by keelson-agent proxy from the Service's EndpointSlices\n\n\
+         - Kubernetes API on https://{api} (keelson-server: single-member Raft store, scheduler,\n  \
+         controllers); admin kubeconfig {kubeconfig}\n\
+         - node {NODE}: keelson-agent in network namespace {NETNS} ({NODE_IP})\n\
+         - Deployment demo/web: two busybox httpd pods, behind Service demo/web {vip},\n  \
+         load-balanced by keelson-agent proxy from the EndpointSlices the controllers keep\n\n\
          Try it:\n  \
-         KUBECONFIG={kubeconfig} kubectl get all -A\n  \
+         export KUBECONFIG={kubeconfig}\n  \
+         kubectl get all -A\n  \
+         kubectl -n demo logs deploy/web\n  \
+         kubectl -n demo exec -it deploy/web -- sh\n  \
+         kubectl -n demo scale deploy/web --replicas=3\n  \
          sudo sh -c '{fetch}'\n  \
          sudo {agent} lb dump --bpffs {pins}\n\
-         Remove it:\n  cargo xtask down\n\n\
-         Not in the demo yet: a node agent running the backends as pods (see README); the\n\
-         backends are plain processes and `up` wrote their EndpointSlices.",
-        api = args.api,
+         Remove it:\n  cargo xtask down",
         kubeconfig = kubeconfig().display(),
-        backends = BACKENDS.join(", "),
         agent = bin("keelson-agent").display(),
         pins = pins().display(),
     );
+    Ok(())
+}
+
+/// The sample app: two busybox httpd pods answering with their name, and their Service.
+fn web_manifest() -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Namespace
+metadata: {{name: demo}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web, namespace: demo}}
+spec:
+  replicas: 2
+  selector: {{matchLabels: {{app: web}}}}
+  template:
+    metadata: {{labels: {{app: web}}}}
+    spec:
+      containers:
+      - name: httpd
+        image: {IMAGE}
+        imagePullPolicy: Never
+        command: ["sh", "-c", "mkdir -p /www && echo \"hello from $(hostname)\" > /www/index.html && exec httpd -f -v -p 8080 -h /www"]
+        ports: [{{name: http, containerPort: 8080}}]
+        readinessProbe:
+          httpGet: {{path: /, port: http}}
+          periodSeconds: 2
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: demo}}
+spec:
+  selector: {{app: web}}
+  ports: [{{name: http, port: {SERVICE_PORT}, targetPort: http}}]
+"#
+    )
+}
+
+/// Polls `ready` every 200 ms for up to `seconds`; on timeout names the log to read.
+fn wait_until(what: &str, seconds: u64, log: &Path, mut ready: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while !ready() {
+        if Instant::now() > deadline {
+            bail!("timed out waiting until {what}; see {}", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     Ok(())
 }
 
@@ -346,12 +458,14 @@ fn record_pids(pids: &[u32]) -> Result<()> {
     .context("recording pids")
 }
 
-/// A shell command that fetches `vip` from a process in the demo's cgroup and namespace.
+/// A shell command that fetches `vip` from a process in the node's namespace, in a leaf
+/// cgroup under the node's cgroup2 directory (where the proxy's programs are attached).
 fn client_command(cgroup: &Path, vip: &str) -> String {
+    let leaf = cgroup.join("client");
     format!(
-        "echo $$ > {}/cgroup.procs && exec nsenter --net=/run/netns/{NETNS} \
+        "mkdir -p {leaf} && echo $$ > {leaf}/cgroup.procs && exec nsenter --net=/run/netns/{NETNS} \
          timeout 5 busybox wget -q -O - http://{vip}/",
-        cgroup.display()
+        leaf = leaf.display()
     )
 }
 
@@ -366,7 +480,7 @@ pub fn down() -> Result<()> {
             // Only signal it if it is still a process this demo started.
             let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline);
-            if ["httpd", "keelson-server", "keelson-agent"]
+            if ["keelson-server", "keelson-agent"]
                 .iter()
                 .any(|p| cmdline.contains(p))
             {
@@ -384,29 +498,12 @@ pub fn down() -> Result<()> {
     if probe(Command::new("mountpoint").args(["-q"]).arg(pins_mount())).is_some() {
         run(Command::new("umount").arg(pins_mount()))?;
     }
-    if let Ok(cgroup) = cgroup_dir()
-        && cgroup.exists()
-    {
-        // Processes left in it are demo clients.
-        if let Ok(procs) = fs::read_to_string(cgroup.join("cgroup.procs")) {
-            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                // SAFETY: kill(2) on a process in the demo's own cgroup.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-        let mut removed = false;
-        for _ in 0..50 {
-            if fs::remove_dir(&cgroup).is_ok() {
-                removed = true;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if !removed {
-            bail!("cannot remove {}", cgroup.display());
-        }
-        println!("removed cgroup {}", cgroup.display());
+    // The containers and their supervisors outlive the agent by design: end them through
+    // the node's cgroup trees, then unmount their roots and namespaces.
+    if !cleanup::cgroups(CGROUP) {
+        bail!("cannot remove the cgroup directories {CGROUP} (processes left in them?)");
     }
+    cleanup::mounts_under(&state);
     if probe(Command::new("ip").args(["netns", "list"])).is_some_and(|l| {
         l.lines()
             .any(|n| n.split_whitespace().next() == Some(NETNS))
