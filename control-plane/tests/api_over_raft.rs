@@ -248,3 +248,70 @@ fn secrets_are_encrypted_at_rest() {
     );
     assert_eq!(got, "aHVudGVyMi1hdC1yZXN0");
 }
+
+/// Polls `kubectl get -o name` with `args` until it prints `want` lines, for up to 30 s.
+fn wait_names(data: &Path, args: &[&str], want: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let names: Vec<String> = kubectl(data, args).lines().map(str::to_owned).collect();
+        if names.len() == want {
+            return names;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kubectl {args:?}: expected {want} objects, have {names:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn kubectl_delete_cascades_through_the_garbage_collector() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("member-1");
+    let _member = Member::start_with(&data, true, &[]);
+    let app = manifest(dir.path());
+    kubectl(&data, &["apply", "-f", app.to_str().unwrap()]);
+    let ns = ["-n", "shop"];
+    fn get<'a>(ns: &[&'a str], what: &'a str) -> Vec<&'a str> {
+        [ns, &["get", what, "-o", "name"]].concat()
+    }
+    let rs = wait_names(&data, &get(&ns, "rs"), 1).remove(0);
+    wait_names(&data, &get(&ns, "pods"), 2);
+
+    // Orphan: the Deployment goes, its ReplicaSet stays without the owner reference.
+    kubectl(
+        &data,
+        &[&ns[..], &["delete", "deploy", "web", "--cascade=orphan"]].concat(),
+    );
+    wait_names(&data, &get(&ns, "deploy"), 0);
+    let owners = kubectl(
+        &data,
+        &[
+            &ns[..],
+            &["get", &rs, "-o", "jsonpath={.metadata.ownerReferences}"],
+        ]
+        .concat(),
+    );
+    assert!(
+        !owners.contains("Deployment"),
+        "the orphaned ReplicaSet keeps no owner: {owners}"
+    );
+    wait_names(&data, &get(&ns, "pods"), 2);
+
+    // Foreground: kubectl waits until the ReplicaSet is gone, which needs its pods gone first.
+    kubectl(
+        &data,
+        &[
+            &ns[..],
+            &["delete", &rs, "--cascade=foreground", "--timeout=30s"],
+        ]
+        .concat(),
+    );
+    wait_names(&data, &get(&ns, "rs"), 0);
+    assert_eq!(
+        wait_names(&data, &get(&ns, "pods"), 0).len(),
+        0,
+        "the pods went before their ReplicaSet"
+    );
+}
