@@ -3,7 +3,8 @@
 //! imported OCI image with their own network, hostname and PID namespace, restarts a failing
 //! container with back-off, reports a bad image and an OOM kill, serves logs and exec (also
 //! through `kubectl logs` / `kubectl exec` and the API server), follows a
-//! readiness probe, survives `kill -9` without touching its containers, and stops a deleted pod
+//! readiness probe, mounts configMap/secret/emptyDir/hostPath volumes, survives `kill -9`
+//! without touching its containers, and stops a deleted pod
 //! gracefully.
 
 use std::{
@@ -97,6 +98,57 @@ fn pods_manifest(node: &str) -> String {
     m
 }
 
+/// A ConfigMap, a Secret and a pod mounting them with an emptyDir and a hostPath.
+fn volumes_manifest(node: &str, host_dir: &std::path::Path) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: ConfigMap
+metadata: {{name: app-config, namespace: default}}
+data: {{greeting: hello}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: app-secret, namespace: default}}
+stringData: {{password: s3cret}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: vols, namespace: default}}
+spec:
+  nodeName: {node}
+  volumes:
+  - {{name: cfg, configMap: {{name: app-config}}}}
+  - {{name: picked, configMap: {{name: app-config, items: [{{key: greeting, path: sub/renamed}}]}}}}
+  - {{name: sec, secret: {{secretName: app-secret}}}}
+  - {{name: scratch, emptyDir: {{}}}}
+  - {{name: host, hostPath: {{path: {host}, type: DirectoryOrCreate}}}}
+  containers:
+  - name: writer
+    image: {IMAGE}
+    command: [sh, -c, 'echo from-writer > /scratch/shared; echo written-in-pod > /host/note; sleep 3600']
+    volumeMounts:
+    - {{name: scratch, mountPath: /scratch}}
+    - {{name: host, mountPath: /host}}
+  - name: reader
+    image: {IMAGE}
+    command: [sh, -c]
+    args:
+    - |
+      echo greeting=$(cat /etc/cfg/greeting) renamed=$(cat /etc/picked/sub/renamed) password=$(cat /etc/sec/password)
+      touch /etc/cfg/new 2>/dev/null || echo config-is-read-only
+      while ! test -f /scratch/shared; do sleep 0.2; done
+      echo shared=$(cat /scratch/shared)
+      sleep 3600
+    volumeMounts:
+    - {{name: cfg, mountPath: /etc/cfg}}
+    - {{name: picked, mountPath: /etc/picked}}
+    - {{name: sec, mountPath: /etc/sec}}
+    - {{name: scratch, mountPath: /scratch}}
+"#,
+        host = host_dir.display()
+    )
+}
+
 /// The host PID of a container from the runtime's state.
 fn container_pid(env: &NodeEnv, p: &Value) -> Result<i64> {
     let id = container_status(p)["containerID"]
@@ -168,6 +220,8 @@ fn run(cp: &ControlPlane, env: &NodeEnv, agent: keelson_e2e::node::Agent) -> Res
     ensure!(lease.pointer("/spec/holderIdentity") == Some(&Value::from(env.name())));
 
     cp.apply(&pods_manifest(env.name()))?;
+    let host_dir = env.state_dir().join("host-volume");
+    cp.apply(&volumes_manifest(env.name(), &host_dir))?;
 
     // The web pod runs with an address of the pod CIDR and answers from inside the node.
     let web = wait_for("web Running with an IP", t, || {
@@ -202,6 +256,37 @@ fn run(cp: &ControlPlane, env: &NodeEnv, agent: keelson_e2e::node::Agent) -> Res
     ensure!(
         code == 200 && body.contains("hello-from-web"),
         "{code} {body}"
+    );
+
+    // Volumes: configMap and secret files (read-only), an emptyDir shared by two
+    // containers, and a hostPath created on the node.
+    let vols = wait_for("vols Running", t, || {
+        let p = pod(cp, "vols")?;
+        Ok((p.pointer("/status/phase") == Some(&Value::from("Running"))).then_some(p))
+    })?;
+    ensure!(
+        vols["status"]["containerStatuses"].as_array().map(Vec::len) == Some(2),
+        "{vols}"
+    );
+    let seen = wait_for("the reader to see the writer's emptyDir file", t, || {
+        let log = cp.kubectl(&["logs", "vols", "-c", "reader"])?;
+        Ok(log.contains("shared=from-writer").then_some(log))
+    })?;
+    for line in [
+        "greeting=hello",
+        "renamed=hello",
+        "password=s3cret",
+        "config-is-read-only",
+    ] {
+        ensure!(
+            seen.contains(line),
+            "{line} missing from reader's log:\n{seen}"
+        );
+    }
+    let on_host = std::fs::read_to_string(host_dir.join("note"))?;
+    ensure!(
+        on_host.trim() == "written-in-pod",
+        "hostPath file: {on_host:?}"
     );
 
     // kubectl exec through the API server into the running container.
@@ -367,7 +452,7 @@ fn run(cp: &ControlPlane, env: &NodeEnv, agent: keelson_e2e::node::Agent) -> Res
     // Deletion: SIGTERM stops it well before the grace period; the pod object and its veth go.
     let links_before = env.links()?;
     let veths_before = links_before.iter().filter(|l| l.starts_with("kv")).count();
-    ensure!(veths_before == 5, "veths: {links_before:?}");
+    ensure!(veths_before == 6, "veths: {links_before:?}");
     let t0 = Instant::now();
     cp.kubectl(&["delete", "pod", "sleeper", "--wait=false"])?;
     wait_for("sleeper to be gone", t, || {
@@ -383,6 +468,6 @@ fn run(cp: &ControlPlane, env: &NodeEnv, agent: keelson_e2e::node::Agent) -> Res
         "the sleeper's process is still there"
     );
     let veths_after = env.links()?.iter().filter(|l| l.starts_with("kv")).count();
-    ensure!(veths_after == 4, "veths after delete: {veths_after}");
+    ensure!(veths_after == 5, "veths after delete: {veths_after}");
     Ok(())
 }

@@ -1,20 +1,21 @@
 //! The OCI runtime spec of one container of a pod: the image's config overridden by the pod
 //! spec (command/args, env, workingDir, user), the sandbox's namespaces joined by path, fresh
-//! PID, mount and cgroup namespaces, the default capability set, and the container's
-//! resources as cgroup limits.
+//! PID, mount and cgroup namespaces, the default capability set, the pod's volumes bound at
+//! the container's mount paths, and the container's resources as cgroup limits.
 
-use std::collections::HashSet;
-use std::path::Path;
+use std::collections::{HashMap, HashSet};
+use std::path::{Component, Path};
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 use oci_spec::image::ImageConfiguration;
 use oci_spec::runtime::{
     Capability, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespace,
-    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxResourcesBuilder, RootBuilder, Spec,
-    UserBuilder,
+    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxResourcesBuilder, Mount, MountBuilder,
+    RootBuilder, Spec, UserBuilder,
 };
 
 use super::quantity::{cpu_millis, memory_bytes};
+use super::volumes::Ready;
 
 /// Why a spec could not be made (reported as a `CreateContainerConfigError`).
 #[derive(Debug, thiserror::Error)]
@@ -103,16 +104,62 @@ fn ns(typ: LinuxNamespaceType, path: Option<&Path>) -> Result<LinuxNamespace, Bu
     b.build().map_err(|e| BundleError(e.to_string()))
 }
 
+/// Bind mounts of the container's `volumeMounts`, from the pod's ready volumes.
+fn volume_mounts(
+    container: &Container,
+    volumes: &HashMap<String, Ready>,
+) -> Result<Vec<Mount>, BundleError> {
+    let mut mounts = Vec::new();
+    for m in container.volume_mounts.iter().flatten() {
+        let ready = volumes.get(&m.name).ok_or_else(|| {
+            BundleError(format!(
+                "volumeMount {:?}: the pod has no volume of that name",
+                m.name
+            ))
+        })?;
+        let mut source = ready.source.clone();
+        if let Some(sub) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
+            if !Path::new(sub)
+                .components()
+                .all(|c| matches!(c, Component::Normal(_)))
+            {
+                return Err(BundleError(format!(
+                    "subPath {sub:?} must stay inside the volume"
+                )));
+            }
+            source = source.join(sub);
+            std::fs::create_dir_all(&source)
+                .map_err(|e| BundleError(format!("subPath {}: {e}", source.display())))?;
+        }
+        let mut options = vec!["rbind".to_owned(), "rprivate".to_owned()];
+        if ready.read_only || m.read_only == Some(true) {
+            options.push("ro".to_owned());
+        }
+        mounts.push(
+            MountBuilder::default()
+                .destination(&m.mount_path)
+                .typ("bind")
+                .source(source)
+                .options(options)
+                .build()
+                .map_err(|e| BundleError(e.to_string()))?,
+        );
+    }
+    Ok(mounts)
+}
+
 /// The spec for `container` of `pod` from `image`, joining the sandbox's namespaces in
-/// `sandbox` (files `net`, `uts`, `ipc`).
+/// `sandbox` (files `net`, `uts`, `ipc`), with the pod's ready `volumes`.
 ///
 /// # Errors
-/// [`BundleError`] for resource quantities that do not parse.
+/// [`BundleError`] for resource quantities that do not parse, or a volumeMount naming no
+/// volume of the pod.
 pub fn make_spec(
     pod: &Pod,
     container: &Container,
     image: &ImageConfiguration,
     sandbox: &Path,
+    volumes: &HashMap<String, Ready>,
 ) -> Result<Spec, BundleError> {
     let err = |e: oci_spec::OciSpecError| BundleError(e.to_string());
     let mut spec = Spec::default();
@@ -179,6 +226,9 @@ pub fn make_spec(
     ));
     // The UTS namespace is the sandbox's; it already carries the pod's name.
     spec.set_hostname(None);
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    mounts.extend(volume_mounts(container, volumes)?);
+    spec.set_mounts(Some(mounts));
 
     let mut linux = spec.linux().clone().unwrap_or_default();
     linux.set_namespaces(Some(vec![

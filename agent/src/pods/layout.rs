@@ -5,6 +5,7 @@
 //! <state>/pods/<uid>/pod.json                       namespace, name, uid
 //! <state>/pods/<uid>/ns/{net,uts,ipc}                sandbox namespaces (bind mounts)
 //! <state>/pods/<uid>/network.json                    the pod's address and host-side veth
+//! <state>/pods/<uid>/volumes/<name>/                 emptyDir, configMap and secret volumes
 //! <state>/pods/<uid>/containers/<name>/<n>/          attempt n (n = restart count):
 //!     config.json layers.json rootfs/ upper/ work/   the OCI bundle (rootfs is an overlay)
 //!     supervisor.pid started exit.json supervisor.log
@@ -80,6 +81,11 @@ impl StateLayout {
     /// One pod's directory.
     pub fn pod(&self, uid: &str) -> PathBuf {
         self.pods().join(uid)
+    }
+
+    /// The directory of a pod's volumes.
+    pub fn volumes(&self, uid: &str) -> PathBuf {
+        self.pod(uid).join("volumes")
     }
 
     /// The directory of attempt `n` of a container.

@@ -10,6 +10,7 @@ pub mod sandbox;
 mod status;
 pub mod supervisor;
 mod sync;
+pub mod volumes;
 
 pub use layout::{ExitRecord, PodRecord, StateLayout};
 pub use supervisor::{SuperviseSpec, supervise};

@@ -587,7 +587,11 @@ impl PodManager {
             Err(e) => return Err(("ErrImagePull".to_owned(), e.to_string())),
         };
         let sandbox = self.cfg.layout.pod(&record.uid).join("ns");
-        let spec = make_spec(pod, c, &image.config, &sandbox)
+        let volumes =
+            super::volumes::prepare(&self.client, pod, &self.cfg.layout.volumes(&record.uid))
+                .await
+                .map_err(|e| ("CreateContainerConfigError".to_owned(), e.to_string()))?;
+        let spec = make_spec(pod, c, &image.config, &sandbox, &volumes)
             .map_err(|e| ("CreateContainerConfigError".to_owned(), e.to_string()))?;
         let adir = self.cfg.layout.attempt(&record.uid, &c.name, n);
         let io = |e: std::io::Error| ("CreateContainerError".to_owned(), e.to_string());
