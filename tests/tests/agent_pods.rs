@@ -3,7 +3,8 @@
 //! imported OCI image with their own network, hostname and PID namespace, restarts a failing
 //! container with back-off, reports a bad image and an OOM kill, serves logs and exec (also
 //! through `kubectl logs` / `kubectl exec` and the API server), follows a
-//! readiness probe, mounts configMap/secret/emptyDir/hostPath volumes, survives `kill -9`
+//! readiness probe, mounts configMap/secret/emptyDir/hostPath volumes, runs init containers,
+//! survives `kill -9`
 //! without touching its containers, and stops a deleted pod
 //! gracefully.
 
@@ -144,6 +145,29 @@ spec:
     - {{name: picked, mountPath: /etc/picked}}
     - {{name: sec, mountPath: /etc/sec}}
     - {{name: scratch, mountPath: /scratch}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: init, namespace: default}}
+spec:
+  nodeName: {node}
+  volumes: [{{name: work, emptyDir: {{}}}}]
+  initContainers:
+  - {{name: prepare, image: {IMAGE}, command: [sh, -c, 'echo prepared > /work/data'], volumeMounts: [{{name: work, mountPath: /work}}]}}
+  - {{name: check, image: {IMAGE}, command: [sh, -c, 'test -f /work/data'], volumeMounts: [{{name: work, mountPath: /work}}]}}
+  containers:
+  - {{name: app, image: {IMAGE}, command: [sh, -c, 'cat /work/data; sleep 3600'], volumeMounts: [{{name: work, mountPath: /work}}]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: init-fails, namespace: default}}
+spec:
+  nodeName: {node}
+  restartPolicy: Never
+  initContainers:
+  - {{name: broken, image: {IMAGE}, command: [sh, -c, 'exit 7']}}
+  containers:
+  - {{name: app, image: {IMAGE}, command: [sleep, '3600']}}
 "#,
         host = host_dir.display()
     )
@@ -287,6 +311,42 @@ fn run(cp: &ControlPlane, env: &NodeEnv, agent: keelson_e2e::node::Agent) -> Res
     ensure!(
         on_host.trim() == "written-in-pod",
         "hostPath file: {on_host:?}"
+    );
+
+    // Init containers run in order to success before the app container starts; a failed
+    // one under restartPolicy Never fails the pod without starting the app.
+    let init = wait_for("init Running", t, || {
+        let p = pod(cp, "init")?;
+        Ok((p.pointer("/status/phase") == Some(&Value::from("Running"))).then_some(p))
+    })?;
+    ensure!(
+        condition(&init, "Initialized").as_deref() == Some("True"),
+        "{init}"
+    );
+    for i in 0..2 {
+        let s = &init["status"]["initContainerStatuses"][i];
+        ensure!(
+            s["state"]["terminated"]["reason"] == "Completed"
+                && s["state"]["terminated"]["exitCode"] == 0,
+            "init container {i}: {s}"
+        );
+    }
+    let app_log = wait_for("the app's log", t, || {
+        let log = cp.kubectl(&["logs", "init", "-c", "app"])?;
+        Ok(log.contains("prepared").then_some(log))
+    })?;
+    ensure!(app_log.trim() == "prepared", "{app_log}");
+    let failed = wait_for("init-fails Failed", t, || {
+        let p = pod(cp, "init-fails")?;
+        Ok((p.pointer("/status/phase") == Some(&Value::from("Failed"))).then_some(p))
+    })?;
+    ensure!(
+        failed["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] == 7,
+        "{failed}"
+    );
+    ensure!(
+        container_status(&failed)["state"]["waiting"]["reason"] == "PodInitializing",
+        "the app container must not start: {failed}"
     );
 
     // kubectl exec through the API server into the running container.
@@ -452,7 +512,7 @@ fn run(cp: &ControlPlane, env: &NodeEnv, agent: keelson_e2e::node::Agent) -> Res
     // Deletion: SIGTERM stops it well before the grace period; the pod object and its veth go.
     let links_before = env.links()?;
     let veths_before = links_before.iter().filter(|l| l.starts_with("kv")).count();
-    ensure!(veths_before == 6, "veths: {links_before:?}");
+    ensure!(veths_before == 8, "veths: {links_before:?}");
     let t0 = Instant::now();
     cp.kubectl(&["delete", "pod", "sleeper", "--wait=false"])?;
     wait_for("sleeper to be gone", t, || {
@@ -468,6 +528,6 @@ fn run(cp: &ControlPlane, env: &NodeEnv, agent: keelson_e2e::node::Agent) -> Res
         "the sleeper's process is still there"
     );
     let veths_after = env.links()?.iter().filter(|l| l.starts_with("kv")).count();
-    ensure!(veths_after == 5, "veths after delete: {veths_after}");
+    ensure!(veths_after == 7, "veths after delete: {veths_after}");
     Ok(())
 }

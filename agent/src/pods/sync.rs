@@ -327,21 +327,41 @@ impl PodManager {
             .restart_policy
             .clone()
             .unwrap_or_else(|| "Always".to_owned());
+        let not_started = |reason: &str, message: String| View {
+            status: json!({"waiting": {"reason": reason, "message": message}}),
+            running: false,
+            ready: false,
+            done: None,
+            ever_started: false,
+        };
+        // Init containers run one after the other, each to success, before the others start;
+        // a failed one is restarted unless the pod's policy is Never.
+        let init_policy = if policy == "Never" {
+            "Never"
+        } else {
+            "OnFailure"
+        };
+        let mut init_views = Vec::new();
+        let mut initialized = setup.is_ok();
+        for c in spec.init_containers.iter().flatten() {
+            let view = match &setup {
+                Ok(()) if initialized => self.sync_container(pod, &record, c, init_policy).await,
+                Ok(()) => not_started("PodInitializing", String::new()),
+                Err(e) => not_started("PodInitializing", e.to_string()),
+            };
+            initialized &= view.done == Some(0);
+            init_views.push((c, view));
+        }
         let mut views = Vec::new();
         for c in &spec.containers {
             let view = match &setup {
-                Ok(()) => self.sync_container(pod, &record, c, &policy).await,
-                Err(e) => View {
-                    status: json!({"waiting": {"reason": "ContainerCreating", "message": e.to_string()}}),
-                    running: false,
-                    ready: false,
-                    done: None,
-                    ever_started: false,
-                },
+                Ok(()) if initialized => self.sync_container(pod, &record, c, &policy).await,
+                Ok(()) => not_started("PodInitializing", String::new()),
+                Err(e) => not_started("ContainerCreating", e.to_string()),
             };
             views.push((c, view));
         }
-        self.post_status(pod, &record, &views).await;
+        self.post_status(pod, &record, &init_views, &views).await;
         Ok(())
     }
 
@@ -655,9 +675,23 @@ impl PodManager {
         Ok(())
     }
 
-    async fn post_status(&mut self, pod: &Pod, record: &PodRecord, views: &[(&Container, View)]) {
+    async fn post_status(
+        &mut self,
+        pod: &Pod,
+        record: &PodRecord,
+        init_views: &[(&Container, View)],
+        views: &[(&Container, View)],
+    ) {
+        let initialized = init_views.iter().all(|(_, v)| v.done == Some(0));
+        let init_failed = init_views
+            .iter()
+            .any(|(_, v)| v.done.is_some_and(|code| code != 0));
         let all_done = !views.is_empty() && views.iter().all(|(_, v)| v.done.is_some());
-        let phase = if all_done {
+        let phase = if init_failed {
+            "Failed"
+        } else if !initialized {
+            "Pending"
+        } else if all_done {
             if views.iter().all(|(_, v)| v.done == Some(0)) {
                 "Succeeded"
             } else {
@@ -669,7 +703,63 @@ impl PodManager {
             "Pending"
         };
         let ready = !views.is_empty() && views.iter().all(|(_, v)| v.ready && v.running);
-        let layout = self.cfg.layout.clone();
+        let statuses = self.container_statuses(record, views);
+        let init_statuses = self.container_statuses(record, init_views);
+        let now = rfc3339_seconds(&now_rfc3339());
+        let host_ip = self.cfg.host_ip.clone();
+        let mem = self.mem(record);
+        let mut conditions = Vec::new();
+        for (kind, on) in [
+            ("PodScheduled", true),
+            ("Initialized", initialized),
+            ("ContainersReady", ready),
+            ("Ready", ready),
+        ] {
+            let since = match mem.conditions.get(kind) {
+                Some((was, since)) if *was == on => since.clone(),
+                _ => {
+                    mem.conditions.insert(kind, (on, now.clone()));
+                    now.clone()
+                }
+            };
+            conditions.push(condition(kind, on, &since));
+        }
+        let mut status = json!({
+            "phase": phase,
+            "conditions": conditions,
+            "hostIP": host_ip,
+            "hostIPs": [{"ip": host_ip}],
+            "startTime": mem.start_time,
+            "containerStatuses": statuses,
+            "qosClass": qos_class(pod),
+        });
+        if !init_statuses.is_empty() {
+            status["initContainerStatuses"] = json!(init_statuses);
+        }
+        if let Some(link) = &mem.link {
+            status["podIP"] = json!(link.ip.to_string());
+            status["podIPs"] = json!([{"ip": link.ip.to_string()}]);
+        }
+        if mem.last_status.as_ref() == Some(&status) {
+            return;
+        }
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &record.namespace);
+        match api
+            .patch_status(
+                &record.name,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({ "status": status })),
+            )
+            .await
+        {
+            Ok(_) => self.mem(record).last_status = Some(status),
+            Err(e) => tracing::warn!(pod = %record.name, error = %e, "status update"),
+        }
+    }
+
+    /// The `containerStatuses` (or `initContainerStatuses`) entries of `views`.
+    fn container_statuses(&self, record: &PodRecord, views: &[(&Container, View)]) -> Vec<Value> {
+        let layout = &self.cfg.layout;
         let mut statuses = Vec::new();
         for (c, v) in views {
             let cdir = layout.pod(&record.uid).join("containers").join(&c.name);
@@ -717,53 +807,7 @@ impl PodManager {
             }
             statuses.push(s);
         }
-        let now = rfc3339_seconds(&now_rfc3339());
-        let host_ip = self.cfg.host_ip.clone();
-        let mem = self.mem(record);
-        let mut conditions = Vec::new();
-        for (kind, on) in [
-            ("PodScheduled", true),
-            ("Initialized", true),
-            ("ContainersReady", ready),
-            ("Ready", ready),
-        ] {
-            let since = match mem.conditions.get(kind) {
-                Some((was, since)) if *was == on => since.clone(),
-                _ => {
-                    mem.conditions.insert(kind, (on, now.clone()));
-                    now.clone()
-                }
-            };
-            conditions.push(condition(kind, on, &since));
-        }
-        let mut status = json!({
-            "phase": phase,
-            "conditions": conditions,
-            "hostIP": host_ip,
-            "hostIPs": [{"ip": host_ip}],
-            "startTime": mem.start_time,
-            "containerStatuses": statuses,
-            "qosClass": qos_class(pod),
-        });
-        if let Some(link) = &mem.link {
-            status["podIP"] = json!(link.ip.to_string());
-            status["podIPs"] = json!([{"ip": link.ip.to_string()}]);
-        }
-        if mem.last_status.as_ref() == Some(&status) {
-            return;
-        }
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), &record.namespace);
-        match api
-            .patch_status(
-                &record.name,
-                &PatchParams::default(),
-                &Patch::Merge(&json!({ "status": status })),
-            )
-            .await
-        {
-            Ok(_) => self.mem(record).last_status = Some(status),
-            Err(e) => tracing::warn!(pod = %record.name, error = %e, "status update"),
-        }
+        statuses
     }
 
     /// Stops a pod (SIGTERM, SIGKILL after `grace` seconds), then removes everything it had
