@@ -4,6 +4,7 @@
 //! Adding a suite: a variant in [`Suite`] and one match arm in [`run`].
 
 mod api;
+mod runtime;
 mod scheduler;
 mod store;
 
@@ -31,6 +32,8 @@ enum Suite {
     /// The API server, one member: creates/gets/lists of 10k pods, mutating-call p99, watch
     /// fan-out to 1000 watchers.
     Api,
+    /// The container runtime against runc (and crun): container lifecycles, p50/p99, ratio.
+    Runtime,
     /// The scheduler: pods bound/s and p99 create→bound latency at 500 and 5000 nodes.
     Scheduler,
 }
@@ -43,6 +46,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     match args.suite {
         Suite::Store => store::run(&args.extra),
         Suite::Api => api::run(&args.extra),
+        Suite::Runtime => runtime::run(&args.extra),
         Suite::Scheduler => scheduler::run(&args.extra),
     }
 }
