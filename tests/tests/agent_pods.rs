@@ -4,6 +4,7 @@
 //! container with back-off, reports a bad image and an OOM kill, serves logs and exec (also
 //! through `kubectl logs` / `kubectl exec` and the API server), follows a
 //! readiness probe, mounts configMap/secret/emptyDir/hostPath volumes, runs init containers,
+//! reports Events,
 //! survives `kill -9`
 //! without touching its containers, and stops a deleted pod
 //! gracefully.
@@ -430,6 +431,21 @@ fn run(cp: &ControlPlane, env: &NodeEnv, agent: keelson_e2e::node::Agent) -> Res
         via_api.trim() == "boom",
         "kubectl logs --previous: {via_api:?}"
     );
+    // The agent's Events, as `kubectl describe pod` shows them.
+    let described = wait_for("crash's BackOff event", t, || {
+        let d = cp.kubectl(&["describe", "pod", "crash"])?;
+        Ok(d.contains("BackOff").then_some(d))
+    })?;
+    for text in [
+        "Created container crash",
+        "Started container crash",
+        "Back-off restarting failed container crash",
+    ] {
+        ensure!(
+            described.contains(text),
+            "{text:?} missing from:\n{described}"
+        );
+    }
 
     // The bad image is reported without harming the others.
     let bad = wait_for("bad to report its image", t, || {

@@ -21,6 +21,7 @@ use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
 use super::bundle::make_spec;
+use super::events::{Kind, Recorder};
 use super::layout::{
     ExitRecord, PodRecord, StateLayout, container_id, latest_attempt, now_rfc3339, read_json,
     write_json,
@@ -74,6 +75,10 @@ struct ContainerMem {
     probes: Option<(u32, ProbeSet)>,
     image_failures: u32,
     killed_attempt: Option<u32>,
+    /// The attempt whose back-off was reported (one BackOff event per restart).
+    backoff_reported: Option<u32>,
+    /// The last start failure reported, so a repeated one is not reported again.
+    failure_reported: Option<String>,
 }
 
 struct PodMem {
@@ -102,6 +107,7 @@ struct View {
 pub struct PodManager {
     cfg: PodManagerConfig,
     client: kube::Client,
+    events: Recorder,
     images: ImageStore,
     pods: HashMap<String, PodMem>,
 }
@@ -202,6 +208,7 @@ impl PodManager {
         let images = ImageStore::open(cfg.layout.images())?;
         fs::create_dir_all(cfg.layout.pods())?;
         Ok(PodManager {
+            events: Recorder::new(client.clone(), cfg.node_name.clone()),
             cfg,
             client,
             images,
@@ -478,6 +485,23 @@ impl PodManager {
                 if kill {
                     mem.killed_attempt = Some(n);
                     tracing::info!(pod = %record.name, container = %c.name, "probe failed: restarting");
+                    self.events.emit(
+                        pod,
+                        Some(&c.name),
+                        Kind::Warning,
+                        "Unhealthy",
+                        "Liveness probe failed".into(),
+                    );
+                    self.events.emit(
+                        pod,
+                        Some(&c.name),
+                        Kind::Normal,
+                        "Killing",
+                        format!(
+                            "Container {} failed liveness probe, will be restarted",
+                            c.name
+                        ),
+                    );
                     self.signal(&id, Signal::SIGKILL);
                 }
                 let mut status = json!({"running": {"startedAt": rfc3339_seconds(&started_at)}});
@@ -528,6 +552,24 @@ impl PodManager {
                         }
                     }
                 } else {
+                    let mem = self
+                        .mem(record)
+                        .containers
+                        .entry(c.name.clone())
+                        .or_default();
+                    if mem.backoff_reported != Some(n) {
+                        mem.backoff_reported = Some(n);
+                        self.events.emit(
+                            pod,
+                            Some(&c.name),
+                            Kind::Warning,
+                            "BackOff",
+                            format!(
+                                "Back-off restarting failed container {} in pod {}_{}",
+                                c.name, record.name, record.namespace
+                            ),
+                        );
+                    }
                     View {
                         status: json!({"waiting": {"reason": "CrashLoopBackOff", "message":
                             format!("back-off {}s restarting failed container={} pod={}",
@@ -576,9 +618,66 @@ impl PodManager {
         }
     }
 
+    /// Starts attempt `n` ([`Self::launch`]) and reports it as Events: Pulled, Created and
+    /// Started, or Failed (once per distinct failure).
+    async fn start_attempt(
+        &mut self,
+        pod: &Pod,
+        record: &PodRecord,
+        c: &Container,
+        n: u32,
+    ) -> Result<(), (String, String)> {
+        let result = self.launch(pod, record, c, n).await;
+        let image = c.image.clone().unwrap_or_default();
+        let events = self.events.clone();
+        let mem = self
+            .mem(record)
+            .containers
+            .entry(c.name.clone())
+            .or_default();
+        let name = Some(c.name.as_str());
+        match &result {
+            Ok(()) => {
+                mem.failure_reported = None;
+                events.emit(
+                    pod,
+                    name,
+                    Kind::Normal,
+                    "Pulled",
+                    format!("Container image {image:?} already present on machine"),
+                );
+                events.emit(
+                    pod,
+                    name,
+                    Kind::Normal,
+                    "Created",
+                    format!("Created container {}", c.name),
+                );
+                events.emit(
+                    pod,
+                    name,
+                    Kind::Normal,
+                    "Started",
+                    format!("Started container {}", c.name),
+                );
+            }
+            Err((reason, message)) if mem.failure_reported.as_deref() != Some(message) => {
+                mem.failure_reported = Some(message.clone());
+                let text = if reason.contains("Image") || reason.contains("ErrImage") {
+                    format!("Failed to pull image {image:?}: {message}")
+                } else {
+                    format!("Error: {message}")
+                };
+                events.emit(pod, name, Kind::Warning, "Failed", text);
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
     /// Prepares attempt `n`'s bundle and starts its supervisor; on failure, the waiting reason
     /// and message.
-    async fn start_attempt(
+    async fn launch(
         &mut self,
         pod: &Pod,
         record: &PodRecord,
@@ -860,6 +959,17 @@ impl PodManager {
             };
             if first {
                 tracing::info!(pod = %record.name, grace = grace.as_secs(), "stopping pod");
+            }
+            if first && let Some(pod) = pod {
+                for c in pod.spec.iter().flat_map(|s| &s.containers) {
+                    self.events.emit(
+                        pod,
+                        Some(&c.name),
+                        Kind::Normal,
+                        "Killing",
+                        format!("Stopping container {}", c.name),
+                    );
+                }
             }
             let root = self.cfg.layout.runtime_root();
             let mem = self.mem(&record);
