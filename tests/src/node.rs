@@ -249,6 +249,13 @@ impl NodeEnv {
             .arg("--cgroup2")
             .arg(self.cgroup.path())
             .args(["--restart-backoff", "1s", "--resync", "250ms"])
+            // Small logs so that tests see them rotate.
+            .args([
+                "--container-log-max-size",
+                "4Ki",
+                "--container-log-max-files",
+                "2",
+            ])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -4,7 +4,7 @@
 //! container with back-off, reports a bad image and an OOM kill, serves logs and exec (also
 //! through `kubectl logs` / `kubectl exec` and the API server), follows a
 //! readiness probe, mounts configMap/secret/emptyDir/hostPath volumes, runs init containers,
-//! reports Events,
+//! reports Events, rotates logs,
 //! survives `kill -9`
 //! without touching its containers, and stops a deleted pod
 //! gracefully.
@@ -90,6 +90,12 @@ fn pods_manifest(node: &str) -> String {
         "  restartPolicy: Never\n",
         "    command: [dd, if=/dev/zero, of=/dev/null, bs=64M, count=1]\n    \
          resources: {limits: {memory: 16Mi}}\n",
+    );
+    // Writes more than the agent's 4 KiB log limit (set by the test harness).
+    m += &pod(
+        "chatty",
+        "",
+        "    command: [sh, -c, 'i=1; while [ $i -le 300 ]; do echo \"line $i of the chatty container\"; i=$((i+1)); done; sleep 3600']\n",
     );
     // Stops cleanly on SIGTERM.
     m += &pod(
@@ -431,6 +437,31 @@ fn run(cp: &ControlPlane, env: &NodeEnv, agent: keelson_e2e::node::Agent) -> Res
         via_api.trim() == "boom",
         "kubectl logs --previous: {via_api:?}"
     );
+    // Logs rotate by size: two files kept, kubectl logs reads the current one.
+    let tail = wait_for("chatty's last line", t, || {
+        let log = cp.kubectl(&["logs", "chatty"])?;
+        Ok(log.contains("line 300 of").then_some(log))
+    })?;
+    ensure!(
+        !tail.contains("line 1 of"),
+        "the first lines were rotated away: {tail}"
+    );
+    let uid = pod(cp, "chatty")?["metadata"]["uid"]
+        .as_str()
+        .context("uid")?
+        .to_owned();
+    let dir = env
+        .state_dir()
+        .join(format!("logs/pods/default_chatty_{uid}/chatty"));
+    let files: Vec<String> = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    ensure!(
+        files.len() == 2 && files.iter().any(|f| f == "0.log"),
+        "log files in {}: {files:?}",
+        dir.display()
+    );
+
     // The agent's Events, as `kubectl describe pod` shows them.
     let described = wait_for("crash's BackOff event", t, || {
         let d = cp.kubectl(&["describe", "pod", "crash"])?;
@@ -528,7 +559,7 @@ fn run(cp: &ControlPlane, env: &NodeEnv, agent: keelson_e2e::node::Agent) -> Res
     // Deletion: SIGTERM stops it well before the grace period; the pod object and its veth go.
     let links_before = env.links()?;
     let veths_before = links_before.iter().filter(|l| l.starts_with("kv")).count();
-    ensure!(veths_before == 8, "veths: {links_before:?}");
+    ensure!(veths_before == 9, "veths: {links_before:?}");
     let t0 = Instant::now();
     cp.kubectl(&["delete", "pod", "sleeper", "--wait=false"])?;
     wait_for("sleeper to be gone", t, || {
@@ -544,6 +575,6 @@ fn run(cp: &ControlPlane, env: &NodeEnv, agent: keelson_e2e::node::Agent) -> Res
         "the sleeper's process is still there"
     );
     let veths_after = env.links()?.iter().filter(|l| l.starts_with("kv")).count();
-    ensure!(veths_after == 7, "veths after delete: {veths_after}");
+    ensure!(veths_after == 8, "veths after delete: {veths_after}");
     Ok(())
 }

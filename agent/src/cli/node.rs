@@ -61,6 +61,16 @@ pub struct NodeArgs {
     /// How often every pod is reconciled without a change.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     resync: Duration,
+    /// A container's log is rotated before it grows past this size (e.g. 10Mi, 512Ki).
+    #[arg(long, default_value = "10Mi", value_parser = parse_size)]
+    container_log_max_size: u64,
+    /// Log files kept per container, the current one included.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    container_log_max_files: u32,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    keelson_agent::pods::memory_bytes(s).ok_or_else(|| format!("{s:?} is not a size like 10Mi"))
 }
 
 /// `500ms`, `10s`, `5m`, `1h` or plain seconds.
@@ -248,6 +258,10 @@ impl NodeArgs {
                     network,
                     host_ip: node_ip.to_string(),
                     resync: self.resync,
+                    log_limits: keelson_agent::logs::rotate::Limits {
+                        max_size: self.container_log_max_size,
+                        max_files: self.container_log_max_files as usize,
+                    },
                 },
             )?;
             let result = manager.run(stop_signal()).await;

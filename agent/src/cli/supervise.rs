@@ -3,7 +3,10 @@
 
 use std::path::PathBuf;
 
-use keelson_agent::pods::{SuperviseSpec, supervise};
+use keelson_agent::{
+    logs::rotate::Limits,
+    pods::{SuperviseSpec, supervise},
+};
 
 #[derive(clap::Args)]
 pub struct SuperviseArgs {
@@ -22,6 +25,12 @@ pub struct SuperviseArgs {
     /// The container's cgroup path.
     #[arg(long)]
     cgroup_path: String,
+    /// Rotate the log before it grows past this many bytes (0: never).
+    #[arg(long, default_value_t = Limits::default().max_size)]
+    log_max_size: u64,
+    /// Log files kept, the current one included.
+    #[arg(long, default_value_t = Limits::default().max_files)]
+    log_max_files: usize,
 }
 
 impl SuperviseArgs {
@@ -36,6 +45,10 @@ impl SuperviseArgs {
             id: self.id,
             bundle: self.bundle,
             log: self.log,
+            log_limits: Limits {
+                max_size: self.log_max_size,
+                max_files: self.log_max_files.max(1),
+            },
             cgroup_path: self.cgroup_path,
         };
         let code = supervise(&spec);

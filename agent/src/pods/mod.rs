@@ -14,5 +14,6 @@ mod sync;
 pub mod volumes;
 
 pub use layout::{ExitRecord, PodRecord, StateLayout};
+pub use quantity::memory_bytes;
 pub use supervisor::{SuperviseSpec, supervise};
 pub use sync::{PodManager, PodManagerConfig, PodNetwork};

@@ -7,8 +7,8 @@
 //! It must run single-threaded until the container's init is cloned (the runtime library's
 //! rule); the log copiers start only after that.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -18,6 +18,7 @@ use nix::mount::{MntFlags, MsFlags, mount, umount2};
 
 use super::layout::{ExitRecord, now_rfc3339, write_json};
 use crate::logs::cri;
+use crate::logs::rotate::{Limits, RotatingLog};
 
 /// What a supervisor runs.
 #[derive(Debug, Clone)]
@@ -30,6 +31,8 @@ pub struct SuperviseSpec {
     pub bundle: PathBuf,
     /// The CRI log file.
     pub log: PathBuf,
+    /// When the log rotates.
+    pub log_limits: Limits,
     /// The container's cgroup path.
     pub cgroup_path: String,
 }
@@ -114,13 +117,13 @@ fn dup2(from: RawFd, to: RawFd) {
 }
 
 /// Copies lines from `pipe` into the shared log as CRI lines on `stream`.
-fn copy_lines(pipe: OwnedFd, stream: &'static str, log: Arc<Mutex<File>>) {
+fn copy_lines(pipe: OwnedFd, stream: &'static str, log: Arc<Mutex<RotatingLog>>) {
     let reader = BufReader::new(File::from(pipe));
     for line in reader.split(b'\n') {
         let Ok(line) = line else { break };
         let entry = cri::format_line(&jiff::Timestamp::now(), stream, &line);
         if let Ok(mut f) = log.lock() {
-            let _ = f.write_all(&entry);
+            let _ = f.write_entry(&entry);
         }
     }
 }
@@ -161,11 +164,7 @@ fn run(spec: &SuperviseSpec) -> Result<ExitRecord, SuperviseError> {
     if let Some(dir) = spec.log.parent() {
         fs::create_dir_all(dir).map_err(io_err("create", dir))?;
     }
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&spec.log)
-        .map_err(io_err("open", &spec.log))?;
+    let log = RotatingLog::open(&spec.log, spec.log_limits).map_err(io_err("open", &spec.log))?;
     let pipe = || {
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| io_err("pipe", &spec.log)(e.into()))

@@ -68,6 +68,8 @@ pub struct PodManagerConfig {
     pub host_ip: String,
     /// How often every pod is reconciled even without changes.
     pub resync: Duration,
+    /// When container logs rotate.
+    pub log_limits: crate::logs::rotate::Limits,
 }
 
 #[derive(Default)]
@@ -741,6 +743,10 @@ impl PodManager {
             .arg(&log)
             .arg("--cgroup-path")
             .arg(&cgroup)
+            .arg("--log-max-size")
+            .arg(self.cfg.log_limits.max_size.to_string())
+            .arg("--log-max-files")
+            .arg(self.cfg.log_limits.max_files.to_string())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
