@@ -6,12 +6,15 @@
 
 mod batch;
 pub mod client;
+mod log;
 pub mod mvcc;
 pub mod network;
 pub mod node;
+mod snapshot;
 pub mod storage;
 pub mod types;
 mod verbs;
+mod wal;
 pub mod watch;
 mod writer;
 

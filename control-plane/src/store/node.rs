@@ -707,7 +707,7 @@ impl Store {
     }
 
     /// Stop serving RPCs and stop Raft. Watches end. Data stays on disk; when this returns, the
-    /// database file is closed (unless closing took more than 10 s, which is logged), so the
+    /// data directory is closed (unless closing took more than 10 s, which is logged), so the
     /// member can be started again in the same process.
     pub async fn shutdown(&self) {
         let server = self

@@ -1,39 +1,115 @@
-//! The one thread that writes a member's database, with group commit.
+//! The one thread that writes a member's log segments, with group commit.
 //!
-//! Every change to the database (log appends, vote, commit index, truncation, purge, applied
-//! state, snapshots) is a job queued here. The thread takes all jobs waiting, runs them in order
-//! in one redb transaction and commits it once: with an fsync if any job asked for durability,
-//! without one otherwise. So concurrent appends share one fsync, the Raft core never blocks on
-//! the disk while it could be replicating, and the async runtime's few threads never block in
-//! an fsync.
+//! Every change to the log on disk (records written, segments created or removed) is a request
+//! queued here. The thread takes all requests waiting, performs their writes in order and, if
+//! any of them asked for durability, syncs the segments written once for all of them before
+//! telling each request's callback. So concurrent appends share one fdatasync, the Raft core
+//! never blocks on the disk while it could be replicating, and the async runtime's few threads
+//! never block in an fsync.
 //!
-//! After a failed transaction the writer refuses every later job: a later commit must never
-//! make durable a state that skipped a failed one.
+//! Older segments are synced before a newer one is first written, so that a crash can only
+//! leave a torn write in the last segment (see `wal.rs`). After a failed operation the writer
+//! refuses every later request: a later sync must never make durable a log that skipped a
+//! failed write.
 
-use std::sync::Arc;
-use std::sync::mpsc;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::thread::JoinHandle;
 
-use redb::{Durability, WriteTransaction};
+use crate::store::storage::{DiskError, Result};
+use crate::store::wal;
 
-use crate::store::storage::{Disk, DiskError, Result};
+/// Most requests handled in one round (one sync).
+const MAX_REQUESTS: usize = 1024;
 
-/// Most jobs in one transaction.
-const MAX_JOBS: usize = 1024;
+/// One operation on the segment files.
+#[derive(Debug)]
+pub(crate) enum Op {
+    /// Create segment `seq` of `size` bytes starting with `head` (see [`wal::create_segment`]).
+    Create { seq: u64, size: u64, head: Vec<u8> },
+    /// Write `bytes` at `offset` of segment `seq`.
+    Write {
+        seq: u64,
+        offset: u64,
+        bytes: Vec<u8>,
+    },
+    /// Delete segment `seq`: all its entries are purged and the purge is durable.
+    Remove { seq: u64 },
+}
 
-/// Work on the open write transaction.
-pub(crate) type Job = Box<dyn FnOnce(&Disk, &WriteTransaction) -> Result<()> + Send>;
-/// Told the outcome once the transaction that ran the job committed or failed.
+/// Told the outcome once the request's operations are done (and synced, if asked).
 pub(crate) type Done = Box<dyn FnOnce(Result<(), Arc<DiskError>>) + Send>;
 
 struct Request {
-    durable: bool,
-    job: Job,
-    done: Done,
+    ops: Vec<Op>,
+    sync: bool,
+    done: Option<Done>,
 }
 
-/// Queues jobs for the writer thread; the thread ends (and releases the database) when the last
-/// handle drops, after finishing what was queued.
+/// The open segment files, shared by the writer thread (which creates and removes them) and
+/// the log's readers; and how far records have been written.
+#[derive(Debug)]
+pub(crate) struct Files {
+    dir: PathBuf,
+    segments: Mutex<BTreeMap<u64, Arc<File>>>,
+    /// (segment, offset): every record before this position is written (readable, maybe not
+    /// yet durable).
+    written: Mutex<(u64, u64)>,
+}
+
+impl Files {
+    /// `segments` are the segments found at start; records up to `written` are on disk.
+    pub(crate) fn new(dir: PathBuf, segments: Vec<(u64, File)>, written: (u64, u64)) -> Self {
+        Files {
+            dir,
+            segments: Mutex::new(
+                segments
+                    .into_iter()
+                    .map(|(seq, file)| (seq, Arc::new(file)))
+                    .collect(),
+            ),
+            written: Mutex::new(written),
+        }
+    }
+
+    fn segments(&self) -> MutexGuard<'_, BTreeMap<u64, Arc<File>>> {
+        self.segments
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The file of segment `seq`, if it exists.
+    pub(crate) fn get(&self, seq: u64) -> Option<Arc<File>> {
+        self.segments().get(&seq).cloned()
+    }
+
+    /// The path of segment `seq`.
+    pub(crate) fn path(&self, seq: u64) -> PathBuf {
+        self.dir.join(wal::segment_name(seq))
+    }
+
+    /// The position up to which records are written.
+    pub(crate) fn written(&self) -> (u64, u64) {
+        *self
+            .written
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn set_written(&self, position: (u64, u64)) {
+        let mut written = self
+            .written
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *written = (*written).max(position);
+    }
+}
+
+/// Queues requests for the writer thread; the thread ends when this drops, after finishing
+/// what was queued.
 #[derive(Debug)]
 pub(crate) struct Writer {
     tx: Option<mpsc::Sender<Request>>,
@@ -41,61 +117,50 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    /// Start the writer thread for `disk`.
-    pub(crate) fn start(disk: Arc<Disk>) -> std::io::Result<Arc<Writer>> {
+    /// Start the writer thread for `files`.
+    pub(crate) fn start(files: Arc<Files>) -> std::io::Result<Writer> {
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || run(&disk, &rx))?;
-        Ok(Arc::new(Writer {
+            .spawn(move || run(&files, &rx))?;
+        Ok(Writer {
             tx: Some(tx),
             thread: Some(thread),
-        }))
+        })
     }
 
-    /// Queue `job`; `done` learns how its transaction ended. `durable`: the transaction is
-    /// fsynced before `done` runs.
-    pub(crate) fn submit(&self, durable: bool, job: Job, done: Done) {
-        let request = Request { durable, job, done };
+    /// Queue `ops`; `done` learns how they went. `sync`: the segments written are synced
+    /// before `done` runs.
+    pub(crate) fn submit(&self, ops: Vec<Op>, sync: bool, done: Option<Done>) {
+        let request = Request { ops, sync, done };
         let Some(tx) = &self.tx else { return };
-        if let Err(mpsc::SendError(request)) = tx.send(request) {
-            (request.done)(Err(Arc::new(DiskError::WriterStopped)));
+        if let Err(mpsc::SendError(request)) = tx.send(request)
+            && let Some(done) = request.done
+        {
+            done(Err(Arc::new(DiskError::WriterStopped)));
         }
     }
 
-    /// Queue `job` and wait until its transaction committed.
-    pub(crate) async fn run(&self, durable: bool, job: Job) -> Result<(), Arc<DiskError>> {
+    /// Queue `ops` and wait until they are done (and synced, if asked).
+    pub(crate) async fn run(&self, ops: Vec<Op>, sync: bool) -> Result<(), Arc<DiskError>> {
         let (reply, outcome) = tokio::sync::oneshot::channel();
         self.submit(
-            durable,
-            job,
-            Box::new(move |result| {
+            ops,
+            sync,
+            Some(Box::new(move |result| {
                 let _ = reply.send(result);
-            }),
+            })),
         );
         outcome
             .await
             .unwrap_or_else(|_| Err(Arc::new(DiskError::WriterStopped)))
-    }
-
-    /// Queue `job` without waiting; a failure is logged (and stops every later job).
-    pub(crate) fn detach(&self, durable: bool, job: Job) {
-        self.submit(
-            durable,
-            job,
-            Box::new(|result| {
-                if let Err(e) = result {
-                    tracing::error!(error = %e, "store write failed");
-                }
-            }),
-        );
     }
 }
 
 impl Drop for Writer {
     fn drop(&mut self) {
         // Closing the queue ends the thread once it has drained it; waiting here means the
-        // database file is closed when the last storage handle is gone.
+        // files are closed when the last log handle is gone.
         drop(self.tx.take());
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -103,42 +168,83 @@ impl Drop for Writer {
     }
 }
 
-fn run(disk: &Disk, rx: &mpsc::Receiver<Request>) {
-    let mut failed = None;
+fn run(files: &Files, rx: &mpsc::Receiver<Request>) {
+    let mut failed: Option<Arc<DiskError>> = None;
+    let mut dirty: BTreeMap<u64, Arc<File>> = BTreeMap::new();
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
-        while batch.len() < MAX_JOBS {
+        while batch.len() < MAX_REQUESTS {
             match rx.try_recv() {
                 Ok(next) => batch.push(next),
                 Err(_) => break,
             }
         }
-        let (jobs, dones): (Vec<(bool, Job)>, Vec<Done>) = batch
-            .into_iter()
-            .map(|r| ((r.durable, r.job), r.done))
-            .unzip();
-        let outcome = commit(disk, jobs, &mut failed);
-        for done in dones {
-            done(outcome.clone());
+        let outcome = match &failed {
+            Some(e) => Err(e.clone()),
+            None => execute(files, &mut dirty, &batch).map_err(|e| {
+                tracing::error!(error = %e, "writing the store's log failed");
+                failed.insert(Arc::new(e)).clone()
+            }),
+        };
+        for request in batch {
+            if let Some(done) = request.done {
+                done(outcome.clone());
+            }
         }
     }
 }
 
-fn commit(
-    disk: &Disk,
-    jobs: Vec<(bool, Job)>,
-    failed: &mut Option<Arc<DiskError>>,
-) -> Result<(), Arc<DiskError>> {
-    if let Some(e) = failed {
-        return Err(e.clone());
+fn io(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> DiskError {
+    let path = path.to_path_buf();
+    move |source| DiskError::Io { path, op, source }
+}
+
+fn execute(files: &Files, dirty: &mut BTreeMap<u64, Arc<File>>, batch: &[Request]) -> Result<()> {
+    let mut sync = false;
+    for request in batch {
+        sync |= request.sync;
+        for op in &request.ops {
+            match op {
+                Op::Create { seq, size, head } => {
+                    let file = wal::create_segment(&files.dir, *seq, *size, head)?;
+                    files.segments().insert(*seq, Arc::new(file));
+                    files.set_written((*seq, head.len() as u64));
+                }
+                Op::Write { seq, offset, bytes } => {
+                    let path = files.path(*seq);
+                    let older: Vec<u64> = dirty.range(..*seq).map(|(s, _)| *s).collect();
+                    for s in older {
+                        if let Some(file) = dirty.remove(&s) {
+                            file.sync_data().map_err(io(&files.path(s), "syncing"))?;
+                        }
+                    }
+                    let file = files.get(*seq).ok_or_else(|| DiskError::Io {
+                        path: path.clone(),
+                        op: "writing",
+                        source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                    })?;
+                    file.write_all_at(bytes, *offset)
+                        .map_err(io(&path, "writing"))?;
+                    files.set_written((*seq, offset + bytes.len() as u64));
+                    dirty.insert(*seq, file);
+                }
+                Op::Remove { seq } => {
+                    dirty.remove(seq);
+                    files.segments().remove(seq);
+                    let path = files.path(*seq);
+                    match std::fs::remove_file(&path) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(io(&path, "removing")(e)),
+                    }
+                }
+            }
+        }
     }
-    let durability = if jobs.iter().any(|(durable, _)| *durable) {
-        Durability::Immediate
-    } else {
-        Durability::None
-    };
-    disk.write(durability, |txn| {
-        jobs.into_iter().try_for_each(|(_, job)| job(disk, txn))
-    })
-    .map_err(|e| failed.insert(Arc::new(e)).clone())
+    if sync {
+        for (seq, file) in std::mem::take(dirty) {
+            file.sync_data().map_err(io(&files.path(seq), "syncing"))?;
+        }
+    }
+    Ok(())
 }
