@@ -3,12 +3,13 @@
 //! its pods. Pods the scheduler has just placed are "assumed" here at once, before their
 //! binding is written, and forgotten again if the binding fails.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use k8s_openapi::api::core::v1::{
     Node, NodeSelector, Pod, PreferredSchedulingTerm, Taint, Toleration,
 };
 
+use super::{images, topology};
 use crate::{quantity, util::Key};
 
 /// A host port a pod needs: protocol, host IP (`0.0.0.0` for any) and port.
@@ -50,6 +51,12 @@ pub struct PodReq {
     pub tolerations: Vec<Toleration>,
     /// Uid of the controlling owner, for spreading.
     pub owner: Option<String>,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    /// Required pod (anti-)affinity and topology spread constraints.
+    pub rules: topology::Rules,
+    /// Canonical names of the containers' images.
+    pub images: Vec<String>,
 }
 
 impl PodReq {
@@ -101,6 +108,15 @@ impl PodReq {
                 _ => {}
             }
         }
+        let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        let rules = topology::rules(spec, &namespace, &labels);
+        let images = spec
+            .containers
+            .iter()
+            .filter_map(|c| c.image.as_deref())
+            .map(images::normalize)
+            .collect();
         let affinity = spec
             .affinity
             .as_ref()
@@ -125,6 +141,10 @@ impl PodReq {
                 .unwrap_or_default(),
             tolerations: spec.tolerations.clone().unwrap_or_default(),
             owner: crate::util::controller_of(&pod.metadata).map(|r| r.uid.clone()),
+            namespace,
+            labels,
+            rules,
+            images,
         }
     }
 }
@@ -156,6 +176,8 @@ pub struct NodeInfo {
     pub ports: Vec<HostPort>,
     /// Pods per controlling owner uid.
     pub owners: HashMap<String, u32>,
+    /// Images the node holds: canonical name to size in bytes.
+    pub images: HashMap<String, i64>,
 }
 
 impl NodeInfo {
@@ -195,6 +217,10 @@ pub struct Cache {
     index: HashMap<String, usize>,
     pods: HashMap<Key, Placed>,
     present: usize,
+    /// Accounted pods with required anti-affinity, checked against every incoming pod.
+    anti: HashSet<Key>,
+    /// How many nodes hold each image.
+    image_nodes: HashMap<String, usize>,
 }
 
 impl Cache {
@@ -234,6 +260,56 @@ impl Cache {
         n.alloc_cpu = get("cpu").and_then(quantity::millis).unwrap_or(0);
         n.alloc_memory = get("memory").and_then(quantity::units).unwrap_or(0);
         n.alloc_pods = get("pods").and_then(quantity::units).unwrap_or(110);
+        let images = images::node_images(
+            node.status
+                .as_ref()
+                .and_then(|s| s.images.as_deref())
+                .unwrap_or_default(),
+        );
+        if images != n.images {
+            let old = std::mem::replace(&mut n.images, images);
+            self.count_images(&old, false);
+            self.count_images(&self.nodes[i].images.clone(), true);
+        }
+    }
+
+    fn count_images(&mut self, images: &HashMap<String, i64>, add: bool) {
+        for name in images.keys() {
+            if add {
+                *self.image_nodes.entry(name.clone()).or_insert(0) += 1;
+            } else if let Some(n) = self.image_nodes.get_mut(name) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.image_nodes.remove(name);
+                }
+            }
+        }
+    }
+
+    /// How many nodes hold an image.
+    pub fn image_spread(&self, image: &str) -> usize {
+        self.image_nodes.get(image).copied().unwrap_or(0)
+    }
+
+    /// Whether any node reports images at all.
+    pub fn has_images(&self) -> bool {
+        !self.image_nodes.is_empty()
+    }
+
+    /// Every accounted pod with the index of its node.
+    pub fn placed(&self) -> impl Iterator<Item = (usize, &PodReq)> {
+        self.pods
+            .values()
+            .filter_map(|p| self.index.get(&p.node).map(|&i| (i, &p.req)))
+    }
+
+    /// Accounted pods with required anti-affinity, with their nodes.
+    pub fn anti_affinity_pods(&self) -> impl Iterator<Item = (&NodeInfo, &PodReq)> {
+        self.anti.iter().filter_map(|k| {
+            let p = self.pods.get(k)?;
+            let &i = self.index.get(&p.node)?;
+            Some((&self.nodes[i], &p.req))
+        })
     }
 
     /// Removes a node (its pods stay accounted until they go).
@@ -243,6 +319,8 @@ impl Cache {
                 self.present -= 1;
             }
             self.nodes[i].present = false;
+            let old = std::mem::take(&mut self.nodes[i].images);
+            self.count_images(&old, false);
             if self.nodes[i].pods == 0 {
                 self.drop_slot(i);
             }
@@ -257,16 +335,20 @@ impl Cache {
         }
     }
 
-    /// Accounts a pod to `node` (replacing an earlier account of the same pod).
-    pub fn add_pod(&mut self, key: Key, node: &str, req: PodReq) {
+    /// Accounts a pod to `node` (replacing an earlier account of the same pod); true if it
+    /// was not accounted there yet.
+    pub fn add_pod(&mut self, key: Key, node: &str, req: PodReq) -> bool {
         if let Some(old) = self.pods.get(&key)
             && old.node == node
         {
-            return;
+            return false;
         }
         self.remove_pod(&key);
         let i = self.slot(node);
         self.nodes[i].add(&req, 1);
+        if !req.rules.anti_affinity.is_empty() {
+            self.anti.insert(key.clone());
+        }
         self.pods.insert(
             key,
             Placed {
@@ -274,6 +356,7 @@ impl Cache {
                 req,
             },
         );
+        true
     }
 
     /// Stops accounting a pod; true if it was accounted.
@@ -281,6 +364,7 @@ impl Cache {
         let Some(p) = self.pods.remove(key) else {
             return false;
         };
+        self.anti.remove(key);
         if let Some(&i) = self.index.get(&p.node) {
             self.nodes[i].add(&p.req, -1);
             if !self.nodes[i].present && self.nodes[i].pods <= 0 {
@@ -306,5 +390,45 @@ impl Cache {
     /// Number of nodes whose Node object exists.
     pub fn node_count(&self) -> usize {
         self.present
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn images_and_anti_affinity_pods_are_tracked() {
+        let node = |name: &str, images: serde_json::Value| -> Node {
+            serde_json::from_value(json!({"metadata": {"name": name},
+                "status": {"images": images}}))
+            .expect("node")
+        };
+        let mut c = Cache::default();
+        c.upsert_node(&node("a", json!([{"names": ["nginx:1"], "sizeBytes": 10}])));
+        c.upsert_node(&node(
+            "b",
+            json!([{"names": ["docker.io/library/nginx:1"]}]),
+        ));
+        assert_eq!(c.image_spread("docker.io/library/nginx:1"), 2);
+        c.upsert_node(&node("b", json!([])));
+        assert_eq!(c.image_spread("docker.io/library/nginx:1"), 1);
+        c.remove_node("a");
+        assert!(!c.has_images());
+
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "default"},
+            "spec": {"containers": [], "affinity": {"podAntiAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": [
+                    {"labelSelector": {}, "topologyKey": "kubernetes.io/hostname"}]}}},
+        }))
+        .expect("pod");
+        let key = Key::new("default", "p");
+        c.add_pod(key.clone(), "b", PodReq::of(&pod));
+        assert_eq!(c.anti_affinity_pods().count(), 1);
+        assert_eq!(c.placed().count(), 1);
+        c.remove_pod(&key);
+        assert_eq!(c.anti_affinity_pods().count(), 0);
     }
 }

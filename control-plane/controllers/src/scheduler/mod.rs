@@ -7,8 +7,10 @@
 
 mod bind;
 pub(crate) mod cache;
+mod images;
 pub(crate) mod plugins;
 pub(crate) mod queue;
+mod topology;
 
 use std::{
     collections::BTreeMap,
@@ -35,6 +37,19 @@ struct State {
     cache: Cache,
     queue: SchedulingQueue,
     next_start: usize,
+    /// A parked pod waits for other pods to be placed (pod affinity, topology spread): placing
+    /// one counts as a cluster change, as kube-scheduler requeues on assigned-pod events.
+    waiting_for_pods: bool,
+}
+
+impl State {
+    /// Accounts a pod to a node, waking pods that wait for placements.
+    fn place(&mut self, key: Key, node: &str, req: PodReq) {
+        if self.cache.add_pod(key, node, req) && self.waiting_for_pods {
+            self.waiting_for_pods = false;
+            self.queue.cluster_changed();
+        }
+    }
 }
 
 fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -76,6 +91,7 @@ impl Scheduler {
                 opts.scheduler_retry_unschedulable,
             ),
             next_start: 0,
+            waiting_for_pods: false,
         }));
         let wake = Arc::new(Notify::new());
         let name = opts.scheduler_name.clone();
@@ -240,7 +256,7 @@ fn on_pod(s: &mut State, p: &Pod, name: &str) {
                 s.queue.cluster_changed();
             }
         } else {
-            s.cache.add_pod(key, node, PodReq::of(p));
+            s.place(key, node, PodReq::of(p));
         }
     } else if responsible(p, name) && util::pod_active(p) {
         s.queue.upsert(Arc::new(p.clone()));
@@ -265,6 +281,8 @@ fn decide(s: &mut State, pod: Arc<Pod>) -> Decision {
         return Decision::Skip;
     }
     let req = PodReq::of(&pod);
+    let pre = topology::PreState::compute(&s.cache, &req);
+    let with_images = s.cache.has_images() && !req.images.is_empty();
     let total = s.cache.nodes.len();
     let want = enough(s.cache.node_count());
     let mut feasible: Vec<(usize, i64, i64, plugins::Raw)> = Vec::new();
@@ -283,12 +301,29 @@ fn decide(s: &mut State, pod: Arc<Pod>) -> Decision {
             continue;
         }
         why.clear();
-        plugins::filter(node, &req, &mut why);
+        plugins::filter(node, &req, &pre, &mut why);
         if why.is_empty() {
             let (least, balanced) = plugins::resource_scores(node, &req);
-            feasible.push((idx, least, balanced, plugins::raw_scores(node, &req)));
+            let image = if with_images {
+                let cache = &s.cache;
+                images::score(
+                    &req.images,
+                    &node.images,
+                    |i| cache.image_spread(i),
+                    cache.node_count(),
+                )
+            } else {
+                0
+            };
+            feasible.push((
+                idx,
+                least,
+                balanced,
+                plugins::raw_scores(node, &req, &pre, image),
+            ));
         } else {
             for r in why.drain(..) {
+                s.waiting_for_pods |= matches!(r, Reason::Spread | Reason::PodAffinity);
                 *reasons.entry(r).or_insert(0) += 1;
             }
         }
@@ -300,6 +335,10 @@ fn decide(s: &mut State, pod: Arc<Pod>) -> Decision {
     }
     let max_affinity = feasible.iter().map(|f| f.3.affinity).max().unwrap_or(0);
     let max_owner = feasible.iter().map(|f| f.3.same_owner).max().unwrap_or(0);
+    let (min_spread, max_spread) = feasible
+        .iter()
+        .filter_map(|f| f.3.spread)
+        .fold((f64::MAX, 0.0f64), |(lo, hi), s| (lo.min(s), hi.max(s)));
     let score = |f: &(usize, i64, i64, plugins::Raw)| -> i64 {
         let affinity = if max_affinity > 0 {
             f.3.affinity * 100 / max_affinity
@@ -311,7 +350,9 @@ fn decide(s: &mut State, pod: Arc<Pod>) -> Decision {
         } else {
             100
         };
-        f.1 + f.2 + 2 * affinity + 2 * spread
+        // Weights as kube-scheduler's defaults: resources and images 1, the rest 2.
+        let topology = plugins::spread_score(f.3.spread, min_spread, max_spread);
+        f.1 + f.2 + 2 * affinity + 2 * spread + 2 * topology + f.3.image
     };
     let mut best = &feasible[0];
     let mut best_score = score(best);
@@ -323,13 +364,121 @@ fn decide(s: &mut State, pod: Arc<Pod>) -> Decision {
         }
     }
     let node = s.cache.nodes[best.0].name.clone();
-    s.cache.add_pod(key, &node, req);
+    s.place(key, &node, req);
     Decision::Bind(pod, node)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use serde_json::json;
+
+    fn state(nodes: serde_json::Value) -> State {
+        let mut s = State {
+            cache: Cache::default(),
+            queue: SchedulingQueue::new(
+                Duration::from_secs(1),
+                Duration::from_secs(1),
+                Duration::from_secs(1),
+            ),
+            next_start: 0,
+            waiting_for_pods: false,
+        };
+        for n in nodes.as_array().into_iter().flatten() {
+            let n: Node = serde_json::from_value(n.clone()).expect("node");
+            s.cache.upsert_node(&n);
+        }
+        s
+    }
+
+    fn node(name: &str, zone: &str, images: serde_json::Value) -> serde_json::Value {
+        json!({
+            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "zone": zone}},
+            "status": {"allocatable": {"cpu": "4", "memory": "8Gi", "pods": "110"}, "images": images},
+        })
+    }
+
+    fn pod(name: &str, spec: serde_json::Value) -> Arc<Pod> {
+        let mut spec = spec;
+        if spec.get("containers").is_none() {
+            spec["containers"] = json!([{"name": "c", "image": "busybox:1"}]);
+        }
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "default", "labels": {"app": "web"}},
+                "spec": spec,
+            }))
+            .expect("pod"),
+        )
+    }
+
+    fn bound_to(d: Decision) -> String {
+        match d {
+            Decision::Bind(_, n) => n,
+            Decision::Unschedulable(_, m) => panic!("unschedulable: {m}"),
+            Decision::Skip => panic!("skipped"),
+        }
+    }
+
+    #[test]
+    fn image_locality_prefers_nodes_with_the_image() {
+        let big = json!([{"names": ["docker.io/library/app@sha256:1", "docker.io/library/app:2"],
+            "sizeBytes": 800 << 20}]);
+        let mut s = state(json!([
+            node("a", "z1", json!([])),
+            node("b", "z1", big),
+            node("c", "z1", json!([])),
+        ]));
+        let p = pod(
+            "p",
+            json!({"containers": [{"name": "c", "image": "app:2"}]}),
+        );
+        assert_eq!(bound_to(decide(&mut s, p)), "b");
+    }
+
+    #[test]
+    fn soft_spread_and_anti_affinity_steer_decisions() {
+        let mut s = state(json!([
+            node("a", "z1", json!([])),
+            node("b", "z1", json!([])),
+            node("c", "z2", json!([])),
+        ]));
+        let soft = json!({"topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "zone",
+            "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": {"matchLabels": {"app": "web"}}}]});
+        let first = bound_to(decide(&mut s, pod("w0", soft.clone())));
+        let second = bound_to(decide(&mut s, pod("w1", soft.clone())));
+        let zone = |n: &str| if n == "c" { "z2" } else { "z1" };
+        assert_ne!(zone(&first), zone(&second), "{first} then {second}");
+        let anti = json!({"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+            {"labelSelector": {"matchLabels": {"app": "web"}}, "topologyKey": "zone"}]}}});
+        let p = pod("w2", anti);
+        s.queue.upsert(Arc::clone(&p));
+        match decide(&mut s, p) {
+            Decision::Unschedulable(_, m) => assert_eq!(
+                m,
+                "0/3 nodes are available: 3 node(s) didn't match pod anti-affinity rules."
+            ),
+            _ => panic!("anti-affinity over both zones must leave the pod pending"),
+        }
+    }
+
+    #[test]
+    fn placements_wake_pods_waiting_for_pods() {
+        let mut s = state(json!([node("a", "z1", json!([]))]));
+        let aff = json!({"affinity": {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+            {"labelSelector": {"matchLabels": {"app": "cache"}}, "topologyKey": "zone"}]}}});
+        assert!(matches!(
+            decide(&mut s, pod("w", aff)),
+            Decision::Unschedulable(..)
+        ));
+        assert!(s.waiting_for_pods);
+        bound_to(decide(&mut s, pod("other", json!({}))));
+        assert!(
+            !s.waiting_for_pods,
+            "a placement counts as a cluster change"
+        );
+    }
 
     #[test]
     fn large_clusters_look_at_a_share_of_nodes() {

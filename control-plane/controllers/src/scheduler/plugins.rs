@@ -1,11 +1,15 @@
 //! Filter and score plugins. Filters say why a node cannot take a pod; scores rank the nodes
-//! that can (higher is better, each plugin 0–100 before its weight).
+//! that can (higher is better, each plugin 0–100 before its weight). The plugins that look at
+//! other pods by topology live in [`super::topology`], image locality in [`super::images`].
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{NodeSelectorRequirement, NodeSelectorTerm, Taint, Toleration};
 
-use super::cache::{NodeInfo, PodReq};
+use super::{
+    cache::{NodeInfo, PodReq},
+    topology::PreState,
+};
 
 /// Why a node was filtered out; the text is what Kubernetes prints.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -18,6 +22,11 @@ pub enum Reason {
     Memory,
     Pods,
     Ports,
+    Spread,
+    SpreadMissingLabel,
+    PodAffinity,
+    PodAntiAffinity,
+    ExistingAntiAffinity,
 }
 
 impl std::fmt::Display for Reason {
@@ -32,6 +41,15 @@ impl std::fmt::Display for Reason {
             Reason::Pods => f.write_str("Too many pods"),
             Reason::Ports => {
                 f.write_str("node(s) didn't have free ports for the requested pod ports")
+            }
+            Reason::Spread => f.write_str("node(s) didn't match pod topology spread constraints"),
+            Reason::SpreadMissingLabel => f.write_str(
+                "node(s) didn't match pod topology spread constraints (missing required label)",
+            ),
+            Reason::PodAffinity => f.write_str("node(s) didn't match pod affinity rules"),
+            Reason::PodAntiAffinity => f.write_str("node(s) didn't match pod anti-affinity rules"),
+            Reason::ExistingAntiAffinity => {
+                f.write_str("node(s) didn't satisfy existing pods anti-affinity rules")
             }
         }
     }
@@ -96,8 +114,30 @@ pub fn term_matches(
             .all(|r| requirement_matches(r, (r.key == "metadata.name").then_some(name)))
 }
 
+/// Whether the node satisfies the pod's nodeSelector and required node affinity.
+pub fn node_affinity_ok(node: &NodeInfo, pod: &PodReq) -> bool {
+    let selector_ok = pod
+        .node_selector
+        .iter()
+        .all(|(k, v)| node.labels.get(k) == Some(v));
+    selector_ok
+        && pod.required.as_ref().is_none_or(|sel| {
+            sel.node_selector_terms
+                .iter()
+                .any(|t| term_matches(t, &node.labels, &node.name))
+        })
+}
+
+/// The first NoSchedule/NoExecute taint of the node the pod does not tolerate.
+pub fn untolerated<'a>(node: &'a NodeInfo, pod: &PodReq) -> Option<&'a Taint> {
+    node.taints.iter().find(|t| {
+        matches!(t.effect.as_str(), "NoSchedule" | "NoExecute")
+            && !pod.tolerations.iter().any(|tol| tolerates(tol, t))
+    })
+}
+
 /// Runs every filter; the reasons a node cannot take the pod (empty: it can).
-pub fn filter(node: &NodeInfo, pod: &PodReq, out: &mut Vec<Reason>) {
+pub fn filter(node: &NodeInfo, pod: &PodReq, pre: &PreState, out: &mut Vec<Reason>) {
     if node.unschedulable
         && !pod.tolerations.iter().any(|t| {
             tolerates(
@@ -117,23 +157,11 @@ pub fn filter(node: &NodeInfo, pod: &PodReq, out: &mut Vec<Reason>) {
         out.push(Reason::NodeName);
         return;
     }
-    let selector_ok = pod
-        .node_selector
-        .iter()
-        .all(|(k, v)| node.labels.get(k) == Some(v));
-    let affinity_ok = pod.required.as_ref().is_none_or(|sel| {
-        sel.node_selector_terms
-            .iter()
-            .any(|t| term_matches(t, &node.labels, &node.name))
-    });
-    if !selector_ok || !affinity_ok {
+    if !node_affinity_ok(node, pod) {
         out.push(Reason::Affinity);
         return;
     }
-    if let Some(t) = node.taints.iter().find(|t| {
-        matches!(t.effect.as_str(), "NoSchedule" | "NoExecute")
-            && !pod.tolerations.iter().any(|tol| tolerates(tol, t))
-    }) {
+    if let Some(t) = untolerated(node, pod) {
         out.push(Reason::Taint(
             t.key.clone(),
             t.value.clone().unwrap_or_default(),
@@ -158,6 +186,10 @@ pub fn filter(node: &NodeInfo, pod: &PodReq, out: &mut Vec<Reason>) {
         .any(|p| node.ports.iter().any(|q| p.conflicts(q)))
     {
         out.push(Reason::Ports);
+        return;
+    }
+    if let Some(r) = pre.filter(node, pod) {
+        out.push(r);
     }
 }
 
@@ -176,6 +208,20 @@ pub fn explain(nodes: usize, reasons: &BTreeMap<Reason, usize>) -> String {
 pub struct Raw {
     pub affinity: i64,
     pub same_owner: i64,
+    /// Soft topology spread (lower is better; None: not scored on this node).
+    pub spread: Option<f64>,
+    /// Image locality, already 0–100.
+    pub image: i64,
+}
+
+/// Soft topology spread normalized to 0–100 over the feasible nodes' raw scores (`min` and
+/// `max` of those that were scored): the emptiest domains score highest, as in Kubernetes.
+pub fn spread_score(raw: Option<f64>, min: f64, max: f64) -> i64 {
+    match raw {
+        None => 0,
+        Some(_) if max <= 0.0 => 100,
+        Some(s) => (100.0 * (max + min - s) / max) as i64,
+    }
 }
 
 /// Scores that need no normalization: least allocated and balanced allocation, 0–100 each.
@@ -194,8 +240,9 @@ pub fn resource_scores(node: &NodeInfo, pod: &PodReq) -> (i64, i64) {
     (least, balanced)
 }
 
-/// Preferred node affinity weight and same-owner pod count.
-pub fn raw_scores(node: &NodeInfo, pod: &PodReq) -> Raw {
+/// Preferred node affinity weight, same-owner pod count and soft spread; `image` is the
+/// node's image locality score.
+pub fn raw_scores(node: &NodeInfo, pod: &PodReq, pre: &PreState, image: i64) -> Raw {
     let affinity = pod
         .preferred
         .iter()
@@ -210,6 +257,8 @@ pub fn raw_scores(node: &NodeInfo, pod: &PodReq) -> Raw {
     Raw {
         affinity,
         same_owner,
+        spread: pre.spread_raw(node, pod),
+        image,
     }
 }
 
@@ -254,6 +303,15 @@ mod tests {
     }
 
     #[test]
+    fn soft_spread_normalizes_like_kubernetes() {
+        assert_eq!(spread_score(None, 0.0, 4.0), 0);
+        assert_eq!(spread_score(Some(0.0), 0.0, 0.0), 100);
+        assert_eq!(spread_score(Some(0.0), 0.0, 4.0), 100);
+        assert_eq!(spread_score(Some(4.0), 0.0, 4.0), 0);
+        assert_eq!(spread_score(Some(4.0), 2.0, 4.0), 50);
+    }
+
+    #[test]
     fn filters_explain_why() {
         let node = NodeInfo {
             name: "n1".into(),
@@ -270,14 +328,14 @@ mod tests {
             ..PodReq::default()
         };
         let mut out = vec![];
-        filter(&node, &pod, &mut out);
+        filter(&node, &pod, &PreState::default(), &mut out);
         assert_eq!(out, [Reason::Memory]);
         let tainted = NodeInfo {
             taints: vec![taint("k", "v", "NoSchedule")],
             ..node
         };
         out.clear();
-        filter(&tainted, &PodReq::default(), &mut out);
+        filter(&tainted, &PodReq::default(), &PreState::default(), &mut out);
         assert_eq!(out, [Reason::Taint("k".into(), "v".into())]);
         let mut reasons = BTreeMap::new();
         reasons.insert(Reason::Memory, 2);
