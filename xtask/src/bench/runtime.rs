@@ -155,6 +155,15 @@ pub fn run(extra: &[String]) -> Result<()> {
         results.push(measure(name, binary, &work, runs)?);
     }
     let _ = fs::remove_dir_all(&work);
+    // keelson-runtime's default cgroup parent (`keelson/` in each hierarchy) stays behind
+    // empty; rmdir only removes it if nothing else uses it.
+    for hierarchy in fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let _ = fs::remove_dir(hierarchy.path().join("keelson"));
+    }
 
     println!(
         "{:<16} {:>6} {:>9} {:>9} {:>10}",
