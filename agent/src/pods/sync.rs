@@ -105,6 +105,19 @@ struct View {
     ever_started: bool,
 }
 
+impl View {
+    /// A container that is not running, waiting for `reason`.
+    fn waiting(reason: &str, message: String) -> Self {
+        View {
+            status: json!({"waiting": {"reason": reason, "message": message}}),
+            running: false,
+            ready: false,
+            done: None,
+            ever_started: false,
+        }
+    }
+}
+
 /// Reconciles the pods of one node.
 pub struct PodManager {
     cfg: PodManagerConfig,
@@ -336,13 +349,6 @@ impl PodManager {
             .restart_policy
             .clone()
             .unwrap_or_else(|| "Always".to_owned());
-        let not_started = |reason: &str, message: String| View {
-            status: json!({"waiting": {"reason": reason, "message": message}}),
-            running: false,
-            ready: false,
-            done: None,
-            ever_started: false,
-        };
         // Init containers run one after the other, each to success, before the others start;
         // a failed one is restarted unless the pod's policy is Never.
         let init_policy = if policy == "Never" {
@@ -355,8 +361,8 @@ impl PodManager {
         for c in spec.init_containers.iter().flatten() {
             let view = match &setup {
                 Ok(()) if initialized => self.sync_container(pod, &record, c, init_policy).await,
-                Ok(()) => not_started("PodInitializing", String::new()),
-                Err(e) => not_started("PodInitializing", e.to_string()),
+                Ok(()) => View::waiting("PodInitializing", String::new()),
+                Err(e) => View::waiting("PodInitializing", e.to_string()),
             };
             initialized &= view.done == Some(0);
             init_views.push((c, view));
@@ -365,8 +371,8 @@ impl PodManager {
         for c in &spec.containers {
             let view = match &setup {
                 Ok(()) if initialized => self.sync_container(pod, &record, c, &policy).await,
-                Ok(()) => not_started("PodInitializing", String::new()),
-                Err(e) => not_started("ContainerCreating", e.to_string()),
+                Ok(()) => View::waiting("PodInitializing", String::new()),
+                Err(e) => View::waiting("ContainerCreating", e.to_string()),
             };
             views.push((c, view));
         }
@@ -439,13 +445,7 @@ impl PodManager {
             .join("containers")
             .join(&c.name);
         let latest = latest_attempt(&cdir);
-        let waiting = |reason: &str, message: String| View {
-            status: json!({"waiting": {"reason": reason, "message": message}}),
-            running: false,
-            ready: false,
-            done: None,
-            ever_started: false,
-        };
+        let waiting = View::waiting;
         let Some(n) = latest else {
             return match self.start_attempt(pod, record, c, 0).await {
                 Ok(()) => waiting("ContainerCreating", String::new()),

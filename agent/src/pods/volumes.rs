@@ -101,75 +101,51 @@ async fn prepare_one(
             read_only: false,
         });
     }
-    if let Some(cm) = &v.config_map {
+    // configMap and secret: the object's keys as files, written once.
+    let source = if let Some(cm) = &v.config_map {
+        Some((cm.items.as_deref(), cm.default_mode, cm.optional))
+    } else {
+        v.secret
+            .as_ref()
+            .map(|sec| (sec.items.as_deref(), sec.default_mode, sec.optional))
+    };
+    if let Some((items, default_mode, optional)) = source {
         if !target.exists() {
-            let name = cm.name.clone();
-            let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-            let files = match api.get_opt(&name).await {
-                Ok(Some(obj)) => {
-                    let mut files: BTreeMap<String, Vec<u8>> = obj
-                        .data
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|(k, v)| (k, v.into_bytes()))
-                        .collect();
-                    files.extend(
-                        obj.binary_data
+            let optional = optional == Some(true);
+            let files = match (&v.config_map, &v.secret) {
+                (Some(cm), _) => fetch::<ConfigMap>(client, namespace, &v.name, &cm.name, optional)
+                    .await?
+                    .map(|obj| {
+                        let mut files: BTreeMap<String, Vec<u8>> = obj
+                            .data
                             .unwrap_or_default()
                             .into_iter()
-                            .map(|(k, v)| (k, v.0)),
-                    );
-                    files
+                            .map(|(k, v)| (k, v.into_bytes()))
+                            .collect();
+                        files.extend(
+                            obj.binary_data
+                                .unwrap_or_default()
+                                .into_iter()
+                                .map(|(k, v)| (k, v.0)),
+                        );
+                        files
+                    }),
+                (None, Some(sec)) => {
+                    let name = sec.secret_name.clone().unwrap_or_default();
+                    fetch::<Secret>(client, namespace, &v.name, &name, optional)
+                        .await?
+                        .map(|obj| {
+                            obj.data
+                                .unwrap_or_default()
+                                .into_iter()
+                                .map(|(k, v)| (k, v.0))
+                                .collect()
+                        })
                 }
-                Ok(None) if cm.optional == Some(true) => BTreeMap::new(),
-                Ok(None) => {
-                    return Err(VolumeError::new(
-                        &v.name,
-                        format!("configmap \"{name}\" not found"),
-                    ));
-                }
-                Err(e) => {
-                    return Err(VolumeError::new(
-                        &v.name,
-                        format!("reading configmap {name}: {e}"),
-                    ));
-                }
+                (None, None) => None,
             };
-            let mode = cm.default_mode.map_or(DEFAULT_MODE, mode_bits);
-            write_files(&v.name, target, &files, cm.items.as_deref(), mode)?;
-        }
-        return Ok(Ready {
-            source: target.to_owned(),
-            read_only: true,
-        });
-    }
-    if let Some(secret) = &v.secret {
-        if !target.exists() {
-            let name = secret.secret_name.clone().unwrap_or_default();
-            let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-            let files = match api.get_opt(&name).await {
-                Ok(Some(obj)) => obj
-                    .data
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|(k, v)| (k, v.0))
-                    .collect(),
-                Ok(None) if secret.optional == Some(true) => BTreeMap::new(),
-                Ok(None) => {
-                    return Err(VolumeError::new(
-                        &v.name,
-                        format!("secret \"{name}\" not found"),
-                    ));
-                }
-                Err(e) => {
-                    return Err(VolumeError::new(
-                        &v.name,
-                        format!("reading secret {name}: {e}"),
-                    ));
-                }
-            };
-            let mode = secret.default_mode.map_or(DEFAULT_MODE, mode_bits);
-            write_files(&v.name, target, &files, secret.items.as_deref(), mode)?;
+            let mode = default_mode.map_or(DEFAULT_MODE, mode_bits);
+            write_files(&v.name, target, &files.unwrap_or_default(), items, mode)?;
         }
         return Ok(Ready {
             source: target.to_owned(),
@@ -180,6 +156,36 @@ async fn prepare_one(
         &v.name,
         "only emptyDir, hostPath, configMap and secret volumes are supported",
     ))
+}
+
+/// The configMap or secret `name` a volume projects; `None` if it is missing and optional.
+async fn fetch<K>(
+    client: &kube::Client,
+    namespace: &str,
+    volume: &str,
+    name: &str,
+    optional: bool,
+) -> Result<Option<K>, VolumeError>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let kind = K::kind(&()).to_lowercase();
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    match api.get_opt(name).await {
+        Ok(Some(obj)) => Ok(Some(obj)),
+        Ok(None) if optional => Ok(None),
+        Ok(None) => Err(VolumeError::new(
+            volume,
+            format!("{kind} \"{name}\" not found"),
+        )),
+        Err(e) => Err(VolumeError::new(
+            volume,
+            format!("reading {kind} {name}: {e}"),
+        )),
+    }
 }
 
 fn mode_bits(mode: i32) -> u32 {

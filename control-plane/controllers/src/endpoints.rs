@@ -54,20 +54,9 @@ impl EndpointsController {
         let queue = WorkQueue::new();
         let svc_store = services.store();
         services.queue_keys(&queue);
-        {
-            let (queue, store) = (queue.clone(), svc_store.clone());
-            pods.on(move |c| {
-                let ns = match c {
-                    Change::Applied(p) | Change::Deleted(p) => p.metadata.namespace.clone(),
-                    Change::Relisted => None,
-                };
-                for s in store.state() {
-                    if ns.is_none() || s.metadata.namespace == ns {
-                        queue.add(Key::of(s.as_ref()));
-                    }
-                }
-            });
-        }
+        // Label changes can move a pod out of a Service, so every Service in the pod's
+        // namespace looks again.
+        pods.queue_namespace_of(svc_store.clone(), &queue);
         {
             // Someone else changing our Endpoints: put them back.
             let queue = queue.clone();

@@ -79,6 +79,27 @@ where
         });
     }
 
+    /// On a change of one of this informer's objects, queues every object of `owners` in the
+    /// same namespace (all of them after a relist): for controllers whose objects are computed
+    /// from this kind, e.g. Services whose endpoints depend on pods' labels and readiness.
+    pub fn queue_namespace_of<O>(&mut self, owners: Store<O>, queue: &WorkQueue<Key>)
+    where
+        O: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+    {
+        let queue = queue.clone();
+        self.on(move |c| {
+            let ns = match c {
+                Change::Applied(o) | Change::Deleted(o) => o.meta().namespace.clone(),
+                Change::Relisted => None,
+            };
+            for owner in owners.state() {
+                if ns.is_none() || owner.meta().namespace == ns {
+                    queue.add(Key::of(owner.as_ref()));
+                }
+            }
+        });
+    }
+
     /// Starts watching until `cancel`.
     pub fn spawn(self, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
         let handlers: Arc<[Handler<K>]> = self.handlers.into();
