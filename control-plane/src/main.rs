@@ -76,6 +76,13 @@ struct Args {
     /// Do not run the scheduler and controllers (same as `--controllers=false`).
     #[arg(long)]
     no_controllers: bool,
+    /// Terminated pods kept before the oldest are deleted (0 keeps them all).
+    #[arg(long, default_value_t = 12_500)]
+    terminated_pod_gc_threshold: usize,
+    /// Events are deleted this long after their last update, e.g. `1h`, `30m`, `90s`
+    /// (0 keeps them).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    event_ttl: Duration,
     /// Encrypt resources at rest as this Kubernetes `EncryptionConfiguration` file says
     /// (providers `aesgcm` and `identity`).
     #[arg(long)]
@@ -160,7 +167,11 @@ async fn main() -> Result<()> {
         };
         tokio::spawn(keelson_controllers::run_with_kubeconfig(
             kubeconfig,
-            keelson_controllers::Options::default(),
+            keelson_controllers::Options {
+                terminated_pod_gc_threshold: args.terminated_pod_gc_threshold,
+                event_ttl: args.event_ttl,
+                ..keelson_controllers::Options::default()
+            },
             shutdown,
         ));
     }
@@ -196,4 +207,20 @@ async fn wait_for_signal() -> Result<()> {
         _ = term.recv() => {}
     }
     Ok(())
+}
+
+/// `90s`, `30m`, `1h` or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90s, 30m or 1h"))?;
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(format!("{s:?}: use the units s, m or h")),
+    };
+    Ok(Duration::from_secs(n.saturating_mul(scale)))
 }

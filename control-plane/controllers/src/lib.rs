@@ -15,7 +15,9 @@
 //! - node lifecycle (Lease heartbeats, `Ready=Unknown`, the `unreachable` taint, eviction) and
 //!   node IPAM (`spec.podCIDR`),
 //! - garbage collection by owner references (background, orphan and foreground
-//!   propagation) over every resource type these controllers own or create.
+//!   propagation) over every resource type these controllers own or create,
+//! - pod garbage collection (terminated pods over a threshold, pods of deleted nodes) and
+//!   the expiry of Events after their TTL.
 #![deny(missing_docs)]
 
 mod connect;
@@ -25,6 +27,7 @@ mod endpoints;
 mod endpointslice;
 mod error;
 mod events;
+mod eventttl;
 mod expectations;
 mod gc;
 mod informer;
@@ -33,6 +36,7 @@ mod job;
 mod leader;
 mod manager;
 mod nodelifecycle;
+mod podgc;
 mod podwrites;
 pub mod quantity;
 mod replicaset;
@@ -106,6 +110,18 @@ pub struct Options {
     /// How often the garbage collector sweeps everything (20 s); owner deletions trigger a
     /// sweep sooner.
     pub gc_period: Duration,
+    /// Run pod garbage collection (true).
+    pub pod_gc: bool,
+    /// Terminated pods kept before the oldest are deleted (12500; 0 keeps all).
+    pub terminated_pod_gc_threshold: usize,
+    /// How often pod garbage collection sweeps (20 s).
+    pub pod_gc_period: Duration,
+    /// How long a pod's node must be missing before the pod is removed (40 s).
+    pub pod_gc_quarantine: Duration,
+    /// Delete Events last seen longer ago than this (1 h; zero keeps them).
+    pub event_ttl: Duration,
+    /// How often expired Events are swept (1 min).
+    pub event_ttl_period: Duration,
 }
 
 impl Default for Options {
@@ -141,6 +157,12 @@ impl Default for Options {
             node_cidr_prefix: 24,
             garbage_collector: true,
             gc_period: Duration::from_secs(20),
+            pod_gc: true,
+            terminated_pod_gc_threshold: 12_500,
+            pod_gc_period: Duration::from_secs(20),
+            pod_gc_quarantine: Duration::from_secs(40),
+            event_ttl: Duration::from_secs(3600),
+            event_ttl_period: Duration::from_secs(60),
         }
     }
 }

@@ -3,7 +3,7 @@
 use std::{future::Future, pin::Pin};
 
 use k8s_openapi::api::{
-    apps::v1::{DaemonSet, Deployment, ReplicaSet},
+    apps::v1::{ControllerRevision, DaemonSet, Deployment, ReplicaSet},
     batch::v1::Job,
     coordination::v1::Lease,
     core::v1::{ConfigMap, Endpoints, Node, Pod, Secret, Service, ServiceAccount},
@@ -14,8 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Options, daemonset::DaemonSets, deployment::Deployments, endpoints::EndpointsController,
-    endpointslice::EndpointSlices, gc::GarbageCollector, informer::Informer, ipam::Ipam, job::Jobs,
-    nodelifecycle::NodeLifecycle, replicaset::ReplicaSets, scheduler::Scheduler,
+    endpointslice::EndpointSlices, eventttl, gc::GarbageCollector, informer::Informer, ipam::Ipam,
+    job::Jobs, nodelifecycle::NodeLifecycle, podgc::PodGc, replicaset::ReplicaSets,
+    scheduler::Scheduler,
 };
 
 type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -34,6 +35,7 @@ pub(crate) async fn run_all(client: Client, opts: &Options, cancel: Cancellation
     let mut endpoints = Informer::<Endpoints>::new(Api::all(client.clone()), cfg());
     // All namespaces: node lifecycle reads those in kube-node-lease, the collector all.
     let mut leases = Informer::<Lease>::new(Api::all(client.clone()), cfg());
+    let mut revisions = Informer::<ControllerRevision>::new(Api::all(client.clone()), cfg());
 
     let mut tasks: Vec<Task> = Vec::new();
     let c = || cancel.clone();
@@ -48,7 +50,13 @@ pub(crate) async fn run_all(client: Client, opts: &Options, cancel: Cancellation
         tasks.push(Box::pin(d.run(c())));
     }
     if opts.daemon_sets {
-        let d = DaemonSets::register(client.clone(), &mut daemons, &mut pods, &mut nodes);
+        let d = DaemonSets::register(
+            client.clone(),
+            &mut daemons,
+            &mut pods,
+            &mut nodes,
+            &mut revisions,
+        );
         tasks.push(Box::pin(d.run(c())));
     }
     if opts.jobs {
@@ -72,6 +80,16 @@ pub(crate) async fn run_all(client: Client, opts: &Options, cancel: Cancellation
         let i = Ipam::register(client.clone(), opts, &mut nodes);
         tasks.push(Box::pin(i.run(c())));
     }
+    if opts.pod_gc {
+        let g = PodGc::new(client.clone(), opts, pods.store(), nodes.store());
+        tasks.push(Box::pin(g.run(c())));
+    }
+    if !opts.event_ttl.is_zero() {
+        let (client, opts, cancel) = (client.clone(), opts.clone(), c());
+        tasks.push(Box::pin(async move {
+            eventttl::run(client, &opts, cancel).await
+        }));
+    }
     let mut watches = Vec::new();
     if opts.garbage_collector {
         // Every served type but Events and Namespaces (as in Kubernetes, whose collector
@@ -88,6 +106,7 @@ pub(crate) async fn run_all(client: Client, opts: &Options, cancel: Cancellation
         g.track(&mut endpoints);
         g.track(&mut nodes);
         g.track(&mut leases);
+        g.track(&mut revisions);
         let mut maps = Informer::<ConfigMap>::new(Api::all(client.clone()), cfg());
         let mut secrets = Informer::<Secret>::new(Api::all(client.clone()), cfg());
         let mut accounts = Informer::<ServiceAccount>::new(Api::all(client.clone()), cfg());
@@ -108,6 +127,7 @@ pub(crate) async fn run_all(client: Client, opts: &Options, cancel: Cancellation
         slices.spawn(c()),
         endpoints.spawn(c()),
         leases.spawn(c()),
+        revisions.spawn(c()),
     ]);
     futures::future::join_all(tasks).await;
     cancel.cancel();

@@ -230,6 +230,25 @@ async fn daemonset_runs_on_every_eligible_node_as_nodes_come_and_go() {
     }));
 }
 
+/// Runs kubectl against the cluster in namespace `default`; panics unless it succeeds.
+async fn kubectl(c: &Cluster, args: &[&str]) -> String {
+    let out = tokio::process::Command::new(KUBECTL)
+        .arg("--kubeconfig")
+        .arg(c.kubeconfig())
+        .args(["-n", "default"])
+        .args(args)
+        .output()
+        .await
+        .expect("run kubectl");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemonset_rolls_within_max_unavailable_and_kubectl_sees_it() {
     let c = Cluster::start(options()).await;
@@ -302,6 +321,42 @@ async fn daemonset_rolls_within_max_unavailable_and_kubectl_sees_it() {
     assert_eq!(hashes.len(), 1);
     assert!(!hashes.contains(&old_hash), "every pod replaced");
 
+    // History and rollback through kubectl, from the DaemonSet's ControllerRevisions.
+    let revisions = |out: &str| -> Vec<String> {
+        out.lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|w| w.chars().all(|c| c.is_ascii_digit()))
+            .map(str::to_owned)
+            .collect()
+    };
+    let history = kubectl(&c, &["rollout", "history", "daemonset/roll"]).await;
+    assert_eq!(revisions(&history), ["1", "2"], "{history}");
+    let undo = kubectl(&c, &["rollout", "undo", "daemonset/roll"]).await;
+    assert!(undo.contains("rolled back"), "{undo}");
+    kubectl(
+        &c,
+        &["rollout", "status", "daemonset/roll", "--timeout=30s"],
+    )
+    .await;
+    daemon_on(&c.client, "roll", &names).await;
+    wait_for("every pod back on the first template", T, || async {
+        pods_by_node(&c.client, "roll")
+            .await
+            .values()
+            .flatten()
+            .all(|p| {
+                p.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("controller-revision-hash"))
+                    == Some(&old_hash)
+            })
+    })
+    .await;
+    // The first template's revision became the newest.
+    let history = kubectl(&c, &["rollout", "history", "daemonset/roll"]).await;
+    assert_eq!(revisions(&history), ["2", "3"], "{history}");
+
     // OnDelete: a new template reaches only the pods deleted by hand.
     api.patch(
         "roll",
@@ -328,7 +383,11 @@ async fn daemonset_rolls_within_max_unavailable_and_kubectl_sees_it() {
         Some(0),
         "nothing replaced on its own"
     );
-    let victim = placed["n2"][0].metadata.name.clone().expect("name");
+    let victim = pods_by_node(&c.client, "roll").await["n2"][0]
+        .metadata
+        .name
+        .clone()
+        .expect("name");
     let pods: Api<Pod> = Api::namespaced(c.client.clone(), "default");
     pods.delete(&victim, &DeleteParams::default())
         .await

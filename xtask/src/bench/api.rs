@@ -12,16 +12,7 @@ use crate::cmd::{cargo, run as run_cmd, step};
 /// # Errors
 /// The build or the benchmark fails.
 pub fn run(extra: &[String]) -> Result<()> {
-    step("build keelson-server (release)");
-    run_cmd(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "keelson-server",
-        "--bin",
-        "keelson-server",
-    ]))?;
-    let server = super::target_dir().join("release").join("keelson-server");
+    let server = super::release_server()?;
     let out = super::target_dir().join("bench").join("api.json");
     step("bench api: one member, 10k pods, 1000 watchers (release build)");
     run_cmd(

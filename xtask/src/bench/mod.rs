@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::cmd::repo_root;
+use crate::cmd::{cargo, repo_root, run as run_cmd, step};
 
 /// Options of `cargo xtask bench`.
 #[derive(clap::Args)]
@@ -49,6 +49,20 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Suite::Runtime => runtime::run(&args.extra),
         Suite::Scheduler => scheduler::run(&args.extra),
     }
+}
+
+/// Builds `keelson-server` in release mode; returns the binary.
+fn release_server() -> Result<PathBuf> {
+    step("build keelson-server (release)");
+    run_cmd(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "keelson-server",
+        "--bin",
+        "keelson-server",
+    ]))?;
+    Ok(target_dir().join("release").join("keelson-server"))
 }
 
 /// Cargo's target directory (`CARGO_TARGET_DIR` or `target/` at the repository root).

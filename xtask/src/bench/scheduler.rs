@@ -1,23 +1,21 @@
-//! `cargo xtask bench scheduler`: fake nodes and 10k pending pods created through the API
-//! while Keelson's scheduler runs; pods bound per second and create→bound p50/p99 at 500 and
-//! 5000 nodes. The driver is the `bench_scheduler` example of `keelson-controllers` (an
-//! in-process API server over the in-memory store).
+//! `cargo xtask bench scheduler`: fake nodes and 10k pending pods through a real
+//! `keelson-server` (release build, Raft store on disk): pods bound per second once the
+//! scheduler starts on the backlog, then create→bound p50/p99 for pods streamed in, at 500
+//! and 5000 nodes. The driver is the `bench_scheduler` example of `keelson-controllers`.
 
 use anyhow::Result;
 
 use crate::cmd::{cargo, run as run_cmd, step};
 
-/// Build and run the scheduler benchmark; `extra` is `[NODES[,NODES…] [PODS]]`.
+/// Build and run the scheduler benchmark; `extra` goes to the driver (e.g. `--nodes 500
+/// --pods 2000 --concurrency 128`).
 ///
 /// # Errors
 /// The build or the benchmark fails.
 pub fn run(extra: &[String]) -> Result<()> {
+    let server = super::release_server()?;
     let out = super::target_dir().join("bench").join("scheduler.json");
-    let nodes = extra.first().cloned().unwrap_or_else(|| "500,5000".into());
-    let pods = extra.get(1).cloned().unwrap_or_else(|| "10000".into());
-    step(&format!(
-        "bench scheduler: {pods} pods on {nodes} nodes (release build)"
-    ));
+    step("bench scheduler: 10k pods on 500 and 5000 nodes (release build)");
     run_cmd(
         cargo()
             .args([
@@ -29,7 +27,10 @@ pub fn run(extra: &[String]) -> Result<()> {
                 "bench_scheduler",
                 "--",
             ])
-            .args([nodes.as_str(), pods.as_str()])
-            .arg(&out),
+            .arg("--server")
+            .arg(&server)
+            .arg("--out")
+            .arg(&out)
+            .args(extra),
     )
 }

@@ -6,6 +6,7 @@
 //! changing or leaving add and remove pods; the status is what `kubectl rollout status`
 //! reads.
 
+mod history;
 mod placement;
 mod plan;
 
@@ -17,7 +18,7 @@ use std::{
 
 use k8s_openapi::{
     api::{
-        apps::v1::DaemonSet,
+        apps::v1::{ControllerRevision, DaemonSet},
         core::v1::{Node, Pod, PodSpec},
     },
     apimachinery::pkg::util::intstr::IntOrString,
@@ -52,6 +53,7 @@ pub(crate) struct DaemonSets {
     sets: Store<DaemonSet>,
     pods: Store<Pod>,
     nodes: Store<Node>,
+    revisions: Store<ControllerRevision>,
     queue: WorkQueue<Key>,
     expectations: Expectations<Key>,
     recorder: Recorder,
@@ -89,10 +91,26 @@ impl DaemonSets {
         sets: &mut Informer<DaemonSet>,
         pods: &mut Informer<Pod>,
         nodes: &mut Informer<Node>,
+        revisions: &mut Informer<ControllerRevision>,
     ) -> Arc<Self> {
         let queue = WorkQueue::new();
         let ds_store = sets.store();
         sets.queue_keys(&queue);
+        {
+            // A revision deleted behind our back is made again.
+            let queue = queue.clone();
+            revisions.on(move |c| {
+                if let Change::Deleted(r) = c
+                    && let Some(o) = util::controller_of(&r.metadata)
+                    && o.kind == "DaemonSet"
+                {
+                    queue.add(Key::new(
+                        r.metadata.namespace.as_deref().unwrap_or_default(),
+                        &o.name,
+                    ));
+                }
+            });
+        }
         {
             let (queue, store) = (queue.clone(), ds_store.clone());
             pods.on(move |c| match c {
@@ -141,6 +159,7 @@ impl DaemonSets {
             sets: ds_store,
             pods: pods.store(),
             nodes: nodes.store(),
+            revisions: revisions.store(),
             queue,
             expectations: Expectations::new(),
         })
@@ -219,6 +238,8 @@ impl DaemonSets {
             .pods
             .state_filter(|p| p.metadata.namespace.as_deref() == Some(key.ns.as_str()));
         let owned = self.claim(&ds, &in_ns).await?;
+        let owned_refs: Vec<&Pod> = owned.iter().map(AsRef::as_ref).collect();
+        history::sync(&self.client, &self.revisions, &key, &ds, &hash, &owned_refs).await?;
         let nodes = self.nodes.state();
         let mut by_node: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
         let mut stray = Vec::new();

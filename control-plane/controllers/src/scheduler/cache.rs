@@ -219,6 +219,8 @@ pub struct Cache {
     present: usize,
     /// Accounted pods with required anti-affinity, checked against every incoming pod.
     anti: HashSet<Key>,
+    /// Accounted pods whose preferences (or required affinity) score incoming pods.
+    preferring: HashSet<Key>,
     /// How many nodes hold each image.
     image_nodes: HashMap<String, usize>,
 }
@@ -312,6 +314,16 @@ impl Cache {
         })
     }
 
+    /// Accounted pods with preferred pod (anti-)affinity or required pod affinity, with
+    /// their nodes.
+    pub fn preferring_pods(&self) -> impl Iterator<Item = (&NodeInfo, &PodReq)> {
+        self.preferring.iter().filter_map(|k| {
+            let p = self.pods.get(k)?;
+            let &i = self.index.get(&p.node)?;
+            Some((&self.nodes[i], &p.req))
+        })
+    }
+
     /// Removes a node (its pods stay accounted until they go).
     pub fn remove_node(&mut self, name: &str) {
         if let Some(&i) = self.index.get(name) {
@@ -349,6 +361,9 @@ impl Cache {
         if !req.rules.anti_affinity.is_empty() {
             self.anti.insert(key.clone());
         }
+        if !(req.rules.preferred.is_empty() && req.rules.affinity.is_empty()) {
+            self.preferring.insert(key.clone());
+        }
         self.pods.insert(
             key,
             Placed {
@@ -365,6 +380,7 @@ impl Cache {
             return false;
         };
         self.anti.remove(key);
+        self.preferring.remove(key);
         if let Some(&i) = self.index.get(&p.node) {
             self.nodes[i].add(&p.req, -1);
             if !self.nodes[i].present && self.nodes[i].pods <= 0 {

@@ -335,6 +335,10 @@ fn decide(s: &mut State, pod: Arc<Pod>) -> Decision {
     }
     let max_affinity = feasible.iter().map(|f| f.3.affinity).max().unwrap_or(0);
     let max_owner = feasible.iter().map(|f| f.3.same_owner).max().unwrap_or(0);
+    let (min_pod, max_pod) = feasible
+        .iter()
+        .map(|f| f.3.pod_affinity)
+        .fold((i64::MAX, i64::MIN), |(lo, hi), s| (lo.min(s), hi.max(s)));
     let (min_spread, max_spread) = feasible
         .iter()
         .filter_map(|f| f.3.spread)
@@ -352,7 +356,12 @@ fn decide(s: &mut State, pod: Arc<Pod>) -> Decision {
         };
         // Weights as kube-scheduler's defaults: resources and images 1, the rest 2.
         let topology = plugins::spread_score(f.3.spread, min_spread, max_spread);
-        f.1 + f.2 + 2 * affinity + 2 * spread + 2 * topology + f.3.image
+        let pod_affinity = if max_pod > min_pod {
+            (f.3.pod_affinity - min_pod) * 100 / (max_pod - min_pod)
+        } else {
+            0
+        };
+        f.1 + f.2 + 2 * affinity + 2 * spread + 2 * topology + 2 * pod_affinity + f.3.image
     };
     let mut best = &feasible[0];
     let mut best_score = score(best);
@@ -461,6 +470,39 @@ mod tests {
             ),
             _ => panic!("anti-affinity over both zones must leave the pod pending"),
         }
+    }
+
+    #[test]
+    fn preferred_pod_affinity_scores_both_ways() {
+        let nodes = json!([
+            node("a", "z1", json!([])),
+            node("b", "z2", json!([])),
+            node("c", "z3", json!([])),
+        ]);
+        let term = |kind: &str, weight: i32| {
+            json!({"affinity": {kind: {"preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": weight, "podAffinityTerm": {
+                    "labelSelector": {"matchLabels": {"app": "web"}}, "topologyKey": "zone"}}]}}})
+        };
+        // A web pod sits in z2; an incoming pod that prefers web pods goes there.
+        let mut s = state(nodes.clone());
+        s.place(
+            Key::new("default", "w"),
+            "b",
+            PodReq::of(&pod("w", json!({}))),
+        );
+        let p = pod("likes", term("podAffinity", 100));
+        assert_eq!(bound_to(decide(&mut s, p)), "b");
+        // One that prefers to avoid web pods stays out of the zones that hold them.
+        let avoid = term("podAntiAffinity", 100);
+        let first = bound_to(decide(&mut s, pod("x1", avoid.clone())));
+        assert_ne!(first, "b");
+        // Symmetry: a placed pod preferring web pods pulls an incoming web pod to its zone.
+        let mut s = state(nodes);
+        let mut likes = (*pod("fan", term("podAffinity", 100))).clone();
+        likes.metadata.labels = None;
+        s.place(Key::new("default", "fan"), "c", PodReq::of(&likes));
+        assert_eq!(bound_to(decide(&mut s, pod("w", json!({})))), "c");
     }
 
     #[test]

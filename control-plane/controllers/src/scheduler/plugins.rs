@@ -207,6 +207,8 @@ pub fn explain(nodes: usize, reasons: &BTreeMap<Reason, usize>) -> String {
 /// Per-node raw scores that are normalized over all feasible nodes afterwards.
 pub struct Raw {
     pub affinity: i64,
+    /// Preferred inter-pod affinity (may be negative).
+    pub pod_affinity: i64,
     pub same_owner: i64,
     /// Soft topology spread (lower is better; None: not scored on this node).
     pub spread: Option<f64>,
@@ -256,6 +258,7 @@ pub fn raw_scores(node: &NodeInfo, pod: &PodReq, pre: &PreState, image: i64) -> 
         .map_or(0, |n| i64::from(*n));
     Raw {
         affinity,
+        pod_affinity: pre.preferred_raw(node),
         same_owner,
         spread: pre.spread_raw(node, pod),
         image,

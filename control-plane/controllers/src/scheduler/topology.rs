@@ -1,14 +1,15 @@
 //! Plugins that look at other pods by topology domain (the value of a node label such as
 //! `kubernetes.io/hostname` or `topology.kubernetes.io/zone`): required inter-pod affinity
-//! and anti-affinity (including existing pods' anti-affinity against the incoming pod) and
-//! topology spread constraints. What they need from the whole cluster is gathered once per
+//! and anti-affinity (including existing pods' anti-affinity against the incoming pod),
+//! preferred inter-pod affinity and anti-affinity (a score, in both directions, as
+//! kube-scheduler's InterPodAffinity) and topology spread constraints. What they need from the whole cluster is gathered once per
 //! pod into a [`PreState`] (kube-scheduler's PreFilter), so checking a node stays a few
 //! lookups; pods without such rules skip all of it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use k8s_openapi::{
-    api::core::v1::{PodAffinityTerm, PodSpec, TopologySpreadConstraint},
+    api::core::v1::{PodAffinityTerm, PodSpec, TopologySpreadConstraint, WeightedPodAffinityTerm},
     apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement},
 };
 
@@ -113,7 +114,34 @@ pub fn rules(spec: &PodSpec, ns: &str, labels: &BTreeMap<String, String>) -> Rul
     let terms = |t: Option<&Vec<PodAffinityTerm>>| -> Vec<Term> {
         t.into_iter().flatten().map(|t| Term::of(t, ns)).collect()
     };
+    let weighted = |t: Option<&Vec<WeightedPodAffinityTerm>>, sign: i64| -> Vec<(i64, Term)> {
+        t.into_iter()
+            .flatten()
+            .map(|w| {
+                (
+                    sign * i64::from(w.weight),
+                    Term::of(&w.pod_affinity_term, ns),
+                )
+            })
+            .collect()
+    };
+    let mut preferred = weighted(
+        aff.and_then(|a| a.pod_affinity.as_ref()).and_then(|a| {
+            a.preferred_during_scheduling_ignored_during_execution
+                .as_ref()
+        }),
+        1,
+    );
+    preferred.extend(weighted(
+        aff.and_then(|a| a.pod_anti_affinity.as_ref())
+            .and_then(|a| {
+                a.preferred_during_scheduling_ignored_during_execution
+                    .as_ref()
+            }),
+        -1,
+    ));
     Rules {
+        preferred,
         affinity: terms(aff.and_then(|a| a.pod_affinity.as_ref()).and_then(|a| {
             a.required_during_scheduling_ignored_during_execution
                 .as_ref()
@@ -137,6 +165,8 @@ pub fn rules(spec: &PodSpec, ns: &str, labels: &BTreeMap<String, String>) -> Rul
 /// See [`rules`].
 #[derive(Clone, Debug, Default)]
 pub struct Rules {
+    /// Preferred terms with their weight: positive for affinity, negative for anti-affinity.
+    pub preferred: Vec<(i64, Term)>,
     pub affinity: Vec<Term>,
     pub anti_affinity: Vec<Term>,
     pub spread: Vec<Spread>,
@@ -168,6 +198,8 @@ pub struct PreState {
     existing_anti: Vec<(String, String)>,
     /// Per spread constraint, in the pod's order.
     spread: Vec<Domains>,
+    /// Preferred inter-pod affinity: the summed weight of each (key, value) domain.
+    preferred: HashMap<(String, String), i64>,
 }
 
 impl PreState {
@@ -183,8 +215,27 @@ impl PreState {
                 }
             }
         }
+        // Symmetry: placed pods' preferences (and, with weight 1, their required affinity)
+        // about the incoming pod count in their domains.
+        for (node, other) in cache.preferring_pods() {
+            let required = other.rules.affinity.iter().map(|t| (1, t));
+            let preferred = other.rules.preferred.iter().map(|(w, t)| (*w, t));
+            for (w, t) in preferred.chain(required) {
+                if let Some(v) = node.labels.get(&t.topology_key)
+                    && t.matches(&pod.namespace, &pod.labels)
+                {
+                    *st.preferred
+                        .entry((t.topology_key.clone(), v.clone()))
+                        .or_insert(0) += w;
+                }
+            }
+        }
         let r = &pod.rules;
-        if r.affinity.is_empty() && r.anti_affinity.is_empty() && r.spread.is_empty() {
+        if r.affinity.is_empty()
+            && r.anti_affinity.is_empty()
+            && r.spread.is_empty()
+            && r.preferred.is_empty()
+        {
             return st;
         }
         st.affinity = vec![HashSet::new(); r.affinity.len()];
@@ -224,6 +275,15 @@ impl PreState {
             .collect();
         for (idx, other) in cache.placed() {
             let node = &cache.nodes[idx];
+            for (w, t) in &r.preferred {
+                if let Some(v) = node.labels.get(&t.topology_key)
+                    && t.matches(&other.namespace, &other.labels)
+                {
+                    *st.preferred
+                        .entry((t.topology_key.clone(), v.clone()))
+                        .or_insert(0) += w;
+                }
+            }
             if !r.affinity.is_empty()
                 && r.affinity
                     .iter()
@@ -304,6 +364,16 @@ impl PreState {
             return Some(Reason::ExistingAntiAffinity);
         }
         None
+    }
+
+    /// Preferred inter-pod affinity's raw score of a node: the weights of its domains
+    /// (normalized over the feasible nodes afterwards).
+    pub fn preferred_raw(&self, node: &NodeInfo) -> i64 {
+        self.preferred
+            .iter()
+            .filter(|((k, v), _)| node.labels.get(k) == Some(v))
+            .map(|(_, w)| w)
+            .sum()
     }
 
     /// The soft spread constraints' raw score (matching pods in the node's domains, weighted;

@@ -65,6 +65,8 @@ pub fn fast_options() -> Options {
         node_monitor_period: Duration::from_millis(200),
         default_toleration: Duration::from_secs(1),
         gc_period: Duration::from_millis(500),
+        pod_gc_period: Duration::from_millis(200),
+        pod_gc_quarantine: Duration::from_millis(500),
         ..Options::default()
     }
 }
