@@ -48,7 +48,14 @@ impl PodManager {
         };
         let policy = PullPolicy::for_container(c.image_pull_policy.as_deref(), &image);
         let present = self.images.lookup(&image).ok().flatten().is_some();
+        let pulling = self
+            .pods
+            .get(&record.uid)
+            .and_then(|m| m.containers.get(&c.name))
+            .is_some_and(|m| m.pull.is_some());
         match policy {
+            // A pull started earlier: its outcome decides, below.
+            _ if pulling => {}
             PullPolicy::Never if !present => {
                 let message = format!(
                     "Container image {image:?} is not present with pull policy of Never"
