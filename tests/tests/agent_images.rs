@@ -152,9 +152,11 @@ fn get_json(cp: &ControlPlane, args: &[&str]) -> Result<Value> {
 
 fn waiting_reason(cp: &ControlPlane, pod: &str) -> Result<Option<String>> {
     let p = get_json(cp, &["pod", pod])?;
-    Ok(p.pointer("/status/containerStatuses/0/state/waiting/reason")
-        .and_then(Value::as_str)
-        .map(str::to_owned))
+    Ok(
+        p.pointer("/status/containerStatuses/0/state/waiting/reason")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+    )
 }
 
 fn phase(cp: &ControlPlane, pod: &str) -> Result<String> {
@@ -218,15 +220,45 @@ fn registry_pulls_gc_attach_and_memory_eviction() -> Result<()> {
     let private = Registry::start(&env, PRIVATE, true)?;
     let scratch = tempfile::Builder::new().prefix("kt-images-").tempdir()?;
     let base = busybox_layout(&scratch.path().join("base"), "v1")?;
-    push(&env, &base, "v1", &format!("{REGISTRY}/test/busybox:1"), false)?;
-    push(&env, &base, "v1", &format!("{REGISTRY}/test/busybox:latest"), false)?;
+    push(
+        &env,
+        &base,
+        "v1",
+        &format!("{REGISTRY}/test/busybox:1"),
+        false,
+    )?;
+    push(
+        &env,
+        &base,
+        "v1",
+        &format!("{REGISTRY}/test/busybox:latest"),
+        false,
+    )?;
     let other = busybox_layout(&scratch.path().join("other"), "v1")?;
     let other_config = relabel(&other, "other")?;
-    push(&env, &other, "v1", &format!("{REGISTRY}/test/other:1"), false)?;
-    push(&env, &other, "v1", &format!("{REGISTRY}/test/byhand:1"), false)?;
+    push(
+        &env,
+        &other,
+        "v1",
+        &format!("{REGISTRY}/test/other:1"),
+        false,
+    )?;
+    push(
+        &env,
+        &other,
+        "v1",
+        &format!("{REGISTRY}/test/byhand:1"),
+        false,
+    )?;
     let secret = busybox_layout(&scratch.path().join("secret"), "v1")?;
     relabel(&secret, "secret")?;
-    push(&env, &secret, "v1", &format!("{PRIVATE}/test/secret:1"), true)?;
+    push(
+        &env,
+        &secret,
+        "v1",
+        &format!("{PRIVATE}/test/secret:1"),
+        true,
+    )?;
 
     let _agent = env.start_agent_with(
         &cp,
@@ -292,7 +324,12 @@ fn registry_pulls_gc_attach_and_memory_eviction() -> Result<()> {
         Ok(waiting_reason(&cp, "never")?.filter(|r| r == "ErrImageNeverPull"))
     })?;
     ensure!(reason == "ErrImageNeverPull");
-    wait_events(&cp, "never", &["is not present with pull policy of Never"], t)?;
+    wait_events(
+        &cp,
+        "never",
+        &["is not present with pull policy of Never"],
+        t,
+    )?;
     wait_for("invalid to be refused", t, || {
         Ok(waiting_reason(&cp, "invalid")?.filter(|r| r == "InvalidImageName"))
     })?;
@@ -404,17 +441,19 @@ fn registry_pulls_gc_attach_and_memory_eviction() -> Result<()> {
 
     // kubectl attach: input to the main process's stdin, its output back; stdinOnce ends
     // its input when the client is done.
-    cp.apply(&pod_yaml(
-        &node,
-        "attach",
-        &img("test/busybox:1"),
-        "  restartPolicy: Never\n",
-        "    stdin: true\n    stdinOnce: true\n",
-    )
-    .replace(
-        "command: [sleep, '3600']",
-        "command: [sh, -c, 'echo ready; while read l; do echo got:$l; done; echo bye']",
-    ))?;
+    cp.apply(
+        &pod_yaml(
+            &node,
+            "attach",
+            &img("test/busybox:1"),
+            "  restartPolicy: Never\n",
+            "    stdin: true\n    stdinOnce: true\n",
+        )
+        .replace(
+            "command: [sleep, '3600']",
+            "command: [sh, -c, 'echo ready; while read l; do echo got:$l; done; echo bye']",
+        ),
+    )?;
     wait_running(&cp, "attach", t)?;
     let out = cp.kubectl_with_stdin(&["attach", "-i", "attach", "-c", "attach"], b"hello\n")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -452,17 +491,26 @@ fn registry_pulls_gc_attach_and_memory_eviction() -> Result<()> {
             && message.contains("Container hog was using"),
         "eviction message: {message:?}"
     );
-    wait_events(&cp, "hog", &["Evicted", "The node was low on resource: memory."], t)?;
-    let pressure = wait_for("MemoryPressure on the node", Duration::from_secs(30), || {
-        let n = get_json(&cp, &["node", &node])?;
-        let on = n
-            .pointer("/status/conditions")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .any(|c| c["type"] == "MemoryPressure" && c["status"] == "True");
-        Ok(on.then_some(n))
-    })?;
+    wait_events(
+        &cp,
+        "hog",
+        &["Evicted", "The node was low on resource: memory."],
+        t,
+    )?;
+    let pressure = wait_for(
+        "MemoryPressure on the node",
+        Duration::from_secs(30),
+        || {
+            let n = get_json(&cp, &["node", &node])?;
+            let on = n
+                .pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "MemoryPressure" && c["status"] == "True");
+            Ok(on.then_some(n))
+        },
+    )?;
     ensure!(pressure["metadata"]["name"] == json!(node));
     // The hog's containers are gone and stay gone; the guaranteed pod keeps running.
     wait_for("hog's container to stop", t, || {
@@ -472,7 +520,10 @@ fn registry_pulls_gc_attach_and_memory_eviction() -> Result<()> {
             .then_some(()))
     })?;
     std::thread::sleep(Duration::from_secs(3));
-    ensure!(phase(&cp, "guaranteed")? == "Running", "guaranteed pod was harmed");
+    ensure!(
+        phase(&cp, "guaranteed")? == "Running",
+        "guaranteed pod was harmed"
+    );
     ensure!(phase(&cp, "pulled")? == "Running", "pulled pod was harmed");
     ensure!(phase(&cp, "hog")? == "Failed");
 

@@ -28,7 +28,11 @@ fn registry_host(key: &str) -> String {
         .trim()
         .trim_start_matches("https://")
         .trim_start_matches("http://");
-    let host = key.split('/').next().unwrap_or_default().to_ascii_lowercase();
+    let host = key
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
     match host.as_str() {
         "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
             "docker.io".to_owned()

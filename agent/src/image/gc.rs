@@ -174,7 +174,10 @@ impl ImageStore {
     ///
     /// # Errors
     /// As [`ImageStore::refs`].
-    pub fn digests_of<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Result<HashSet<String>> {
+    pub fn digests_of<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Result<HashSet<String>> {
         let refs = self.refs()?;
         Ok(names
             .into_iter()
@@ -347,9 +350,7 @@ mod tests {
         store.set_ref("reg/kept:1", &kept).expect("ref");
         store.set_ref("reg/gone:1", &gone).expect("ref");
         store.set_ref("reg/gone:alias", &gone).expect("ref");
-        let report = store
-            .prune(&HashSet::from([kept.clone()]))
-            .expect("prune");
+        let report = store.prune(&HashSet::from([kept.clone()])).expect("prune");
         assert_eq!(report.removed.len(), 1);
         assert_eq!(report.removed[0].1, gone);
         assert_eq!(report.removed[0].0.len(), 2, "both names of the image go");

@@ -47,11 +47,11 @@ mod tests {
         assert_eq!(p(None, "busybox"), PullPolicy::Always);
         assert_eq!(p(None, "busybox:latest"), PullPolicy::Always);
         assert_eq!(p(None, "localhost:5000/busybox"), PullPolicy::Always);
-        assert_eq!(p(None, "localhost:5000/busybox:1"), PullPolicy::IfNotPresent);
         assert_eq!(
-            p(None, "reg/busybox@sha256:0123"),
+            p(None, "localhost:5000/busybox:1"),
             PullPolicy::IfNotPresent
         );
+        assert_eq!(p(None, "reg/busybox@sha256:0123"), PullPolicy::IfNotPresent);
         assert_eq!(p(Some("Never"), "busybox"), PullPolicy::Never);
         assert_eq!(p(Some("Always"), "busybox:1"), PullPolicy::Always);
         assert_eq!(p(Some("IfNotPresent"), "busybox"), PullPolicy::IfNotPresent);

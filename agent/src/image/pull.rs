@@ -294,9 +294,11 @@ fn auth_key(auth: &RegistryAuth) -> String {
 fn is_index(bytes: &[u8]) -> bool {
     serde_json::from_slice::<serde_json::Value>(bytes).is_ok_and(|v| {
         v.get("manifests").is_some()
-            || v.get("mediaType").and_then(|m| m.as_str()).is_some_and(|m| {
-                m == OCI_IMAGE_INDEX_MEDIA_TYPE || m == IMAGE_MANIFEST_LIST_MEDIA_TYPE
-            })
+            || v.get("mediaType")
+                .and_then(|m| m.as_str())
+                .is_some_and(|m| {
+                    m == OCI_IMAGE_INDEX_MEDIA_TYPE || m == IMAGE_MANIFEST_LIST_MEDIA_TYPE
+                })
     })
 }
 

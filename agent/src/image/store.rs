@@ -169,7 +169,8 @@ impl ImageStore {
     /// [`ImageError::Io`] if it cannot be created.
     pub fn temp_file(&self) -> Result<tempfile::NamedTempFile> {
         let dir = self.root.join("tmp");
-        tempfile::NamedTempFile::new_in(&dir).map_err(|e| ImageError::io("create temp file in", dir, e))
+        tempfile::NamedTempFile::new_in(&dir)
+            .map_err(|e| ImageError::io("create temp file in", dir, e))
     }
 
     /// Reads blob `digest` whole (manifests and configs).

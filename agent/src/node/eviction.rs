@@ -59,9 +59,9 @@ pub struct EvictionConfig {
 pub fn parse_eviction_hard(spec: &str) -> Result<Option<Threshold>, String> {
     let mut out = None;
     for entry in spec.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-        let (signal, value) = entry
-            .split_once('<')
-            .ok_or_else(|| format!("{entry:?}: expected signal<quantity, e.g. memory.available<100Mi"))?;
+        let (signal, value) = entry.split_once('<').ok_or_else(|| {
+            format!("{entry:?}: expected signal<quantity, e.g. memory.available<100Mi")
+        })?;
         let (signal, value) = (signal.trim(), value.trim());
         if signal != "memory.available" {
             return Err(format!(

@@ -292,7 +292,11 @@ impl PodManager {
         let names: Vec<String> = pods
             .iter()
             .filter_map(|p| p.spec.as_ref())
-            .flat_map(|s| s.containers.iter().chain(s.init_containers.iter().flatten()))
+            .flat_map(|s| {
+                s.containers
+                    .iter()
+                    .chain(s.init_containers.iter().flatten())
+            })
             .filter_map(|c| c.image.clone())
             .collect();
         let store = self.images.clone();

@@ -42,7 +42,10 @@ fn memory_request(c: &Container) -> u64 {
     let r = c.resources.as_ref();
     r.and_then(|r| r.requests.as_ref())
         .and_then(|m| m.get("memory"))
-        .or_else(|| r.and_then(|r| r.limits.as_ref()).and_then(|m| m.get("memory")))
+        .or_else(|| {
+            r.and_then(|r| r.limits.as_ref())
+                .and_then(|m| m.get("memory"))
+        })
         .and_then(|q| memory_bytes(&q.0))
         .unwrap_or(0)
 }
@@ -58,10 +61,7 @@ impl PodManager {
             return;
         }
         self.last_eviction_check = Some(Instant::now());
-        let capacity = cfg
-            .capacity
-            .or_else(|| meminfo("MemTotal"))
-            .unwrap_or(0);
+        let capacity = cfg.capacity.or_else(|| meminfo("MemTotal")).unwrap_or(0);
         let mut total = 0u64;
         let mut candidates = Vec::new();
         let mut evicting = false;
@@ -177,7 +177,12 @@ impl PodManager {
 
     fn stop_containers(&mut self, pod: &Pod, record: &PodRecord) {
         for c in pod.spec.iter().flat_map(|s| &s.containers) {
-            let cdir = self.cfg.layout.pod(&record.uid).join("containers").join(&c.name);
+            let cdir = self
+                .cfg
+                .layout
+                .pod(&record.uid)
+                .join("containers")
+                .join(&c.name);
             if let Some(n) = latest_attempt(&cdir)
                 && matches!(
                     attempt_state(&cdir.join(n.to_string())),
@@ -211,7 +216,10 @@ impl PodManager {
                     ever_started: true,
                 },
                 (Some(n), Some(AttemptState::Lost)) => {
-                    self.reap_lost(&cdir.join(n.to_string()), &container_id(&record.uid, &c.name, n));
+                    self.reap_lost(
+                        &cdir.join(n.to_string()),
+                        &container_id(&record.uid, &c.name, n),
+                    );
                     View::waiting("Evicted", "stopping the container".into())
                 }
                 (Some(_), Some(_)) => View::waiting("Evicted", "stopping the container".into()),

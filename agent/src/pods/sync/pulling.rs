@@ -57,9 +57,8 @@ impl PodManager {
             // A pull started earlier: its outcome decides, below.
             _ if pulling => {}
             PullPolicy::Never if !present => {
-                let message = format!(
-                    "Container image {image:?} is not present with pull policy of Never"
-                );
+                let message =
+                    format!("Container image {image:?} is not present with pull policy of Never");
                 self.report_once(pod, record, c, "ErrImageNeverPull", &message);
                 return ImageReady::Failed("ErrImageNeverPull".to_owned(), message);
             }
@@ -171,7 +170,13 @@ impl PodManager {
             .or_default();
         if mem.failure_reported.as_deref() != Some(message) {
             mem.failure_reported = Some(message.to_owned());
-            events.emit(pod, Some(&c.name), Kind::Warning, reason, message.to_owned());
+            events.emit(
+                pod,
+                Some(&c.name),
+                Kind::Warning,
+                reason,
+                message.to_owned(),
+            );
         }
     }
 
