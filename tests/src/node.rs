@@ -212,6 +212,14 @@ impl NodeEnv {
     /// # Errors
     /// When it cannot be started.
     pub fn start_agent(&self, cp: &ControlPlane) -> Result<Agent> {
+        self.start_agent_with(cp, &[])
+    }
+
+    /// As [`NodeEnv::start_agent`], with `extra` arguments for `keelson-agent node`.
+    ///
+    /// # Errors
+    /// When it cannot be started.
+    pub fn start_agent_with(&self, cp: &ControlPlane, extra: &[&str]) -> Result<Agent> {
         {
             let mut relays = self
                 .relays
@@ -256,6 +264,7 @@ impl NodeEnv {
                 "--container-log-max-files",
                 "2",
             ])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

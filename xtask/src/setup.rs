@@ -59,6 +59,15 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "libprotobuf-dev",
         "protobuf's well-known types, imported by etcd's protobuf files",
     ),
+    (
+        "docker-registry",
+        "the agent's image tests pull from a local registry",
+    ),
+    ("skopeo", "the agent's image tests push test images to it"),
+    (
+        "apache2-utils",
+        "htpasswd for the agent's registry-authentication test",
+    ),
 ];
 
 /// The bpf-linker release that builds with the LLVM above.

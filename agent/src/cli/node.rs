@@ -67,6 +67,34 @@ pub struct NodeArgs {
     /// Log files kept per container, the current one included.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     container_log_max_files: u32,
+    /// A registry (`host:port`) pulled from over plain HTTP instead of HTTPS; repeatable.
+    #[arg(long = "insecure-registry")]
+    insecure_registries: Vec<String>,
+    /// Image GC starts when the image file system is this full (percent; 100 turns GC off).
+    #[arg(long, default_value_t = 85, value_parser = clap::value_parser!(u8).range(0..=100))]
+    image_gc_high_threshold: u8,
+    /// Image GC frees space down to this usage (percent).
+    #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u8).range(0..=100))]
+    image_gc_low_threshold: u8,
+    /// Hard eviction threshold, kubelet syntax: `memory.available<100Mi` or
+    /// `memory.available<10%` (memory.available = capacity minus the pods' working set);
+    /// empty turns eviction off.
+    #[arg(long, default_value = "memory.available<100Mi", value_parser = parse_eviction)]
+    eviction_hard: EvictionHard,
+    /// The memory capacity eviction counts from (default: the machine's), e.g. 300Mi.
+    #[arg(long, value_parser = parse_size)]
+    eviction_memory_capacity: Option<u64>,
+    /// How long MemoryPressure stays True after pressure was last seen.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    eviction_pressure_transition_period: Duration,
+}
+
+/// A parsed `--eviction-hard`.
+#[derive(Debug, Clone)]
+struct EvictionHard(Option<node::eviction::Threshold>);
+
+fn parse_eviction(s: &str) -> Result<EvictionHard, String> {
+    node::eviction::parse_eviction_hard(s).map(EvictionHard)
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -177,6 +205,12 @@ impl NodeArgs {
             nix::unistd::geteuid().is_root(),
             "keelson-agent node needs root (namespaces, cgroups, mounts)"
         );
+        ensure!(
+            self.image_gc_low_threshold <= self.image_gc_high_threshold,
+            "--image-gc-low-threshold ({}) must not exceed --image-gc-high-threshold ({})",
+            self.image_gc_low_threshold,
+            self.image_gc_high_threshold
+        );
         let machine = MachineInfo::read();
         let name = self
             .node_name
@@ -264,6 +298,27 @@ impl NodeArgs {
                     },
                 },
             )?;
+            let manager = manager
+                .with_pull_config(&keelson_agent::image::PullConfig {
+                    insecure_registries: self.insecure_registries.clone(),
+                });
+            let manager = match self.eviction_hard.0 {
+                Some(threshold) => manager.with_eviction(node::eviction::EvictionConfig {
+                    threshold,
+                    capacity: self.eviction_memory_capacity,
+                    transition: self.eviction_pressure_transition_period,
+                }),
+                None => manager,
+            };
+            let manager = if self.image_gc_high_threshold < 100 {
+                manager.with_image_gc(keelson_agent::image::gc::GcPolicy {
+                    high_percent: self.image_gc_high_threshold,
+                    low_percent: self.image_gc_low_threshold,
+                    ..Default::default()
+                })
+            } else {
+                manager
+            };
             let result = manager.run(stop_signal()).await;
             let _ = stop_tx.send(true);
             beat.abort();

@@ -51,6 +51,8 @@ impl ImageStore {
     /// # Errors
     /// [`ImageError::Format`] if `path` is none of these; blob and digest errors.
     pub fn import(&self, path: &Path, name: Option<&str>) -> Result<Vec<(String, String)>> {
+        // Blobs stored before their name is set must not be swept meanwhile.
+        let _gc = self.lock(false)?;
         let meta = fs::metadata(path).map_err(|e| ImageError::io("stat", path, e))?;
         let imported = if meta.is_dir() {
             self.import_dir(path, name)?
@@ -189,14 +191,20 @@ fn pick_platform(index_path: &Path) -> Result<String> {
         path: index_path.to_owned(),
         message: e.to_string(),
     })?;
-    let manifests = index.manifests();
-    let wanted = manifests.iter().find(|m| {
-        m.platform()
-            .as_ref()
-            .is_some_and(|p| *p.os() == Os::Linux && *p.architecture() == Arch::Amd64)
-    });
-    wanted
-        .or_else(|| manifests.first())
-        .map(|m| m.digest().to_string())
+    platform_manifest(&index)
+        .or_else(|| index.manifests().first().map(|m| m.digest().to_string()))
         .ok_or_else(|| ImageError::Format(format!("{} lists no manifest", index_path.display())))
+}
+
+/// The digest of the linux/amd64 manifest an image index lists, if any.
+pub(crate) fn platform_manifest(index: &ImageIndex) -> Option<String> {
+    index
+        .manifests()
+        .iter()
+        .find(|m| {
+            m.platform()
+                .as_ref()
+                .is_some_and(|p| *p.os() == Os::Linux && *p.architecture() == Arch::Amd64)
+        })
+        .map(|m| m.digest().to_string())
 }

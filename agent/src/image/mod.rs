@@ -1,16 +1,27 @@
 //! The node's image store: content-addressed blobs (by sha256), layers unpacked once and
 //! shared between images, and names pointing at manifests. Images come in from an OCI image
-//! layout (directory or tar) or a `docker save` archive.
+//! layout (directory or tar), a `docker save` archive or a registry pull ([`Puller`]); image
+//! garbage collection ([`gc`]) removes the least recently used images no container uses.
 //!
 //! Layout under the store's root:
 //! `blobs/sha256/<hex>` (manifests, configs, layer archives), `layers/<hex>/` (a layer blob
 //! unpacked, whiteouts turned into overlayfs whiteouts), `refs.json` (name → manifest digest),
-//! `tmp/` (imports and unpacks in progress, renamed into place when complete).
+//! `tmp/` (imports and unpacks in progress, renamed into place when complete), `used/<hex>`
+//! (an empty file per manifest whose mtime is when the image was last used), `gc.lock`
+//! (shared while an image is added, exclusive while images are removed).
 
+mod auth;
+pub mod gc;
 mod import;
+mod policy;
+mod pull;
 mod store;
 mod unpack;
 
+pub use auth::credentials_for;
+pub use oci_client::secrets::RegistryAuth;
+pub use policy::{PullPolicy, image_tag};
+pub use pull::{PullConfig, PullHandle, Pulled, Puller, parse_reference};
 pub use store::{Image, ImageStore, RefEntry};
 
 use std::path::PathBuf;
@@ -53,6 +64,17 @@ pub enum ImageError {
     /// The archive or directory is not an image.
     #[error("{0}")]
     Format(String),
+    /// The image reference cannot be parsed.
+    #[error("couldn't parse image name {0:?}: invalid reference format")]
+    InvalidReference(String),
+    /// The registry refused or failed a request.
+    #[error("{reference}: {message}")]
+    Registry {
+        /// The image being pulled.
+        reference: String,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 impl ImageError {

@@ -57,7 +57,7 @@ impl ImageStore {
     /// [`ImageError::Io`] if the directories cannot be made.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
-        for sub in ["blobs/sha256", "layers", "tmp"] {
+        for sub in ["blobs/sha256", "layers", "tmp", "used"] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).map_err(|e| ImageError::io("create", dir, e))?;
         }
@@ -141,6 +141,38 @@ impl ImageStore {
         Ok(dest)
     }
 
+    /// Moves the downloaded file `tmp` into the store as blob `digest` after checking that its
+    /// content hashes to it.
+    ///
+    /// # Errors
+    /// [`ImageError::DigestMismatch`] for other content; I/O errors.
+    pub fn commit_blob(&self, digest: &str, tmp: tempfile::NamedTempFile) -> Result<PathBuf> {
+        let dest = self.blob_path(digest)?;
+        let mut file = File::open(tmp.path()).map_err(|e| ImageError::io("open", tmp.path(), e))?;
+        let mut hasher = Sha256::new();
+        io::copy(&mut file, &mut hasher).map_err(|e| ImageError::io("read", tmp.path(), e))?;
+        let actual = hex::encode(hasher.finalize());
+        if actual != sha256_hex(digest)? {
+            return Err(ImageError::DigestMismatch {
+                expected: digest.to_owned(),
+                actual,
+            });
+        }
+        tmp.persist(&dest)
+            .map_err(|e| ImageError::io("persist", &dest, e.error))?;
+        Ok(dest)
+    }
+
+    /// A temporary file in the store's file system, for a download.
+    ///
+    /// # Errors
+    /// [`ImageError::Io`] if it cannot be created.
+    pub fn temp_file(&self) -> Result<tempfile::NamedTempFile> {
+        let dir = self.root.join("tmp");
+        tempfile::NamedTempFile::new_in(&dir)
+            .map_err(|e| ImageError::io("create temp file in", dir, e))
+    }
+
     /// Reads blob `digest` whole (manifests and configs).
     ///
     /// # Errors
@@ -182,14 +214,89 @@ impl ImageStore {
             .map_err(|(_, e)| ImageError::io("lock", &lock_path, e.into()))?;
         let mut refs = self.refs()?;
         refs.insert(normalize_ref(name), digest.to_owned());
+        self.write_refs(&refs)?;
+        self.touch_used(digest);
+        Ok(())
+    }
+
+    /// The manifest digest `reference` (a name, normalized) points at, if the store has it.
+    ///
+    /// # Errors
+    /// As [`ImageStore::refs`].
+    pub fn lookup(&self, reference: &str) -> Result<Option<String>> {
+        Ok(self.refs()?.get(&normalize_ref(reference)).cloned())
+    }
+
+    /// Removes every name pointing at manifest `digest`; returns the names removed. The
+    /// blobs stay until [`ImageStore::sweep`].
+    ///
+    /// # Errors
+    /// [`ImageError::Io`] if `refs.json` cannot be rewritten.
+    pub fn remove_refs_to(&self, digest: &str) -> Result<Vec<String>> {
+        let lock_path = self.root.join("refs.lock");
+        let lock = File::create(&lock_path).map_err(|e| ImageError::io("create", &lock_path, e))?;
+        let _guard = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| ImageError::io("lock", &lock_path, e.into()))?;
+        let mut refs = self.refs()?;
+        let removed: Vec<String> = refs
+            .iter()
+            .filter(|(_, d)| d.as_str() == digest)
+            .map(|(n, _)| n.clone())
+            .collect();
+        refs.retain(|_, d| d.as_str() != digest);
+        self.write_refs(&refs)?;
+        if let Ok(hex) = sha256_hex(digest) {
+            let _ = fs::remove_file(self.root.join("used").join(hex));
+        }
+        Ok(removed)
+    }
+
+    fn write_refs(&self, refs: &BTreeMap<String, String>) -> Result<()> {
         let path = self.refs_path();
         let tmp = path.with_extension("json.tmp");
-        let text = serde_json::to_vec_pretty(&refs).map_err(|e| ImageError::Document {
+        let text = serde_json::to_vec_pretty(refs).map_err(|e| ImageError::Document {
             path: path.clone(),
             message: e.to_string(),
         })?;
         fs::write(&tmp, text).map_err(|e| ImageError::io("write", &tmp, e))?;
         fs::rename(&tmp, &path).map_err(|e| ImageError::io("rename", &path, e))
+    }
+
+    /// Records that manifest `digest` was used now (image GC removes the least recently
+    /// used first).
+    pub fn touch_used(&self, digest: &str) {
+        if let Ok(hex) = sha256_hex(digest) {
+            let path = self.root.join("used").join(hex);
+            if let Err(e) = fs::write(&path, b"") {
+                tracing::debug!(path = %path.display(), error = %e, "recording image use");
+            }
+        }
+    }
+
+    /// When manifest `digest` was last used (pulled, imported or run), if known.
+    pub fn last_used(&self, digest: &str) -> Option<std::time::SystemTime> {
+        let hex = sha256_hex(digest).ok()?;
+        let used = self.root.join("used").join(hex);
+        fs::metadata(&used)
+            .or_else(|_| fs::metadata(self.root.join("blobs/sha256").join(hex)))
+            .and_then(|m| m.modified())
+            .ok()
+    }
+
+    /// Takes the store's GC lock: shared while adding an image (so that its blobs are not
+    /// swept before its name points at them), exclusive while removing.
+    ///
+    /// # Errors
+    /// [`ImageError::Io`] if the lock file cannot be opened or locked.
+    pub fn lock(&self, exclusive: bool) -> Result<nix::fcntl::Flock<File>> {
+        let path = self.root.join("gc.lock");
+        let file = File::create(&path).map_err(|e| ImageError::io("create", &path, e))?;
+        let arg = if exclusive {
+            nix::fcntl::FlockArg::LockExclusive
+        } else {
+            nix::fcntl::FlockArg::LockShared
+        };
+        nix::fcntl::Flock::lock(file, arg).map_err(|(_, e)| ImageError::io("lock", &path, e.into()))
     }
 
     /// The manifest of an image by digest.
@@ -247,6 +354,7 @@ impl ImageStore {
         for layer in manifest.layers() {
             layers.push(self.unpacked_layer(layer.digest().as_ref())?);
         }
+        self.touch_used(&digest);
         Ok(Image {
             digest,
             config,

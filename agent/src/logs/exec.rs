@@ -26,28 +26,28 @@ use tokio::sync::mpsc;
 use super::server::{ServerState, current_attempt};
 use crate::pods::layout::container_id;
 
-const STDIN: u8 = 0;
-const STDOUT: u8 = 1;
-const STDERR: u8 = 2;
-const ERROR: u8 = 3;
+pub(super) const STDIN: u8 = 0;
+pub(super) const STDOUT: u8 = 1;
+pub(super) const STDERR: u8 = 2;
+pub(super) const ERROR: u8 = 3;
 const RESIZE: u8 = 4;
 /// v5: `[CLOSE, channel]` closes a channel.
-const CLOSE: u8 = 255;
+pub(super) const CLOSE: u8 = 255;
 
-const PROTOCOLS: [&str; 2] = ["v5.channel.k8s.io", "v4.channel.k8s.io"];
+pub(super) const PROTOCOLS: [&str; 2] = ["v5.channel.k8s.io", "v4.channel.k8s.io"];
 
 /// What the client asked for.
 #[derive(Debug, Default, PartialEq, Eq)]
-struct ExecQuery {
-    command: Vec<String>,
-    stdin: bool,
-    stdout: bool,
-    stderr: bool,
-    tty: bool,
+pub(super) struct ExecQuery {
+    pub(super) command: Vec<String>,
+    pub(super) stdin: bool,
+    pub(super) stdout: bool,
+    pub(super) stderr: bool,
+    pub(super) tty: bool,
 }
 
 impl ExecQuery {
-    fn parse(raw: &str) -> Self {
+    pub(super) fn parse(raw: &str) -> Self {
         let mut q = ExecQuery::default();
         for (k, v) in form_urlencoded::parse(raw.as_bytes()) {
             let on = matches!(v.as_ref(), "1" | "true" | "");

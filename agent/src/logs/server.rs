@@ -3,7 +3,7 @@
 //! `limitBytes` answers with the container's log as plain text: the lines only (CRI prefix
 //! stripped), each prefixed by its RFC 3339 time with `timestamps=true`; `follow=true` streams
 //! new lines until the container's attempt ends. `/exec/…` runs commands in containers
-//! ([`super::exec`]).
+//! ([`super::exec`]), `/attach/…` attaches to their main process ([`super::attach`]).
 
 use std::collections::VecDeque;
 use std::io::{Read as _, Seek as _, SeekFrom};
@@ -64,6 +64,10 @@ pub fn router(state: ServerState) -> Router {
         .route(
             "/exec/{namespace}/{pod}/{container}",
             get(super::exec::exec),
+        )
+        .route(
+            "/attach/{namespace}/{pod}/{container}",
+            get(super::attach::attach),
         )
         .route("/healthz", get(|| async { "ok" }))
         .with_state(state)

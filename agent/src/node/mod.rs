@@ -1,6 +1,7 @@
 //! The node's presence in the cluster: its Node object (capacity, addresses, system info,
 //! conditions, the port of the agent's HTTP server) and its Lease heartbeat.
 
+pub mod eviction;
 mod machine;
 
 pub use machine::{MachineInfo, Pressure, meminfo};
@@ -75,7 +76,11 @@ impl NodeConfig {
     /// The status the node reports now.
     fn status(&self, previous: Option<&Node>) -> serde_json::Value {
         let now = Timestamp::now();
-        let p = Pressure::measure(&self.state_dir);
+        let mut p = Pressure::measure(&self.state_dir);
+        // With memory eviction on, its signal (over the pods' cgroups) is the one reported.
+        if let Some(memory) = eviction::memory_pressure() {
+            p.memory = memory;
+        }
         let mut conditions = vec![
             condition(
                 "MemoryPressure",
@@ -275,7 +280,10 @@ pub async fn heartbeat(client: kube::Client, cfg: NodeConfig) {
     let mut tick = tokio::time::interval(HEARTBEAT);
     let mut last: Option<Node> = None;
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = eviction::PRESSURE_CHANGED.notified() => {}
+        }
         if let Err(e) = renew_lease(&client, &cfg).await {
             tracing::warn!(error = %e, "lease renewal failed");
         }

@@ -8,7 +8,7 @@ pub mod layout;
 pub mod probe;
 mod quantity;
 pub mod sandbox;
-mod status;
+pub(crate) mod status;
 pub mod supervisor;
 mod sync;
 pub mod volumes;

@@ -70,6 +70,51 @@ pub const PID_FILE: &str = "supervisor.pid";
 pub const STARTED_FILE: &str = "started";
 /// Written when the attempt is over.
 pub const EXIT_FILE: &str = "exit.json";
+/// A FIFO the agent makes in the attempt directory for a container with `stdin: true`: the
+/// container reads it as its standard input, `kubectl attach` writes into it. The supervisor
+/// holds it open for writing, so the container sees no end of input between attaches.
+pub const STDIN_FIFO: &str = "stdin";
+/// Present (made by the agent) when the container has `stdinOnce: true`.
+pub const STDIN_ONCE: &str = "stdin-once";
+/// Made by `attach` when its client closed stdin; with [`STDIN_ONCE`] the supervisor then
+/// lets go of the FIFO, so the container reads end of input once the attach is gone.
+pub const STDIN_CLOSED: &str = "stdin-closed";
+
+/// The container's end of the stdin FIFO (read) and the supervisor's (write), if the bundle
+/// has one.
+fn open_stdin(bundle: &Path) -> Result<Option<(OwnedFd, OwnedFd)>, SuperviseError> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl, open};
+    use nix::sys::stat::Mode;
+    let path = bundle.join(STDIN_FIFO);
+    if !fs::symlink_metadata(&path).is_ok_and(|m| {
+        use std::os::unix::fs::FileTypeExt as _;
+        m.file_type().is_fifo()
+    }) {
+        return Ok(None);
+    }
+    let err = |e: nix::Error| io_err("open", &path)(e.into());
+    // Non-blocking so that opening the read end does not wait for a writer; the write end
+    // opened next is that writer.
+    let read = open(
+        &path,
+        OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(err)?;
+    let write = open(&path, OFlag::O_WRONLY | OFlag::O_CLOEXEC, Mode::empty()).map_err(err)?;
+    fcntl(&read, FcntlArg::F_SETFL(OFlag::O_RDONLY)).map_err(err)?;
+    Ok(Some((read, write)))
+}
+
+/// With `stdinOnce`, drops the supervisor's write end of the FIFO once an attach closed stdin.
+fn release_stdin_after_attach(bundle: PathBuf, keeper: OwnedFd) {
+    std::thread::spawn(move || {
+        while !bundle.join(STDIN_CLOSED).exists() {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        drop(keeper);
+    });
+}
 
 /// Mounts the overlay root of the bundle from `layers.json` (lowest layer first).
 fn mount_rootfs(bundle: &Path) -> Result<(), SuperviseError> {
@@ -171,24 +216,34 @@ fn run(spec: &SuperviseSpec) -> Result<ExitRecord, SuperviseError> {
     };
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
-    // The init inherits descriptors 1 and 2: point them at the pipes while it is cloned.
+    let stdin = open_stdin(&spec.bundle)?;
+    // The init inherits descriptors 0, 1 and 2: point them at the pipes (and the stdin FIFO)
+    // while it is cloned.
     // SAFETY: duplicating our own standard descriptors.
+    let saved_in = unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3) };
     let saved_out = unsafe { libc::fcntl(1, libc::F_DUPFD_CLOEXEC, 3) };
     let saved_err = unsafe { libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 3) };
+    if let Some((read, _)) = &stdin {
+        dup2(read.as_raw_fd(), 0);
+    }
     dup2(out_w.as_raw_fd(), 1);
     dup2(err_w.as_raw_fd(), 2);
     let built = ContainerBuilder::new(&spec.id, &spec.runtime_root)
         .with_bundle(&spec.bundle)
         .and_then(|b| b.with_cgroup_path(&spec.cgroup_path).build());
+    dup2(saved_in, 0);
     dup2(saved_out, 1);
     dup2(saved_err, 2);
     // SAFETY: closing the saved copies made above.
     unsafe {
+        libc::close(saved_in);
         libc::close(saved_out);
         libc::close(saved_err);
     }
     drop(out_w);
     drop(err_w);
+    // Only the container reads the FIFO; the supervisor keeps a writer.
+    let stdin_keeper = stdin.map(|(_, write)| write);
     let mut container = built?;
     if let Err(e) = container.start() {
         let _ = container.delete(true);
@@ -196,6 +251,14 @@ fn run(spec: &SuperviseSpec) -> Result<ExitRecord, SuperviseError> {
     }
     let started_at = now_rfc3339();
     let _ = fs::write(spec.bundle.join(STARTED_FILE), &started_at);
+    // Held until the container ends, unless stdinOnce lets it go after the first attach.
+    let _stdin_keeper = match stdin_keeper {
+        Some(k) if spec.bundle.join(STDIN_ONCE).exists() => {
+            release_stdin_after_attach(spec.bundle.clone(), k);
+            None
+        }
+        other => other,
+    };
     let log = Arc::new(Mutex::new(log));
     let copiers = [(out_r, "stdout"), (err_r, "stderr")].map(|(pipe, stream)| {
         let log = Arc::clone(&log);

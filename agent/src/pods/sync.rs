@@ -30,8 +30,12 @@ use super::probe::{self, ProbeSet, ProbeTarget};
 use super::sandbox;
 use super::status::{AttemptState, attempt_state, condition, rfc3339_seconds, terminated};
 use super::supervisor::{EXIT_FILE, PID_FILE};
-use crate::image::ImageStore;
+use crate::image::gc::GcPolicy;
+use crate::image::{ImageStore, PullConfig, PullHandle, Puller};
 use crate::network::{Ipam, PodLink, remove_pod_link, setup_pod_link};
+
+mod evict;
+mod pulling;
 
 /// A container that ran this long has its restart back-off reset.
 const BACKOFF_RESET: Duration = Duration::from_secs(600);
@@ -81,6 +85,16 @@ struct ContainerMem {
     backoff_reported: Option<u32>,
     /// The last start failure reported, so a repeated one is not reported again.
     failure_reported: Option<String>,
+    /// The pull this container waits for.
+    pull: Option<PullHandle>,
+    /// Failed pulls in a row (the pull back-off doubles with each).
+    pull_failures: u32,
+    /// No new pull before this.
+    pull_retry_at: Option<Instant>,
+    /// The last pull's error.
+    pull_error: String,
+    /// The back-off of the last failure was reported.
+    pull_backoff_reported: bool,
 }
 
 struct PodMem {
@@ -92,6 +106,8 @@ struct PodMem {
     term_sent: Option<Instant>,
     kill_sent: bool,
     termed: HashSet<String>,
+    /// The eviction message, once the pod was evicted.
+    evicted: Option<String>,
 }
 
 /// What one container contributes to the pod's status.
@@ -124,8 +140,16 @@ pub struct PodManager {
     client: kube::Client,
     events: Recorder,
     images: ImageStore,
+    puller: Arc<Puller>,
+    image_gc: Option<GcPolicy>,
+    last_image_gc: Option<Instant>,
+    eviction: Option<crate::node::eviction::EvictionConfig>,
+    last_eviction_check: Option<Instant>,
     pods: HashMap<String, PodMem>,
 }
+
+/// How often the image file system is checked against the GC thresholds.
+const IMAGE_GC_PERIOD: Duration = Duration::from_secs(30);
 
 fn pod_record(pod: &Pod) -> PodRecord {
     PodRecord {
@@ -224,11 +248,74 @@ impl PodManager {
         fs::create_dir_all(cfg.layout.pods())?;
         Ok(PodManager {
             events: Recorder::new(client.clone(), cfg.node_name.clone()),
+            puller: Arc::new(Puller::new(images.clone(), &PullConfig::default())),
+            image_gc: None,
+            last_image_gc: None,
+            eviction: None,
+            last_eviction_check: None,
             cfg,
             client,
             images,
             pods: HashMap::new(),
         })
+    }
+
+    /// Pulls images as `pull` says (default: HTTPS to every registry).
+    pub fn with_pull_config(mut self, pull: &PullConfig) -> Self {
+        self.puller = Arc::new(Puller::new(self.images.clone(), pull));
+        self
+    }
+
+    /// Evicts pods under memory pressure as `eviction` says (default: never).
+    pub fn with_eviction(mut self, eviction: crate::node::eviction::EvictionConfig) -> Self {
+        self.eviction = Some(eviction);
+        self
+    }
+
+    /// Runs image garbage collection by `policy` (default: none).
+    pub fn with_image_gc(mut self, policy: GcPolicy) -> Self {
+        self.image_gc = Some(policy);
+        self
+    }
+
+    /// Threshold image GC, at most every [`IMAGE_GC_PERIOD`]; images of the node's pods and
+    /// of every container attempt on disk are kept.
+    async fn image_gc(&mut self, pods: &[Arc<Pod>]) {
+        let Some(policy) = self.image_gc else { return };
+        if self
+            .last_image_gc
+            .is_some_and(|t| t.elapsed() < IMAGE_GC_PERIOD)
+        {
+            return;
+        }
+        self.last_image_gc = Some(Instant::now());
+        let names: Vec<String> = pods
+            .iter()
+            .filter_map(|p| p.spec.as_ref())
+            .flat_map(|s| {
+                s.containers
+                    .iter()
+                    .chain(s.init_containers.iter().flatten())
+            })
+            .filter_map(|c| c.image.clone())
+            .collect();
+        let store = self.images.clone();
+        let pods_dir = self.cfg.layout.pods();
+        let run = tokio::task::spawn_blocking(move || {
+            let mut in_use = crate::image::gc::digests_in_use(&pods_dir);
+            in_use.extend(store.digests_of(names.iter().map(String::as_str))?);
+            store.collect_garbage(&policy, &in_use)
+        });
+        match run.await {
+            Ok(Ok(Some(report))) => tracing::info!(
+                removed = report.removed.len(),
+                freed = report.freed_bytes,
+                "image GC"
+            ),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "image GC"),
+            Err(e) => tracing::warn!(error = %e, "image GC task"),
+        }
     }
 
     /// Watches the node's pods and reconciles them until `shutdown` completes. Containers keep
@@ -265,7 +352,9 @@ impl PodManager {
         tracing::info!(node = %self.cfg.node_name, "pod sync started");
         loop {
             let pods = reader.state();
+            self.check_memory(&pods).await;
             self.sync_all(&pods).await;
+            self.image_gc(&pods).await;
             tokio::select! {
                 _ = notify.notified() => {}
                 _ = tokio::time::sleep(self.cfg.resync) => {}
@@ -326,6 +415,7 @@ impl PodManager {
                 term_sent: None,
                 kill_sent: false,
                 termed: HashSet::new(),
+                evicted: None,
             }
         })
     }
@@ -342,6 +432,9 @@ impl PodManager {
         if fresh {
             fs::write(dir.join("start_time"), &start_time)?;
             tracing::info!(pod = %record.name, namespace = %record.namespace, "new pod");
+        }
+        if self.sync_evicted(pod, &record).await {
+            return Ok(());
         }
         let setup = self.ensure_sandbox(&record).await;
         let spec = pod.spec.clone().unwrap_or_default();
@@ -629,6 +722,14 @@ impl PodManager {
         c: &Container,
         n: u32,
     ) -> Result<(), (String, String)> {
+        let pulled = match self.ensure_image(pod, record, c).await {
+            pulling::ImageReady::Present => None,
+            pulling::ImageReady::Pulled(p) => Some(p),
+            pulling::ImageReady::Pending => {
+                return Err(("ContainerCreating".to_owned(), String::new()));
+            }
+            pulling::ImageReady::Failed(reason, message) => return Err((reason, message)),
+        };
         let result = self.launch(pod, record, c, n).await;
         let image = c.image.clone().unwrap_or_default();
         let events = self.events.clone();
@@ -641,13 +742,15 @@ impl PodManager {
         match &result {
             Ok(()) => {
                 mem.failure_reported = None;
-                events.emit(
-                    pod,
-                    name,
-                    Kind::Normal,
-                    "Pulled",
-                    format!("Container image {image:?} already present on machine"),
-                );
+                let pulled = match pulled {
+                    Some(p) => format!(
+                        "Successfully pulled image {image:?} in {:.3}s. Image size: {} bytes.",
+                        p.elapsed.as_secs_f64(),
+                        p.size
+                    ),
+                    None => format!("Container image {image:?} already present on machine"),
+                };
+                events.emit(pod, name, Kind::Normal, "Pulled", pulled);
                 events.emit(
                     pod,
                     name,
@@ -720,6 +823,17 @@ impl PodManager {
         spec.save(adir.join("config.json"))
             .map_err(|e| ("CreateContainerError".to_owned(), e.to_string()))?;
         write_json(&adir.join("layers.json"), &image.layers).map_err(io)?;
+        if c.stdin == Some(true) {
+            // The container's stdin, kept open by its supervisor, written by `attach`.
+            let fifo = adir.join(super::supervisor::STDIN_FIFO);
+            if !fifo.exists() {
+                nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+                    .map_err(|e| io(e.into()))?;
+            }
+            if c.stdin_once == Some(true) {
+                fs::write(adir.join(super::supervisor::STDIN_ONCE), b"").map_err(io)?;
+            }
+        }
         fs::write(
             adir.join("image"),
             format!("{}\n{}", image_ref, image.digest),
@@ -844,6 +958,11 @@ impl PodManager {
         if let Some(link) = &mem.link {
             status["podIP"] = json!(link.ip.to_string());
             status["podIPs"] = json!([{"ip": link.ip.to_string()}]);
+        }
+        if let Some(message) = &mem.evicted {
+            status["phase"] = json!("Failed");
+            status["reason"] = json!("Evicted");
+            status["message"] = json!(message);
         }
         if mem.last_status.as_ref() == Some(&status) {
             return;
