@@ -7,9 +7,11 @@
 //! - [`network`]: the pod network (bridge, veth pairs, IPAM);
 //! - [`logs`]: CRI log files and the HTTP endpoint that serves them;
 //! - [`lb`] and [`proxy`]: the eBPF service load balancer and the proxy that keeps it in step
-//!   with Services and EndpointSlices.
+//!   with Services and EndpointSlices;
+//! - [`dns`]: the cluster DNS server and the pods' resolv.conf and hosts files.
 #![deny(missing_docs)]
 
+pub mod dns;
 pub mod image;
 pub mod lb;
 pub mod logs;

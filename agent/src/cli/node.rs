@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
+use keelson_agent::dns;
 use keelson_agent::logs::server;
 use keelson_agent::network::{Ipam, ensure_bridge};
 use keelson_agent::node::{self, MachineInfo, NodeConfig};
@@ -87,6 +88,27 @@ pub struct NodeArgs {
     /// How long MemoryPressure stays True after pressure was last seen.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     eviction_pressure_transition_period: Duration,
+    /// The cluster domain: the DNS server answers for it and pods search it.
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
+    /// The nameserver of pods with dnsPolicy ClusterFirst (default: the pod bridge's address,
+    /// where this agent serves DNS).
+    #[arg(long)]
+    cluster_dns: Option<IpAddr>,
+    /// Address of the agent's DNS server (default: the pod bridge's address, port 53).
+    #[arg(long)]
+    dns_listen: Option<SocketAddr>,
+    /// Run no DNS server on this node (pods still get --cluster-dns as nameserver).
+    #[arg(long)]
+    no_dns_server: bool,
+    /// Resolver for names outside the cluster domain, `ip` or `ip:port`; repeatable
+    /// (default: the nameservers of --resolv-conf, except the DNS server's own address).
+    #[arg(long, value_parser = parse_upstream)]
+    dns_upstream: Vec<SocketAddr>,
+    /// The node's resolver configuration: the default upstreams, and what pods with
+    /// dnsPolicy Default get.
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    resolv_conf: PathBuf,
 }
 
 /// A parsed `--eviction-hard`.
@@ -95,6 +117,62 @@ struct EvictionHard(Option<node::eviction::Threshold>);
 
 fn parse_eviction(s: &str) -> Result<EvictionHard, String> {
     node::eviction::parse_eviction_hard(s).map(EvictionHard)
+}
+
+/// `ip` (port 53) or `ip:port`.
+fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .map_err(|_| format!("{s:?} is not an address like 192.0.2.53 or 192.0.2.53:5353"))
+}
+
+/// Binds the node's DNS server and returns its task, or `None` when it should not run.
+async fn start_dns(
+    args: &NodeArgs,
+    client: &kube::Client,
+    gateway: Option<IpAddr>,
+    cluster_dns: Option<IpAddr>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    if args.no_dns_server {
+        return Ok(None);
+    }
+    let Some(addr) = args.dns_listen.or(gateway.map(|g| SocketAddr::new(g, 53))) else {
+        tracing::warn!("no pod network and no --dns-listen: no DNS server on this node");
+        return Ok(None);
+    };
+    let sockets = dns::server::Sockets::bind(addr)
+        .await
+        .context("starting the DNS server (--no-dns-server to run none)")?;
+    let bound = sockets.local_addr()?;
+    let upstreams = if args.dns_upstream.is_empty() {
+        let text = std::fs::read_to_string(&args.resolv_conf).unwrap_or_default();
+        let own: Vec<SocketAddr> = std::iter::once(bound)
+            .chain(cluster_dns.map(|ip| SocketAddr::new(ip, 53)))
+            .collect();
+        dns::forward::upstreams_from(
+            &dns::resolv::ResolvConf::parse(&text).nameserver_ips(),
+            &own,
+        )
+    } else {
+        args.dns_upstream.clone()
+    };
+    let zone = dns::Zone::shared(&args.cluster_domain)?;
+    println!(
+        "cluster DNS for {} on {bound}, other names forwarded to {upstreams:?}",
+        args.cluster_domain
+    );
+    let forwarder = dns::Forwarder::new(upstreams, Duration::from_secs(2));
+    let client = client.clone();
+    Ok(Some(tokio::spawn(async move {
+        let mut stop = stop;
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = dns::run(client, zone, sockets, Some(forwarder), shutdown).await {
+            tracing::error!(error = %e, "cluster DNS stopped");
+        }
+    })))
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -270,6 +348,15 @@ impl NodeArgs {
                 state_dir.display()
             );
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            let gateway = network.as_ref().map(|n| IpAddr::V4(n.ipam.gateway()));
+            let cluster_dns = self.cluster_dns.or(gateway);
+            let dns_task = start_dns(&self, &client, gateway, cluster_dns, stop_rx.clone()).await?;
+            let pod_dns = dns::PodDns {
+                cluster_dns: cluster_dns.into_iter().collect(),
+                cluster_domain: self.cluster_domain.clone(),
+                node_resolv_conf: self.resolv_conf.clone(),
+                node_hosts: PathBuf::from("/etc/hosts"),
+            };
             let mut http_stop = stop_rx.clone();
             let http_state = server::ServerState {
                 layout: layout.clone(),
@@ -296,6 +383,7 @@ impl NodeArgs {
                         max_size: self.container_log_max_size,
                         max_files: self.container_log_max_files as usize,
                     },
+                    dns: Some(pod_dns),
                 },
             )?;
             let manager = manager
@@ -323,6 +411,9 @@ impl NodeArgs {
             let _ = stop_tx.send(true);
             beat.abort();
             let _ = http.await;
+            if let Some(task) = dns_task {
+                let _ = task.await;
+            }
             println!("node agent stopped; containers keep running");
             result
         })

@@ -74,6 +74,8 @@ pub struct PodManagerConfig {
     pub resync: Duration,
     /// When container logs rotate.
     pub log_limits: crate::logs::rotate::Limits,
+    /// What pods get as /etc/resolv.conf and /etc/hosts; `None`: the image's own files.
+    pub dns: Option<crate::dns::PodDns>,
 }
 
 #[derive(Default)]
@@ -815,8 +817,16 @@ impl PodManager {
             super::volumes::prepare(&self.client, pod, &self.cfg.layout.volumes(&record.uid))
                 .await
                 .map_err(|e| ("CreateContainerConfigError".to_owned(), e.to_string()))?;
-        let spec = make_spec(pod, c, &image.config, &sandbox, &volumes)
+        let mut spec = make_spec(pod, c, &image.config, &sandbox, &volumes)
             .map_err(|e| ("CreateContainerConfigError".to_owned(), e.to_string()))?;
+        if let Some(dns) = self.cfg.dns.clone() {
+            let ip = self.mem(record).link.as_ref().map(|l| l.ip.into());
+            let dir = self.cfg.layout.pod(&record.uid);
+            let files = crate::dns::pod_files::write(&dir, pod, ip, &dns)
+                .map_err(|e| ("CreateContainerError".to_owned(), e.to_string()))?;
+            crate::dns::pod_files::add_mounts(&mut spec, c, &files)
+                .map_err(|e| ("CreateContainerConfigError".to_owned(), e.to_string()))?;
+        }
         let adir = self.cfg.layout.attempt(&record.uid, &c.name, n);
         let io = |e: std::io::Error| ("CreateContainerError".to_owned(), e.to_string());
         fs::create_dir_all(&adir).map_err(io)?;
