@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use hickory_proto::op::{Edns, Header, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::{DNSClass, Record};
+use hickory_proto::rr::{DNSClass, Name, Record, RecordType};
 use hickory_server::ServerFuture;
 use hickory_server::authority::MessageResponseBuilder;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
@@ -65,7 +65,7 @@ impl Handler {
         let Ok(info) = request.request_info() else {
             return Reply::empty(request, ResponseCode::FormErr);
         };
-        let qname: hickory_proto::rr::Name = info.query.name().clone().into();
+        let qname: Name = info.query.name().clone().into();
         let qtype = info.query.query_type();
         let qclass = info.query.query_class();
         let lookup = {
@@ -88,8 +88,13 @@ impl Handler {
                         answers,
                         additionals,
                     } => {
+                        let target = cname_target(&answers, qtype);
                         reply.answers = answers;
                         reply.additionals = additionals;
+                        if let Some(target) = target {
+                            self.chase(&mut reply, &target, qtype, qclass, request)
+                                .await;
+                        }
                     }
                     Lookup::NxDomain => {
                         reply.header.set_response_code(ResponseCode::NXDomain);
@@ -103,11 +108,46 @@ impl Handler {
         }
     }
 
+    /// Follows an ExternalName's CNAME one step, as stub resolvers do not: the target's
+    /// records from the zone or, outside it, from upstream.
+    async fn chase(
+        &self,
+        reply: &mut Reply,
+        target: &Name,
+        qtype: RecordType,
+        qclass: DNSClass,
+        request: &Request,
+    ) {
+        let in_zone = records::read(&self.zone).lookup(target, qtype);
+        match in_zone {
+            Lookup::Found { answers, .. } => reply.answers.extend(answers),
+            Lookup::NxDomain => {
+                reply.header.set_response_code(ResponseCode::NXDomain);
+            }
+            Lookup::NoData => {}
+            Lookup::NotInZone => {
+                let Some(forwarder) = &self.forwarder else {
+                    return;
+                };
+                match forwarder
+                    .forward(target, qtype, qclass, request.recursion_desired())
+                    .await
+                {
+                    Ok(mut upstream) => {
+                        reply.header.set_response_code(upstream.response_code());
+                        reply.answers.extend(upstream.take_answers());
+                    }
+                    Err(e) => tracing::debug!(name = %target, error = %e, "CNAME target"),
+                }
+            }
+        }
+    }
+
     async fn forward(
         &self,
         request: &Request,
-        qname: &hickory_proto::rr::Name,
-        qtype: hickory_proto::rr::RecordType,
+        qname: &Name,
+        qtype: RecordType,
         qclass: DNSClass,
     ) -> Reply {
         let Some(forwarder) = &self.forwarder else {
@@ -163,6 +203,16 @@ impl RequestHandler for Handler {
                 header.into()
             }
         }
+    }
+}
+
+/// The target of an answer that is only a CNAME, when the question was for another type.
+fn cname_target(answers: &[Record], qtype: RecordType) -> Option<Name> {
+    match answers {
+        [only] if !matches!(qtype, RecordType::CNAME | RecordType::ANY) => {
+            only.data().as_cname().map(|c| c.0.clone())
+        }
+        _ => None,
     }
 }
 
@@ -337,7 +387,13 @@ mod tests {
             "endpoints": [{"addresses": ["10.244.0.5"]}, {"addresses": ["10.244.0.6"]}],
         }))
         .expect("slice");
+        let ext: Service = serde_json::from_value(json!({
+            "metadata": {"name": "ext", "namespace": "shop"},
+            "spec": {"type": "ExternalName", "externalName": "example.com"}
+        }))
+        .expect("svc");
         let mut z = records::write(&zone);
+        z.set_service(&ext, &[]);
         z.set_service(&web, &[]);
         z.set_service(&db, &[&slice]);
         drop(z);
@@ -422,6 +478,11 @@ mod tests {
         let r = ask(&mut client, "example.com.", RecordType::A).await;
         assert_eq!(addresses(&r), ["192.0.2.1"]);
         assert!(!r.authoritative());
+        // An ExternalName Service: its CNAME, followed upstream.
+        let r = ask(&mut client, "ext.shop.svc.cluster.local.", RecordType::A).await;
+        let types: Vec<RecordType> = r.answers().iter().map(Record::record_type).collect();
+        assert_eq!(types, [RecordType::CNAME, RecordType::A], "{r:?}");
+        assert_eq!(r.answers()[1].data().to_string(), "192.0.2.1");
         let r = ask(&mut client, "missing.example.", RecordType::A).await;
         assert_eq!(r.response_code(), ResponseCode::NXDomain);
 
