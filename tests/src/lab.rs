@@ -369,13 +369,7 @@ impl LabBuilder {
             if let (Some(image), Some(dir)) = (&self.image, &layout) {
                 env.import_image(dir.path(), image)?;
             }
-            let mut extra = vec![
-                "--restart-backoff".to_owned(),
-                "1s".to_owned(),
-                "--resync".to_owned(),
-                "250ms".to_owned(),
-            ];
-            extra.extend(self.agent_args.iter().cloned());
+            let extra = self.agent_args.clone();
             let opts = AgentOptions {
                 kubeconfig: Some(kubeconfig.clone()),
                 node_ip: ip.to_string(),
@@ -665,6 +659,25 @@ impl Lab {
             ns: File::open(self.pod_netns(pod))?,
         };
         Whoami::start(&ns, SocketAddr::from((pod.ip, port)))
+    }
+
+    /// Each node's routes, neighbours, VXLAN FDB and links, for failure messages.
+    pub fn network_state(&self) -> String {
+        let mut out = String::new();
+        for n in &self.nodes {
+            out += &format!("--- {} ({}) ---\n", n.name(), n.ip());
+            for (prog, args) in [
+                ("ip", &["-d", "link", "show"][..]),
+                ("ip", &["addr", "show"][..]),
+                ("ip", &["route", "show"][..]),
+                ("ip", &["neigh", "show"][..]),
+                ("bridge", &["fdb", "show", "dev", "keelson.vxlan"][..]),
+            ] {
+                let text = n.run(prog, args).unwrap_or_else(|e| e.to_string());
+                out += &format!("$ {prog} {}\n{text}\n", args.join(" "));
+            }
+        }
+        out
     }
 
     /// Every agent's log, for failure messages.

@@ -233,7 +233,7 @@ fn vxlan_joins_nodes_on_two_subnets() -> Result<()> {
     lab.create_pod(1, "b", IMAGE, &web("b", None), "")?;
     let a = lab.wait_pod("a", T)?;
     let b = lab.wait_pod("b", T)?;
-    pod_reaches(&lab, &a, &b)?;
+    pod_reaches(&lab, &a, &b).map_err(|e| e.context(lab.network_state()))?;
     pod_reaches(&lab, &b, &a)?;
     let _who = lab.whoami_in_pod(&b, 9000)?;
     let seen = tcp_exchange_from(&lab, &a, addr(b.ip, 9000))?;

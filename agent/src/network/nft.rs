@@ -168,7 +168,8 @@ fn render(rules: &Rules) -> String {
     }
     s += "  }\n";
     // Processes on the node itself reach hostPorts at the node's address too.
-    s += "  chain output {\n    type nat hook output priority dstnat; policy accept;\n";
+    // nft 1.0 knows the name `dstnat` only for prerouting: -100 is its value.
+    s += "  chain output {\n    type nat hook output priority -100; policy accept;\n";
     for p in rules.host_ports.values().flatten() {
         s += &dnat(p);
     }

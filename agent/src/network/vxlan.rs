@@ -226,6 +226,10 @@ fn lladdr(msg: &NeighbourMessage) -> Option<Vec<u8>> {
 fn dst(msg: &NeighbourMessage) -> Option<Ipv4Addr> {
     msg.attributes.iter().find_map(|a| match a {
         NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+        // FDB (AF_BRIDGE) entries carry the remote's address as raw bytes.
+        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+            <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
+        }
         _ => None,
     })
 }
