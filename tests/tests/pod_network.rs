@@ -257,6 +257,20 @@ fn vxlan_joins_nodes_on_two_subnets() -> Result<()> {
         "node-1's FDB: {fdb}"
     );
     ensure!(!c0.is_empty());
+
+    // `--cleanup-network` removes the routes, the VXLAN device and the nftables table.
+    n0.kill_agent();
+    let agent = keelson_e2e::workspace_bin("keelson-agent")?;
+    n0.run(&agent.to_string_lossy(), &["node", "--cleanup-network"])?;
+    ensure!(keelson_routes(&lab, 0)?.trim().is_empty(), "routes left");
+    ensure!(
+        !n0.env().links()?.iter().any(|l| l == "keelson.vxlan"),
+        "VXLAN device left"
+    );
+    ensure!(
+        n0.run("nft", &["list", "table", "ip", "keelson"]).is_err(),
+        "nftables table left"
+    );
     eprintln!("vxlan lab test took {:?}", started.elapsed());
     Ok(())
 }
