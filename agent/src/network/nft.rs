@@ -47,6 +47,9 @@ struct Rules {
     masquerade: Option<Ipv4Net>,
     /// hostPorts by pod UID.
     host_ports: BTreeMap<String, Vec<HostPort>>,
+    /// Whether the kernel holds these rules (false after a failed write, so the next
+    /// change, or the same one again, writes the table).
+    applied: bool,
 }
 
 /// The node's NAT rules. Clones share the rules.
@@ -76,6 +79,7 @@ impl Nat {
             rules: Arc::new(Mutex::new(Rules {
                 masquerade,
                 host_ports: BTreeMap::new(),
+                applied: false,
             })),
         };
         nat.write()?;
@@ -88,8 +92,10 @@ impl Nat {
     }
 
     fn write(&self) -> Result<()> {
-        let script = render(&self.lock());
-        run_nft(&self.nft, &script)
+        let mut rules = self.lock();
+        let result = run_nft(&self.nft, &render(&rules));
+        rules.applied = result.is_ok();
+        result
     }
 
     /// Sets the hostPorts of pod `uid` (none removes them); rewrites the table if they
@@ -102,7 +108,7 @@ impl Nat {
         {
             let mut rules = self.lock();
             let old = rules.host_ports.get(uid);
-            if old.map_or(ports.is_empty(), |o| *o == ports) {
+            if rules.applied && old.map_or(ports.is_empty(), |o| *o == ports) {
                 return Ok(());
             }
             if ports.is_empty() {
@@ -198,6 +204,7 @@ mod tests {
         let mut rules = Rules {
             masquerade: Some("10.244.0.0/16".parse().expect("cidr")),
             host_ports: BTreeMap::new(),
+            applied: false,
         };
         rules.host_ports.insert(
             "uid-1".into(),
