@@ -30,7 +30,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use serde_json::Value;
 
 use crate::{
@@ -703,12 +703,4 @@ impl Lab {
     ) -> Result<T> {
         wait_for(what, timeout, check).map_err(|e| e.context(self.logs()))
     }
-}
-
-/// Fails with `what` and the lab's logs.
-///
-/// # Errors
-/// Always.
-pub fn fail<T>(lab: &Lab, what: &str) -> Result<T> {
-    bail!("{what}\n{}", lab.logs())
 }
