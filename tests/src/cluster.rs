@@ -18,6 +18,8 @@ pub const KUBECTL: &str = "/usr/lib/google-cloud-sdk/bin/kubectl.1.33";
 pub struct ControlPlane {
     dir: tempfile::TempDir,
     server: Child,
+    /// For a control plane inside a namespace: its API relayed to the host's loopback.
+    _relay: Option<crate::node::Relay>,
 }
 
 impl ControlPlane {
@@ -46,7 +48,62 @@ impl ControlPlane {
             .stderr(Stdio::null())
             .spawn()
             .context("starting keelson-server")?;
-        let cp = ControlPlane { dir, server };
+        let cp = ControlPlane {
+            dir,
+            server,
+            _relay: None,
+        };
+        cp.wait_ready()?;
+        Ok(cp)
+    }
+
+    /// Starts `keelson-server` inside `netns`, serving the API on every address of that
+    /// namespace (its certificate also valid for `api_ip`, where nodes reach it), relayed to
+    /// the same port on the host's loopback so that [`ControlPlane::kubectl`] works as usual.
+    ///
+    /// # Errors
+    /// The binary is missing or the API does not come up.
+    pub fn start_in(netns: &crate::Netns, api_ip: std::net::Ipv4Addr) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("kt-cp-").tempdir()?;
+        let host = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+        let port = host.local_addr()?.port();
+        let mut cmd = Command::new(workspace_bin("keelson-server")?);
+        cmd.args(["--id", "1", "--listen", "127.0.0.1:0", "--init"])
+            .args(["--api-listen", &format!("0.0.0.0:{port}")])
+            .args(["--api-san", &api_ip.to_string()])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--admin-kubeconfig")
+            .arg(dir.path().join("admin.kubeconfig"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let fds = crate::place(&mut cmd, netns, None)?;
+        let server = cmd.spawn().context("starting keelson-server")?;
+        drop(fds);
+        let relay = crate::node::Relay::agent(netns, host)?;
+        let cp = ControlPlane {
+            dir,
+            server,
+            _relay: Some(relay),
+        };
+        cp.wait_ready()?;
+        Ok(cp)
+    }
+
+    /// A copy of the admin kubeconfig that reaches the API at `ip` (same port).
+    ///
+    /// # Errors
+    /// The kubeconfig cannot be read or written.
+    pub fn kubeconfig_via(&self, ip: std::net::Ipv4Addr) -> Result<PathBuf> {
+        let text = std::fs::read_to_string(self.kubeconfig())?;
+        let out = text.replace("https://127.0.0.1:", &format!("https://{ip}:"));
+        let path = self.dir.path().join(format!("via-{ip}.kubeconfig"));
+        std::fs::write(&path, out)?;
+        Ok(path)
+    }
+
+    fn wait_ready(&self) -> Result<()> {
+        let cp = self;
         let deadline = Instant::now() + Duration::from_secs(60);
         while cp.kubectl(&["get", "--raw", "/readyz"]).is_err() {
             if Instant::now() > deadline {
@@ -54,7 +111,7 @@ impl ControlPlane {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        Ok(cp)
+        Ok(())
     }
 
     /// The admin kubeconfig.

@@ -23,6 +23,7 @@ use nix::sched::{CloneFlags, setns, unshare};
 
 pub mod cluster;
 pub mod echo;
+pub mod lab;
 pub mod node;
 pub mod oci_image;
 

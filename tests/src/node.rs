@@ -25,7 +25,7 @@ pub const POD_CIDR: &str = "10.244.7.0/24";
 
 /// Relays TCP connections accepted on one loopback to a port on another: loopback to loopback
 /// only, between the host's namespace and the node's.
-struct Relay {
+pub(crate) struct Relay {
     stop: Arc<AtomicBool>,
 }
 
@@ -72,7 +72,7 @@ impl Relay {
 
     /// The agent's port inside the node's namespace, reachable at the same port on the
     /// host's loopback, so the API server can proxy logs and exec to the node's address.
-    fn agent(netns: &Netns, listener: TcpListener) -> Result<Self> {
+    pub(crate) fn agent(netns: &Netns, listener: TcpListener) -> Result<Self> {
         let port = listener.local_addr()?.port();
         let ns = netns.try_clone()?;
         Relay::start(listener, move || {
@@ -125,6 +125,37 @@ pub struct NodeEnv {
     state: tempfile::TempDir,
     netns: Netns,
     cgroup: Cgroup2,
+}
+
+/// How [`NodeEnv::start_agent_with`] starts the agent. The default is a single node reached
+/// through loopback relays: `--node-ip 127.0.0.1`, `--pod-cidr` [`POD_CIDR`].
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// kubeconfig for the agent (default: the control plane's admin kubeconfig).
+    pub kubeconfig: Option<PathBuf>,
+    /// `--node-ip`: the address the API server (and other nodes) reach the agent at.
+    pub node_ip: String,
+    /// `--pod-cidr` (None: wait for the control plane's podCIDR).
+    pub pod_cidr: Option<String>,
+    /// Relay the API into the node's loopback and the agent's port onto the host's.
+    pub relays: bool,
+    /// The log file's name in the control plane's scratch directory.
+    pub log: String,
+    /// More flags for `keelson-agent node`.
+    pub extra_args: Vec<String>,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            kubeconfig: None,
+            node_ip: "127.0.0.1".into(),
+            pod_cidr: Some(POD_CIDR.into()),
+            relays: true,
+            log: "agent.log".into(),
+            extra_args: Vec::new(),
+        }
+    }
 }
 
 /// A running `keelson-agent node`, killed on drop.
@@ -212,15 +243,15 @@ impl NodeEnv {
     /// # Errors
     /// When it cannot be started.
     pub fn start_agent(&self, cp: &ControlPlane) -> Result<Agent> {
-        self.start_agent_with(cp, &[])
+        self.start_agent_with(cp, &AgentOptions::default())
     }
 
-    /// As [`NodeEnv::start_agent`], with `extra` arguments for `keelson-agent node`.
+    /// Starts the agent against `cp` as `opts` say.
     ///
     /// # Errors
     /// When it cannot be started.
-    pub fn start_agent_with(&self, cp: &ControlPlane, extra: &[&str]) -> Result<Agent> {
-        {
+    pub fn start_agent_with(&self, cp: &ControlPlane, opts: &AgentOptions) -> Result<Agent> {
+        if opts.relays {
             let mut relays = self
                 .relays
                 .lock()
@@ -239,36 +270,38 @@ impl NodeEnv {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(cp.dir().join("agent.log"))?;
+            .open(cp.dir().join(&opts.log))?;
         let mut cmd = Command::new(workspace_bin("keelson-agent")?);
         cmd.arg("node")
             .arg("--kubeconfig")
-            .arg(cp.kubeconfig())
-            .args(["--node-name", &self.name, "--pod-cidr", POD_CIDR])
-            // The node's address as the API server sees it: the relay on the host's loopback.
-            .args([
-                "--port",
-                &self.agent_port.to_string(),
-                "--node-ip",
-                "127.0.0.1",
-            ])
-            .arg("--state-dir")
-            .arg(self.state_dir())
-            .arg("--cgroup2")
-            .arg(self.cgroup.path())
-            .args(["--restart-backoff", "1s", "--resync", "250ms"])
-            // Small logs so that tests see them rotate.
-            .args([
-                "--container-log-max-size",
-                "4Ki",
-                "--container-log-max-files",
-                "2",
-            ])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+            .arg(opts.kubeconfig.clone().unwrap_or_else(|| cp.kubeconfig()))
+            .args(["--node-name", &self.name]);
+        if let Some(cidr) = &opts.pod_cidr {
+            cmd.args(["--pod-cidr", cidr]);
+        }
+        cmd.args([
+            "--port",
+            &self.agent_port.to_string(),
+            "--node-ip",
+            &opts.node_ip,
+        ])
+        .args(&opts.extra_args)
+        .arg("--state-dir")
+        .arg(self.state_dir())
+        .arg("--cgroup2")
+        .arg(self.cgroup.path())
+        .args(["--restart-backoff", "1s", "--resync", "250ms"])
+        // Small logs so that tests see them rotate.
+        .args([
+            "--container-log-max-size",
+            "4Ki",
+            "--container-log-max-files",
+            "2",
+        ])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
         let fds = place(&mut cmd, &self.netns, Some(&self.cgroup))?;
         let child = cmd.spawn().context("starting keelson-agent node")?;
         drop(fds);

@@ -19,7 +19,7 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use keelson_e2e::{
     cluster::ControlPlane,
-    node::{NodeEnv, wait_for},
+    node::{AgentOptions, NodeEnv, wait_for},
     oci_image::busybox_layout,
     place, require_root, run_ok, workspace_bin,
 };
@@ -262,22 +262,27 @@ fn registry_pulls_gc_attach_and_memory_eviction() -> Result<()> {
 
     let _agent = env.start_agent_with(
         &cp,
-        &[
-            "--insecure-registry",
-            REGISTRY,
-            "--insecure-registry",
-            PRIVATE,
-            // Image GC only by hand here (the host's disk could be above any threshold).
-            "--image-gc-high-threshold",
-            "100",
-            // memory.available = 160Mi - the pods' working set: pressure above 60Mi of pods.
-            "--eviction-hard",
-            "memory.available<100Mi",
-            "--eviction-memory-capacity",
-            "160Mi",
-            "--eviction-pressure-transition-period",
-            "30s",
-        ],
+        &AgentOptions {
+            extra_args: [
+                "--insecure-registry",
+                REGISTRY,
+                "--insecure-registry",
+                PRIVATE,
+                // Image GC only by hand here (the host's disk could be above any threshold).
+                "--image-gc-high-threshold",
+                "100",
+                // memory.available = 160Mi - the pods' working set: pressure above 60Mi of pods.
+                "--eviction-hard",
+                "memory.available<100Mi",
+                "--eviction-memory-capacity",
+                "160Mi",
+                "--eviction-pressure-transition-period",
+                "30s",
+            ]
+            .map(String::from)
+            .to_vec(),
+            ..AgentOptions::default()
+        },
     )?;
     wait_for("the node to register", t, || {
         Ok(cp.kubectl(&["get", "node", &node]).ok().map(drop))

@@ -26,6 +26,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ),
     ("busybox-static", "test images and the demo's sample app"),
     (
+        "nftables",
+        "the agent's NAT table (egress masquerade, hostPorts) is written with nft",
+    ),
+    (
         "runc",
         "the runtime's command line is checked against runc's",
     ),

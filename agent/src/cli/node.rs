@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail, ensure};
 use keelson_agent::dns;
 use keelson_agent::logs::server;
-use keelson_agent::network::{Ipam, ensure_bridge};
+use keelson_agent::network::{Ipam, Nat, PeerConfig, VxlanConfig, ensure_bridge, peers};
 use keelson_agent::node::{self, MachineInfo, NodeConfig};
 use keelson_agent::pods::{PodManager, PodManagerConfig, PodNetwork, StateLayout};
 
@@ -109,6 +109,31 @@ pub struct NodeArgs {
     /// dnsPolicy Default get.
     #[arg(long, default_value = "/etc/resolv.conf")]
     resolv_conf: PathBuf,
+    /// How other nodes' pods are reached: `host-gw` (a route via the peer's InternalIP),
+    /// `vxlan` (an overlay), or `auto` (host-gw for peers on a directly connected subnet,
+    /// VXLAN for the others).
+    #[arg(long, default_value = "auto")]
+    pod_network_mode: keelson_agent::network::Mode,
+    /// VXLAN network identifier (the same on every node).
+    #[arg(long, default_value_t = 1)]
+    vxlan_vni: u32,
+    /// VXLAN UDP port (the same on every node).
+    #[arg(long, default_value_t = 8472)]
+    vxlan_port: u16,
+    /// The cluster's pod network: pod traffic to destinations outside it is masqueraded.
+    #[arg(long, default_value = "10.244.0.0/16")]
+    cluster_cidr: ipnet::Ipv4Net,
+    /// SNAT pod traffic leaving the cluster CIDR to the node's address.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    masquerade: bool,
+    /// How long to wait for the control plane to set the Node's spec.podCIDR when no
+    /// --pod-cidr is given.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pod_cidr_wait: Duration,
+    /// Remove what the agent set up for the pod network (routes to peers, the VXLAN device,
+    /// the `ip keelson` nftables table) and exit.
+    #[arg(long)]
+    cleanup_network: bool,
 }
 
 /// A parsed `--eviction-hard`.
@@ -253,7 +278,11 @@ fn detect_node_ip(bridge: &str) -> IpAddr {
         return IpAddr::V4(Ipv4Addr::LOCALHOST);
     };
     for a in addrs {
-        if a.interface_name == bridge || a.interface_name.starts_with("kv") {
+        // Pod veths, the bridge and the VXLAN device hold pod-network addresses.
+        if a.interface_name == bridge
+            || a.interface_name.starts_with("kv")
+            || a.interface_name == VxlanConfig::default().name
+        {
             continue;
         }
         if let Some(sin) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()) {
@@ -264,6 +293,20 @@ fn detect_node_ip(bridge: &str) -> IpAddr {
         }
     }
     IpAddr::V4(Ipv4Addr::LOCALHOST)
+}
+
+/// `--cleanup-network`: routes to peers, the VXLAN device and the nftables table go.
+fn cleanup_network() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime
+        .block_on(peers::cleanup(&VxlanConfig::default().name))
+        .context("removing routes and the VXLAN device")?;
+    Nat::remove_table().context("removing the nftables table")?;
+    println!("pod network routes, VXLAN device and nftables table removed");
+    Ok(())
 }
 
 fn runtime_bin(flag: Option<PathBuf>) -> PathBuf {
@@ -289,6 +332,9 @@ impl NodeArgs {
             self.image_gc_low_threshold,
             self.image_gc_high_threshold
         );
+        if self.cleanup_network {
+            return cleanup_network();
+        }
         let machine = MachineInfo::read();
         let name = self
             .node_name
@@ -321,21 +367,57 @@ impl NodeArgs {
                 machine,
             };
             let registered = node::register(&client, &cfg).await?;
-            let cidr = registered
+            let mut cidr = registered
                 .spec
                 .as_ref()
                 .and_then(|s| s.pod_cidr.as_deref())
                 .and_then(|c| c.parse::<ipnet::Ipv4Net>().ok())
                 .or(self.pod_cidr);
+            if cidr.is_none() {
+                cidr = peers::wait_for_pod_cidr(&client, &name, self.pod_cidr_wait)
+                    .await
+                    .context("waiting for the Node's spec.podCIDR")?;
+            }
+            let node_v4 = peers::ipv4(node_ip).unwrap_or(Ipv4Addr::LOCALHOST);
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
             let network = match cidr {
                 Some(cidr) => {
                     let ipam = Ipam::new(&layout.ipam(), cidr)?;
                     ensure_bridge(&self.bridge, ipam.gateway(), ipam.cidr())
                         .await
                         .with_context(|| format!("setting up bridge {}", self.bridge))?;
+                    if let Err(e) = peers::enable_forwarding() {
+                        tracing::warn!(error = %e, "pods cannot reach beyond this node");
+                    }
+                    let nat = Nat::new(self.masquerade.then_some(self.cluster_cidr))
+                        .context("writing the nftables table for masquerade and hostPorts")?;
+                    let peer_cfg = PeerConfig {
+                        node_name: name.clone(),
+                        node_ip: node_v4,
+                        pod_cidr: ipam.cidr(),
+                        mode: self.pod_network_mode,
+                        vxlan: VxlanConfig {
+                            vni: self.vxlan_vni,
+                            port: self.vxlan_port,
+                            ..VxlanConfig::default()
+                        },
+                        resync: Duration::from_secs(10),
+                    };
+                    let mut peers_stop = stop_rx.clone();
+                    let peers_client = client.clone();
+                    tokio::spawn(async move {
+                        let stop = async move {
+                            let _ = peers_stop.wait_for(|s| *s).await;
+                        };
+                        if let Err(e) = peers::run(peers_client, peer_cfg, stop).await {
+                            tracing::error!(error = %e, "routes to the other nodes");
+                        }
+                    });
                     Some(PodNetwork {
                         bridge: self.bridge.clone(),
                         ipam,
+                        nat: Some(nat),
+                        node_ip: node_v4,
                     })
                 }
                 None => {
@@ -347,7 +429,6 @@ impl NodeArgs {
                 "node {name}: registered, logs on port {port}, pods under cgroup {parent}, state in {}",
                 state_dir.display()
             );
-            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
             let gateway = network.as_ref().map(|n| IpAddr::V4(n.ipam.gateway()));
             let cluster_dns = self.cluster_dns.or(gateway);
             let dns_task = start_dns(&self, &client, gateway, cluster_dns, stop_rx.clone()).await?;

@@ -24,12 +24,12 @@ pub struct PodLink {
     pub host_veth: String,
 }
 
-fn nl(action: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetworkError {
+pub(super) fn nl(action: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetworkError {
     let action = action.into();
     move |source| NetworkError::Netlink { action, source }
 }
 
-fn connect() -> Result<Handle> {
+pub(super) fn connect() -> Result<Handle> {
     let (conn, handle, _) = rtnetlink::new_connection().map_err(|source| NetworkError::Io {
         action: "open netlink socket",
         path: "rtnetlink".into(),
@@ -39,7 +39,7 @@ fn connect() -> Result<Handle> {
     Ok(handle)
 }
 
-async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>> {
+pub(super) async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>> {
     let mut links = handle.link().get().match_name(name.to_owned()).execute();
     match links.try_next().await {
         Ok(Some(link)) => Ok(Some(link.header.index)),
@@ -50,7 +50,7 @@ async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>> {
     }
 }
 
-async fn add_address(
+pub(super) async fn add_address(
     handle: &Handle,
     index: u32,
     ip: Ipv4Addr,

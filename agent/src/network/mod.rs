@@ -1,12 +1,22 @@
-//! The pod network on one node: a bridge holding the first address of the node's pod CIDR, a
-//! veth pair per pod with one end in the pod's network namespace, and IPAM that hands out
-//! addresses from the CIDR and remembers them on disk.
+//! The pod network: on each node a bridge holding the first address of the node's pod CIDR,
+//! a veth pair per pod with one end in the pod's network namespace, and IPAM that hands out
+//! addresses from the CIDR and remembers them on disk; between nodes, routes to every peer's
+//! pod CIDR (host-gateway or VXLAN, [`peers`]); and NAT in nftables for egress masquerade and
+//! hostPorts ([`nft`]).
 
 mod ipam;
 mod link;
+pub mod nft;
+pub mod peers;
+pub mod routes;
+pub mod vxlan;
 
 pub use ipam::Ipam;
 pub use link::{PodLink, ensure_bridge, remove_pod_link, setup_pod_link};
+pub use nft::{HostPort, Nat};
+pub use peers::{Peer, PeerConfig, PeerRouter};
+pub use routes::Mode;
+pub use vxlan::VxlanConfig;
 
 use std::path::PathBuf;
 

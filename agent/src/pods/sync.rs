@@ -32,7 +32,7 @@ use super::status::{AttemptState, attempt_state, condition, rfc3339_seconds, ter
 use super::supervisor::{EXIT_FILE, PID_FILE};
 use crate::image::gc::GcPolicy;
 use crate::image::{ImageStore, PullConfig, PullHandle, Puller};
-use crate::network::{Ipam, PodLink, remove_pod_link, setup_pod_link};
+use crate::network::{HostPort, Ipam, Nat, PodLink, remove_pod_link, setup_pod_link};
 
 mod evict;
 mod pulling;
@@ -47,6 +47,40 @@ pub struct PodNetwork {
     pub bridge: String,
     /// Addresses from the node's pod CIDR.
     pub ipam: Ipam,
+    /// NAT for hostPorts (and egress masquerade), if the agent manages it.
+    pub nat: Option<Nat>,
+    /// The node's address: where hostPorts without a hostIP are bound.
+    pub node_ip: std::net::Ipv4Addr,
+}
+
+/// The hostPorts `pod` asks for, pointing at `pod_ip`.
+fn host_ports(pod: &Pod, node_ip: std::net::Ipv4Addr, pod_ip: std::net::Ipv4Addr) -> Vec<HostPort> {
+    let spec = pod.spec.as_ref();
+    spec.into_iter()
+        .flat_map(|s| s.containers.iter())
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            let host_port = u16::try_from(p.host_port?).ok().filter(|h| *h > 0)?;
+            let container_port = u16::try_from(p.container_port).ok()?;
+            let protocol = p.protocol.as_deref().unwrap_or("TCP").to_ascii_lowercase();
+            if !matches!(protocol.as_str(), "tcp" | "udp" | "sctp") {
+                return None;
+            }
+            let host_ip = p
+                .host_ip
+                .as_deref()
+                .and_then(|h| h.parse::<std::net::Ipv4Addr>().ok())
+                .filter(|h| !h.is_unspecified())
+                .unwrap_or(node_ip);
+            Some(HostPort {
+                protocol,
+                host_ip,
+                host_port,
+                pod_ip,
+                container_port,
+            })
+        })
+        .collect()
 }
 
 /// How the pod manager runs.
@@ -159,6 +193,20 @@ fn pod_record(pod: &Pod) -> PodRecord {
         name: pod.name_any(),
         uid: pod.uid().unwrap_or_default(),
     }
+}
+
+/// Puts the node's network namespace (the agent's own) in place of the sandbox's fresh one
+/// at `path`, for a hostNetwork pod: its containers join the node's network by that path.
+fn share_node_netns(path: &Path) -> anyhow::Result<()> {
+    umount2(path, MntFlags::MNT_DETACH)?;
+    nix::mount::mount(
+        Some("/proc/thread-self/ns/net"),
+        path,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )?;
+    Ok(())
 }
 
 fn host_veth(uid: &str) -> String {
@@ -438,7 +486,15 @@ impl PodManager {
         if self.sync_evicted(pod, &record).await {
             return Ok(());
         }
-        let setup = self.ensure_sandbox(&record).await;
+        let host_network = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false);
+        let setup = self.ensure_sandbox(&record, host_network).await;
+        if setup.is_ok() {
+            self.sync_host_ports(pod, &record);
+        }
         let spec = pod.spec.clone().unwrap_or_default();
         let policy = spec
             .restart_policy
@@ -475,10 +531,21 @@ impl PodManager {
         Ok(())
     }
 
-    async fn ensure_sandbox(&mut self, record: &PodRecord) -> anyhow::Result<()> {
+    async fn ensure_sandbox(
+        &mut self,
+        record: &PodRecord,
+        host_network: bool,
+    ) -> anyhow::Result<()> {
         let ns = self.cfg.layout.pod(&record.uid).join("ns");
         if !sandbox::exists(&ns) {
             sandbox::create(&ns, &record.name)?;
+            if host_network {
+                share_node_netns(&ns.join("net"))?;
+            }
+        }
+        if host_network {
+            // The node's own network: no veth, no address of the pod CIDR.
+            return Ok(());
         }
         if let Some(net) = self.cfg.network.clone()
             && self.mem(record).link.is_none()
@@ -506,6 +573,23 @@ impl PodManager {
             self.mem(record).link = Some(link);
         }
         Ok(())
+    }
+
+    /// Keeps the DNAT rules of the pod's hostPorts (rewritten only when they change).
+    fn sync_host_ports(&mut self, pod: &Pod, record: &PodRecord) {
+        let Some(net) = &self.cfg.network else { return };
+        let Some(nat) = &net.nat else { return };
+        let Some(pod_ip) = self
+            .pods
+            .get(&record.uid)
+            .and_then(|m| m.link.as_ref())
+            .map(|l| l.ip)
+        else {
+            return;
+        };
+        if let Err(e) = nat.set_host_ports(&record.uid, host_ports(pod, net.node_ip, pod_ip)) {
+            tracing::warn!(pod = %record.name, error = %e, "setting the pod's hostPorts");
+        }
     }
 
     fn backoff(&self, attempt: u32, rec: &ExitRecord) -> Duration {
@@ -965,7 +1049,15 @@ impl PodManager {
         if !init_statuses.is_empty() {
             status["initContainerStatuses"] = json!(init_statuses);
         }
-        if let Some(link) = &mem.link {
+        let host_network = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false);
+        if host_network {
+            status["podIP"] = json!(host_ip);
+            status["podIPs"] = json!([{"ip": host_ip}]);
+        } else if let Some(link) = &mem.link {
             status["podIP"] = json!(link.ip.to_string());
             status["podIPs"] = json!([{"ip": link.ip.to_string()}]);
         }
@@ -1154,6 +1246,11 @@ impl PodManager {
             && let Err(e) = remove_pod_link(&link.host_veth).await
         {
             tracing::warn!(pod = %record.name, error = %e, "removing the pod's veth");
+        }
+        if let Some(nat) = self.cfg.network.as_ref().and_then(|n| n.nat.as_ref())
+            && let Err(e) = nat.set_host_ports(uid, Vec::new())
+        {
+            tracing::warn!(pod = %record.name, error = %e, "removing the pod's hostPorts");
         }
         if let Some(net) = &self.cfg.network
             && let Err(e) = net.ipam.release(uid)
