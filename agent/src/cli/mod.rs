@@ -22,7 +22,7 @@ enum Command {
     /// Run the service proxy: keep the load balancer in step with Services and EndpointSlices.
     Proxy(proxy::ProxyArgs),
     /// Run this machine as a node: register it, run the pods bound to it, serve their logs.
-    Node(node::NodeArgs),
+    Node(Box<node::NodeArgs>),
     /// Manage the node's image store.
     #[command(subcommand)]
     Image(image::ImageCommand),
