@@ -318,6 +318,52 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn concurrent_pulls_of_one_image_coalesce() {
+        // A "registry" that accepts connections and never answers: the pull stays in flight.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ImageStore::open(dir.path()).expect("store");
+        let puller = Arc::new(Puller::new(
+            store,
+            &PullConfig {
+                insecure_registries: vec![addr.to_string()],
+            },
+        ));
+        let image = format!("{addr}/app:1");
+        let a = puller.start(&image, RegistryAuth::Anonymous);
+        let b = puller.start(&image, RegistryAuth::Anonymous);
+        let other_creds = puller.start(&image, RegistryAuth::Basic("u".into(), "p".into()));
+        assert!(a.rx.same_channel(&b.rx), "the second pull joined the first");
+        assert!(
+            !a.rx.same_channel(&other_creds.rx),
+            "other credentials pull on their own"
+        );
+        assert!(a.result().is_none() && b.result().is_none());
+        drop(listener);
+    }
+
+    #[test]
+    fn platform_entries_are_picked_from_indexes() {
+        let index: ImageIndex = serde_json::from_value(serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [
+                {"mediaType": "application/vnd.oci.image.manifest.v1+json", "size": 1,
+                 "digest": format!("sha256:{}", "a".repeat(64)),
+                 "platform": {"os": "linux", "architecture": "arm64"}},
+                {"mediaType": "application/vnd.oci.image.manifest.v1+json", "size": 1,
+                 "digest": format!("sha256:{}", "b".repeat(64)),
+                 "platform": {"os": "linux", "architecture": "amd64"}},
+            ]
+        }))
+        .expect("index");
+        assert_eq!(
+            platform_manifest(&index),
+            Some(format!("sha256:{}", "b".repeat(64)))
+        );
+    }
+
     #[test]
     fn indexes_are_told_from_manifests() {
         assert!(is_index(br#"{"schemaVersion":2,"manifests":[]}"#));

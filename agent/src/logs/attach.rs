@@ -6,9 +6,13 @@
 //! follows that file from its end and sends each new line on the channel of its stream. For a
 //! container with `stdin: true` the supervisor gives the process a FIFO as stdin and keeps it
 //! open; attach writes the client's input into it. With `stdinOnce: true`, closing stdin on
-//! the client marks it closed and the process then reads end of input. Containers run
-//! without a terminal (the supervisor uses pipes), so `tty` is not offered: kubectl falls back
-//! to plain streams, as it does for any container without `tty: true`.
+//! the client marks it closed and the process then reads end of input.
+//!
+//! No TTY: containers run on pipes, never on a terminal. Offering one would need the
+//! supervisor to create the container with a console socket, own the pseudo-terminal's master
+//! for the container's whole life, copy it into the log and relay attach input and resize
+//! messages to it (another FIFO); not done yet. A `tty=true` request gets the plain streams,
+//! as kubectl does itself for a container without `tty: true`.
 
 use std::io::{Read as _, Seek as _, SeekFrom};
 use std::path::PathBuf;

@@ -92,7 +92,7 @@ pub fn parse_eviction_hard(spec: &str) -> Result<Option<Threshold>, String> {
 /// else in `Ki`.
 pub fn format_bytes(b: u64) -> String {
     for (shift, unit) in [(30, "Gi"), (20, "Mi"), (10, "Ki")] {
-        if b >= 1 << shift && b % (1 << shift) == 0 {
+        if b >= 1 << shift && b.is_multiple_of(1 << shift) {
             return format!("{}{unit}", b >> shift);
         }
     }
