@@ -267,6 +267,13 @@ pub fn desired_slices(svc: &Service, pods: &[Arc<Pod>]) -> BTreeMap<String, Endp
                 terminating: Some(terminating),
             }),
             node_name: util::pod_node(pod).map(str::to_owned),
+            // A pod names itself in the Service's DNS when its subdomain is the Service.
+            hostname: pod
+                .spec
+                .as_ref()
+                .filter(|s| s.subdomain.as_deref() == Some(svc_name.as_str()))
+                .and_then(|s| s.hostname.clone())
+                .filter(|h| !h.is_empty()),
             target_ref: Some(k8s_openapi::api::core::v1::ObjectReference {
                 kind: Some("Pod".into()),
                 name: pod.metadata.name.clone(),
@@ -370,5 +377,37 @@ mod tests {
                 .as_deref(),
             Some("http")
         );
+    }
+
+    #[test]
+    fn pods_in_the_services_subdomain_publish_their_hostname() {
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": {"name": "db", "namespace": "default", "uid": "u1"},
+            "spec": {"clusterIP": "None", "selector": {"app": "db"}},
+        }))
+        .expect("service");
+        let pod = |name: &str, ip: &str, subdomain: &str| {
+            Arc::new(
+                serde_json::from_value::<Pod>(json!({
+                    "metadata": {"name": name, "namespace": "default", "labels": {"app": "db"}},
+                    "spec": {"hostname": name, "subdomain": subdomain,
+                        "containers": [{"name": "c"}]},
+                    "status": {"podIP": ip},
+                }))
+                .expect("pod"),
+            )
+        };
+        let slices = desired_slices(
+            &svc,
+            &[
+                pod("db-0", "10.244.0.2", "db"),
+                pod("x", "10.244.0.3", "other"),
+            ],
+        );
+        let hostnames: Vec<Option<String>> = slices
+            .values()
+            .flat_map(|s| s.endpoints.iter().map(|e| e.hostname.clone()))
+            .collect();
+        assert_eq!(hostnames, [Some("db-0".to_owned()), None]);
     }
 }
