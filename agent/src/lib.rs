@@ -1,5 +1,6 @@
 //! Keelson's node agent.
 //!
+//! - [`boot`]: first boot of a network-booted node (NoCloud seed, then `node`);
 //! - [`node`]: the Node object and its Lease heartbeat;
 //! - [`image`]: the content-addressed image store (OCI layout and `docker save` import);
 //! - [`pods`]: pod sandboxes, containers run by per-container supervisors through
@@ -10,6 +11,7 @@
 //!   with Services and EndpointSlices.
 #![deny(missing_docs)]
 
+pub mod boot;
 pub mod image;
 pub mod lb;
 pub mod logs;
