@@ -61,6 +61,9 @@ pub fn all(args: &TestArgs) -> Result<()> {
     step("build the binaries the end-to-end tests start");
     run(cargo().args(["build", "--bins"]))?;
 
+    // vm_join boots it; cached, so a warm run only checks its inputs.
+    crate::node_image::build(&crate::node_image::NodeImageArgs::default())?;
+
     step("tests");
     run(cargo()
         .args(["test", "--no-fail-fast"])
