@@ -116,7 +116,7 @@ async fn fetch_text(url: &str, deadline: Instant) -> Result<String> {
                 });
             }
             Err(reason) => {
-                if attempt == 1 || attempt % 10 == 0 {
+                if attempt == 1 || attempt.is_multiple_of(10) {
                     tracing::info!(url, %reason, "seed not reachable yet; retrying");
                 }
                 tokio::time::sleep(RETRY_PAUSE).await;
