@@ -1,5 +1,6 @@
 //! Keelson's node agent.
 //!
+//! - [`boot`]: first boot of a network-booted node (NoCloud seed, then `node`);
 //! - [`node`]: the Node object and its Lease heartbeat;
 //! - [`image`]: the content-addressed image store (OCI layout and `docker save` import);
 //! - [`pods`]: pod sandboxes, containers run by per-container supervisors through
@@ -11,6 +12,7 @@
 //! - [`dns`]: the cluster DNS server and the pods' resolv.conf and hosts files.
 #![deny(missing_docs)]
 
+pub mod boot;
 pub mod dns;
 pub mod image;
 pub mod lb;

@@ -4,11 +4,13 @@
 //!   kernel features Keelson relies on.
 //! - `test`: setup, then formatting, lints and every test — what CI runs.
 //! - `up` / `down`: the local demo on this machine, inside a network namespace of its own.
+//! - `node-image`: the kernel and initramfs a worker network-boots (`target/node-image/`).
 //! - `bench <suite>`: a benchmark against the alternative, measured in the same run.
 
 mod bench;
 mod cmd;
 mod demo;
+mod node_image;
 mod setup;
 mod suite;
 
@@ -31,6 +33,8 @@ enum Task {
     Up(demo::UpArgs),
     /// Remove everything `up` created.
     Down,
+    /// Build the node image: kernel + initramfs a worker PXE-boots (target/node-image/).
+    NodeImage(node_image::NodeImageArgs),
     /// Run a benchmark suite (release build) and write target/bench/<suite>.json and plots.
     Bench(bench::BenchArgs),
 }
@@ -41,6 +45,7 @@ fn main() -> std::process::ExitCode {
         Task::Test(args) => suite::all(&args),
         Task::Up(args) => demo::up(&args),
         Task::Down => demo::down(),
+        Task::NodeImage(args) => node_image::build(&args).map(|_| ()),
         Task::Bench(args) => bench::run(&args),
     };
     match result {

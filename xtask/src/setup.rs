@@ -54,6 +54,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ),
     ("ipxe-qemu", "the virtual NICs' iPXE boot ROMs"),
     ("ovmf", "UEFI firmware for the UEFI PXE test"),
+    (
+        "binutils",
+        "`node-image` strips the agent and runtime it puts in the initramfs",
+    ),
     ("etcd-server", "`bench store` compares the store with etcd"),
     (
         "protobuf-compiler",

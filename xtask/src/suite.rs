@@ -61,6 +61,14 @@ pub fn all(args: &TestArgs) -> Result<()> {
     step("build the binaries the end-to-end tests start");
     run(cargo().args(["build", "--bins"]))?;
 
+    // vm_join boots it; cached, so a warm run only checks its inputs. It carries the debug
+    // binaries just built: a release build of the agent would add many minutes on a 2-core CI
+    // machine, and the test only needs the node to join and run a pod.
+    crate::node_image::build(&crate::node_image::NodeImageArgs {
+        debug: true,
+        ..crate::node_image::NodeImageArgs::default()
+    })?;
+
     step("tests");
     run(cargo()
         .args(["test", "--no-fail-fast"])

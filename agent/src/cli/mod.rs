@@ -1,5 +1,6 @@
 //! Command-line interface: each sub-command parses its arguments and calls the library.
 
+mod boot;
 mod image;
 mod lb;
 mod node;
@@ -26,6 +27,8 @@ enum Command {
     /// Manage the node's image store.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// First boot of a network-booted node: apply the NoCloud seed, then run `node`.
+    Boot(boot::BootArgs),
     /// Supervise one container attempt (started by `node`).
     #[command(hide = true)]
     Supervise(supervise::SuperviseArgs),
@@ -46,6 +49,7 @@ impl Cli {
             Command::Proxy(args) => args.run(),
             Command::Node(args) => (*args).run(),
             Command::Image(cmd) => cmd.run(),
+            Command::Boot(args) => args.run(),
             Command::Supervise(args) => args.run(),
         }
     }

@@ -15,7 +15,7 @@
 //! Nothing leaves this machine, and `down` removes all of it.
 
 mod cleanup;
-mod image;
+pub(crate) mod image;
 
 use std::{
     fs,
