@@ -578,7 +578,7 @@ fn http_serves_ipxe_script_nocloud_seed_and_confined_assets() {
     let lab = Lab::new("ht", true);
     let cfg = HttpConfig {
         http_base: HTTP_BASE.into(),
-        inventory: inventory(),
+        inventory: inventory().into(),
         assets: Some(assets.path().to_path_buf()),
         boot_files: BTreeMap::from([(
             "ipxe.efi".to_string(),

@@ -87,6 +87,24 @@ impl Relay {
     }
 }
 
+/// The control plane's API port relayed into a test namespace (at the same `127.0.0.1`
+/// port), for processes there that use the admin kubeconfig as it is. Stops on drop.
+pub struct ApiRelay {
+    _relay: Relay,
+}
+
+impl ApiRelay {
+    /// Starts relaying into `netns`.
+    ///
+    /// # Errors
+    /// When the listener cannot be made inside the namespace.
+    pub fn start(netns: &Netns, cp: &ControlPlane) -> Result<Self> {
+        Ok(ApiRelay {
+            _relay: Relay::api(netns, api_port(&cp.kubeconfig())?)?,
+        })
+    }
+}
+
 fn pipe(a: TcpStream, b: TcpStream) {
     let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) else {
         return;
@@ -212,6 +230,23 @@ impl NodeEnv {
     /// # Errors
     /// When it cannot be started.
     pub fn start_agent(&self, cp: &ControlPlane) -> Result<Agent> {
+        let admin = [
+            std::ffi::OsString::from("--kubeconfig"),
+            cp.kubeconfig().into_os_string(),
+        ];
+        self.start_agent_with(cp, &admin)
+    }
+
+    /// Starts the agent as [`NodeEnv::start_agent`] does, with `credentials` instead of the
+    /// admin kubeconfig (e.g. `--bootstrap-kubeconfig F --kubeconfig G`).
+    ///
+    /// # Errors
+    /// When it cannot be started.
+    pub fn start_agent_with(
+        &self,
+        cp: &ControlPlane,
+        credentials: &[std::ffi::OsString],
+    ) -> Result<Agent> {
         {
             let mut relays = self
                 .relays
@@ -234,8 +269,7 @@ impl NodeEnv {
             .open(cp.dir().join("agent.log"))?;
         let mut cmd = Command::new(workspace_bin("keelson-agent")?);
         cmd.arg("node")
-            .arg("--kubeconfig")
-            .arg(cp.kubeconfig())
+            .args(credentials)
             .args(["--node-name", &self.name, "--pod-cidr", POD_CIDR])
             // The node's address as the API server sees it: the relay on the host's loopback.
             .args([

@@ -15,10 +15,14 @@
 //! - node lifecycle (Lease heartbeats, `Ready=Unknown`, the `unreachable` taint, eviction) and
 //!   node IPAM (`spec.podCIDR`),
 //! - garbage collection by owner references (background, orphan and foreground
-//!   propagation) over every resource type these controllers own or create.
+//!   propagation) over every resource type these controllers own or create,
+//! - TLS bootstrap of nodes: approval and signing of their CertificateSigningRequests
+//!   ([`csr`], with the cluster CA of [`Options::csr_signing_ca`]), and deletion of expired
+//!   bootstrap tokens.
 #![deny(missing_docs)]
 
 mod connect;
+pub mod csr;
 mod daemonset;
 mod deployment;
 mod endpoints;
@@ -37,6 +41,7 @@ mod podwrites;
 pub mod quantity;
 mod replicaset;
 mod scheduler;
+mod tokencleaner;
 pub mod util;
 mod workqueue;
 
@@ -106,6 +111,13 @@ pub struct Options {
     /// How often the garbage collector sweeps everything (20 s); owner deletions trigger a
     /// sweep sooner.
     pub gc_period: Duration,
+    /// Directory holding the cluster CA (`ca.crt`, `ca.key`) with which approved node CSRs
+    /// are signed; none: CSRs are neither approved nor signed (default none).
+    pub csr_signing_ca: Option<std::path::PathBuf>,
+    /// Delete expired bootstrap tokens (true).
+    pub token_cleaner: bool,
+    /// How often expired bootstrap tokens are looked for (30 s).
+    pub token_cleaner_period: Duration,
 }
 
 impl Default for Options {
@@ -141,6 +153,9 @@ impl Default for Options {
             node_cidr_prefix: 24,
             garbage_collector: true,
             gc_period: Duration::from_secs(20),
+            csr_signing_ca: None,
+            token_cleaner: true,
+            token_cleaner_period: Duration::from_secs(30),
         }
     }
 }
