@@ -148,16 +148,21 @@ pub fn join_user_data(target: &Target<'_>, join: &JoinInfo) -> Result<String, Re
     write_files.extend(extra_files);
     let mut runcmd = vec![json!(["sh", "-c", SYSTEMD_UNIT_SCRIPT])];
     runcmd.extend(extra_cmds);
-    let body = yaml(
-        "user-data",
-        target,
-        &JoinConfig {
-            hostname: target.hostname.clone(),
-            write_files,
-            runcmd,
-            rest,
-        },
-    )?;
+    // Long one-line values (the agent's arguments) stay on one line rather than folded, so
+    // that simple readers in a node image see them as written.
+    let mut options = serde_saphyr::SerializerOptions::default();
+    options.folded_wrap_chars = 4096;
+    let config = JoinConfig {
+        hostname: target.hostname.clone(),
+        write_files,
+        runcmd,
+        rest,
+    };
+    let body = serde_saphyr::to_string_with_options(&config, options).map_err(|e| RenderError {
+        doc: "user-data",
+        target: target.id.clone(),
+        message: e.to_string(),
+    })?;
     Ok(format!("#cloud-config\n{body}"))
 }
 
@@ -219,6 +224,7 @@ mod tests {
         };
         let ud = join_user_data(&t, &join).unwrap();
         assert!(ud.starts_with("#cloud-config\nhostname: node-1\n"), "{ud}");
+        assert!(ud.contains(&agent_args("node-1")), "arguments on one line:\n{ud}");
         let v: Value = serde_saphyr::from_str(ud.trim_start_matches("#cloud-config\n")).unwrap();
         assert_eq!(v["hostname"], "node-1");
         let files = v["write_files"].as_array().unwrap();

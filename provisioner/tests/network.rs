@@ -811,6 +811,19 @@ fn generated_user_data_passes_cloud_init_schema() {
             "user-data",
             keelson_provisioner::nocloud::user_data(&target).unwrap(),
         ),
+        (
+            "join-user-data",
+            keelson_provisioner::nocloud::join_user_data(
+                &target,
+                &keelson_provisioner::live::JoinInfo {
+                    server: "https://192.0.2.1:6443".into(),
+                    ca_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+                        .into(),
+                    token: "abcdef.0123456789abcdef".into(),
+                },
+            )
+            .unwrap(),
+        ),
         ("empty", "#cloud-config\n{}\n".to_string()),
     ] {
         let path = dir.path().join(name);

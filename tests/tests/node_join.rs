@@ -303,7 +303,8 @@ fn machines_work_with_kubectl() -> Result<()> {
 }
 
 /// A veth pair between the provisioner's namespace (`192.0.2.1/24`) and a client
-/// namespace whose end has `mac`; both ends go away with the namespaces.
+/// namespace whose end has `mac` (and `192.0.2.2/24`); both ends go away with the
+/// namespaces.
 fn lab(server: &Netns, client: &Netns, mac: &str) -> Result<String> {
     let tag = std::process::id() % 100_000;
     let (s_if, c_if) = (format!("ktj{tag}s"), format!("ktj{tag}c"));
@@ -325,6 +326,8 @@ fn lab(server: &Netns, client: &Netns, mac: &str) -> Result<String> {
     ip(server, &["addr", "add", "192.0.2.1/24", "dev", &s_if])?;
     ip(server, &["link", "set", &s_if, "up"])?;
     ip(client, &["link", "set", &c_if, "address", mac])?;
+    // dhclient runs with `-sf /bin/true` and configures nothing: HTTP needs an address.
+    ip(client, &["addr", "add", "192.0.2.2/24", "dev", &c_if])?;
     ip(client, &["link", "set", &c_if, "up"])?;
     Ok(format!("{s_if} {c_if}"))
 }
