@@ -4,5 +4,5 @@
 #![deny(missing_docs)]
 
 pub mod api_storage;
-pub mod tokens;
 pub mod store;
+pub mod tokens;

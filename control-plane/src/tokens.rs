@@ -54,7 +54,10 @@ pub async fn create(client: &kube::Client, opts: &TokenOptions) -> Result<Bootst
     let mut attempt = 0;
     loop {
         let token = BootstrapToken::generate()?;
-        match api.create(&PostParams::default(), &token.to_secret(opts)).await {
+        match api
+            .create(&PostParams::default(), &token.to_secret(opts))
+            .await
+        {
             Ok(_) => return Ok(token),
             Err(kube::Error::Api(e)) if e.code == 409 && attempt < 3 => attempt += 1,
             Err(source) => {
@@ -79,7 +82,11 @@ pub async fn list(client: &kube::Client) -> Result<Vec<TokenInfo>> {
             action: format!("listing Secrets in {NAMESPACE}"),
             source,
         })?;
-    let mut out: Vec<TokenInfo> = list.items.iter().filter_map(TokenInfo::from_secret).collect();
+    let mut out: Vec<TokenInfo> = list
+        .items
+        .iter()
+        .filter_map(TokenInfo::from_secret)
+        .collect();
     out.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(out)
 }
@@ -97,7 +104,10 @@ pub async fn delete(client: &kube::Client, id_or_token: &str) -> Result<()> {
         return Err(bt::TokenError::Malformed(id_or_token.to_owned()).into());
     }
     let name = format!("{}{id}", bt::SECRET_PREFIX);
-    match secrets(client).delete(&name, &DeleteParams::default()).await {
+    match secrets(client)
+        .delete(&name, &DeleteParams::default())
+        .await
+    {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 404 => Err(TokenError::NotFound(id.to_owned())),
         Err(source) => Err(TokenError::Api {
@@ -191,7 +201,10 @@ mod tests {
         );
         let lines: Vec<&str> = out.lines().collect();
         assert!(lines[0].starts_with("TOKEN ID"), "{out}");
-        assert!(lines[1].contains("aaaaaa") && lines[1].contains("60m"), "{out}");
+        assert!(
+            lines[1].contains("aaaaaa") && lines[1].contains("60m"),
+            "{out}"
+        );
         assert!(lines[2].contains("<expired>"), "{out}");
         assert!(lines[3].contains("<forever>"), "{out}");
     }

@@ -189,7 +189,10 @@ async fn seed(State(cfg): State<AppState>, Path((id, doc)): Path<(String, String
                         id: id.clone(),
                         message: format!("issuing join credentials: {message}"),
                     });
-                    return (StatusCode::SERVICE_UNAVAILABLE, "cannot issue join credentials\n")
+                    return (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "cannot issue join credentials\n",
+                    )
                         .into_response();
                 }
             },

@@ -73,7 +73,11 @@ pub fn discovered(mac: Mac, policy: UnknownPolicy, default_profile: Option<&str>
         metadata: ObjectMeta {
             name: Some(name.clone()),
             labels: Some(
-                [("provisioning.keelson.dev/discovered".to_owned(), "true".to_owned())].into(),
+                [(
+                    "provisioning.keelson.dev/discovered".to_owned(),
+                    "true".to_owned(),
+                )]
+                .into(),
             ),
             ..ObjectMeta::default()
         },
@@ -188,11 +192,8 @@ impl MachineSync {
         match self.machines.create(&PostParams::default(), &m).await {
             Ok(_) => {
                 info!(machine = %name, %mac, "unknown MAC recorded as a Discovered machine");
-                self.set_status(
-                    &name,
-                    json!({"state": "Discovered", "lastSeen": now()}),
-                )
-                .await;
+                self.set_status(&name, json!({"state": "Discovered", "lastSeen": now()}))
+                    .await;
             }
             Err(kube::Error::Api(e)) if e.code == 409 => {}
             Err(e) => {
@@ -399,7 +400,9 @@ mod tests {
         assert_eq!(d.metadata.name.as_deref(), Some("mac-525400aabbcc"));
         assert_eq!(d.spec.profile.as_deref(), Some("worker"));
         assert_eq!(
-            discovered(mac, UnknownPolicy::Ignore, Some("worker")).spec.profile,
+            discovered(mac, UnknownPolicy::Ignore, Some("worker"))
+                .spec
+                .profile,
             None
         );
         let mut two = discovered(mac, UnknownPolicy::Default, Some("worker"));

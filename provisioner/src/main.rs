@@ -15,9 +15,9 @@ use keelson_provisioner::http::{self, HttpConfig};
 use keelson_provisioner::inventory::Inventory;
 use keelson_provisioner::live::InventoryHandle;
 use keelson_provisioner::machines;
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use keelson_provisioner::net;
 use keelson_provisioner::tftp::{TftpConfig, TftpServer};
+use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
@@ -157,7 +157,9 @@ async fn api_inventory(
     let base = Inventory::load(profiles)?;
     let kubeconfig = match &args.kubeconfig {
         Some(p) => Kubeconfig::read_from(p).with_context(|| format!("reading {}", p.display()))?,
-        None => Kubeconfig::read().context("reading the kubeconfig ($KUBECONFIG or ~/.kube/config)")?,
+        None => {
+            Kubeconfig::read().context("reading the kubeconfig ($KUBECONFIG or ~/.kube/config)")?
+        }
     };
     let (server, ca_pem) = server_and_ca(&kubeconfig)?;
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
@@ -202,8 +204,14 @@ fn server_and_ca(kubeconfig: &Kubeconfig) -> Result<(String, String)> {
         .find(|c| c.name == context.cluster)
         .and_then(|c| c.cluster.as_ref())
         .with_context(|| format!("cluster {:?} not found", context.cluster))?;
-    let server = cluster.server.clone().context("the cluster has no server")?;
-    let ca = match (&cluster.certificate_authority_data, &cluster.certificate_authority) {
+    let server = cluster
+        .server
+        .clone()
+        .context("the cluster has no server")?;
+    let ca = match (
+        &cluster.certificate_authority_data,
+        &cluster.certificate_authority,
+    ) {
         (Some(data), _) => String::from_utf8(
             base64::engine::general_purpose::STANDARD
                 .decode(data.trim())

@@ -120,13 +120,15 @@ pub fn join_user_data(target: &Target<'_>, join: &JoinInfo) -> Result<String, Re
         rest: Map<String, Value>,
     }
     let token: keelson_api_types::bootstrap_token::BootstrapToken =
-        join.token.parse().map_err(|e: keelson_api_types::bootstrap_token::TokenError| {
-            RenderError {
-                doc: "user-data",
-                target: target.id.clone(),
-                message: e.to_string(),
-            }
-        })?;
+        join.token
+            .parse()
+            .map_err(
+                |e: keelson_api_types::bootstrap_token::TokenError| RenderError {
+                    doc: "user-data",
+                    target: target.id.clone(),
+                    message: e.to_string(),
+                },
+            )?;
     let kubeconfig = keelson_api_types::bootstrap_token::bootstrap_kubeconfig(
         &join.server,
         &join.ca_pem,
@@ -224,7 +226,10 @@ mod tests {
         };
         let ud = join_user_data(&t, &join).unwrap();
         assert!(ud.starts_with("#cloud-config\nhostname: node-1\n"), "{ud}");
-        assert!(ud.contains(&agent_args("node-1")), "arguments on one line:\n{ud}");
+        assert!(
+            ud.contains(&agent_args("node-1")),
+            "arguments on one line:\n{ud}"
+        );
         let v: Value = serde_saphyr::from_str(ud.trim_start_matches("#cloud-config\n")).unwrap();
         assert_eq!(v["hostname"], "node-1");
         let files = v["write_files"].as_array().unwrap();
@@ -238,7 +243,12 @@ mod tests {
             files[1]["content"],
             "--node-name node-1 --bootstrap-kubeconfig /etc/keelson/bootstrap-kubeconfig --kubeconfig /var/lib/keelson/kubeconfig"
         );
-        assert!(v["runcmd"][0][2].as_str().unwrap().contains("keelson-agent.service"));
+        assert!(
+            v["runcmd"][0][2]
+                .as_str()
+                .unwrap()
+                .contains("keelson-agent.service")
+        );
         // The profile's own user-data is kept.
         assert_eq!(v["packages"][0], "curl");
         let bad = JoinInfo {

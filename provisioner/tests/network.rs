@@ -817,8 +817,7 @@ fn generated_user_data_passes_cloud_init_schema() {
                 &target,
                 &keelson_provisioner::live::JoinInfo {
                     server: "https://192.0.2.1:6443".into(),
-                    ca_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
-                        .into(),
+                    ca_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
                     token: "abcdef.0123456789abcdef".into(),
                 },
             )

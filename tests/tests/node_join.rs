@@ -69,7 +69,10 @@ fn create_token(cp: &ControlPlane, ttl: &str, kubeconfig: &Path) -> Result<Strin
             .bytes()
             .enumerate()
             .all(|(i, b)| i == 6 || b.is_ascii_lowercase() || b.is_ascii_digit());
-    ensure!(ok, "`keelson token create` printed {out:?}, not <id>.<secret>");
+    ensure!(
+        ok,
+        "`keelson token create` printed {out:?}, not <id>.<secret>"
+    );
     Ok(token)
 }
 
@@ -145,11 +148,19 @@ fn a_node_joins_with_only_a_bootstrap_token_and_runs_a_pod() -> Result<()> {
         list.contains(id) && list.contains("e2e join") && list.contains("authentication,signing"),
         "token list: {list}"
     );
-    ensure!(!list.contains(&token[7..]), "token list shows the secret: {list}");
+    ensure!(
+        !list.contains(&token[7..]),
+        "token list shows the secret: {list}"
+    );
 
     // The token reads discovery, and nothing else.
     allowed(&cp, &bootstrap, &["get", "--raw", "/apis"])?;
-    refused(&cp, &bootstrap, &["get", "secrets", "-n", "kube-system"], "Forbidden")?;
+    refused(
+        &cp,
+        &bootstrap,
+        &["get", "secrets", "-n", "kube-system"],
+        "Forbidden",
+    )?;
     refused(&cp, &bootstrap, &["get", "nodes"], "Forbidden")?;
     refused(&cp, &bootstrap, &["get", "csr"], "Forbidden")?;
 
@@ -168,10 +179,14 @@ fn a_node_joins_with_only_a_bootstrap_token_and_runs_a_pod() -> Result<()> {
         ],
     )?;
     let agent_log = cp.dir().join("agent.log");
-    wait_for("the joined node to be Ready", Duration::from_secs(90), || {
-        Ok(get_json(&cp, &["node", node.name()])?
-            .filter(|n| condition(n, "Ready").as_deref() == Some("True")))
-    })
+    wait_for(
+        "the joined node to be Ready",
+        Duration::from_secs(90),
+        || {
+            Ok(get_json(&cp, &["node", node.name()])?
+                .filter(|n| condition(n, "Ready").as_deref() == Some("True")))
+        },
+    )
     .with_context(|| format!("agent log:\n{}", log_tail(&agent_log)))?;
 
     // The node's own credentials: a client certificate, private to root.
@@ -191,12 +206,17 @@ fn a_node_joins_with_only_a_bootstrap_token_and_runs_a_pod() -> Result<()> {
         .and_then(|i| i.first())
         .context("no CSR")?
         .clone();
-    let csr_name = csr["metadata"]["name"].as_str().context("CSR name")?.to_owned();
+    let csr_name = csr["metadata"]["name"]
+        .as_str()
+        .context("CSR name")?
+        .to_owned();
     ensure!(
         csr["spec"]["username"] == format!("system:bootstrap:{id}")
             && csr["spec"]["signerName"] == "kubernetes.io/kube-apiserver-client-kubelet"
             && condition(&csr, "Approved").as_deref() == Some("True")
-            && csr["status"]["certificate"].as_str().is_some_and(|c| !c.is_empty()),
+            && csr["status"]["certificate"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty()),
         "CSR: {csr:#}"
     );
     let table = cp.kubectl(&["get", "csr"])?;
@@ -215,12 +235,22 @@ fn a_node_joins_with_only_a_bootstrap_token_and_runs_a_pod() -> Result<()> {
          nodeName: {}\n  containers:\n  - name: c\n    image: {IMAGE}\n    command: [sleep, '3600']\n",
         node.name()
     ))?;
-    wait_for("the pod on the joined node to run", Duration::from_secs(60), || {
-        Ok(get_json(&cp, &["pod", "joined"])?
-            .filter(|p| p.pointer("/status/phase").and_then(Value::as_str) == Some("Running")))
-    })
+    wait_for(
+        "the pod on the joined node to run",
+        Duration::from_secs(60),
+        || {
+            Ok(get_json(&cp, &["pod", "joined"])?
+                .filter(|p| p.pointer("/status/phase").and_then(Value::as_str) == Some("Running")))
+        },
+    )
     .with_context(|| format!("agent log:\n{}", log_tail(&agent_log)))?;
-    cp.kubectl(&["delete", "pod", "joined", "--grace-period=1", "--wait=false"])?;
+    cp.kubectl(&[
+        "delete",
+        "pod",
+        "joined",
+        "--grace-period=1",
+        "--wait=false",
+    ])?;
     Ok(())
 }
 
@@ -244,7 +274,11 @@ fn expired_and_deleted_tokens_are_refused_and_expired_ones_cleaned_up() -> Resul
     wait_for(
         "the token cleaner to delete the expired token",
         Duration::from_secs(45),
-        || Ok(get_json(&cp, &["secret", "-n", "kube-system", &secret])?.is_none().then_some(())),
+        || {
+            Ok(get_json(&cp, &["secret", "-n", "kube-system", &secret])?
+                .is_none()
+                .then_some(()))
+        },
     )?;
     Ok(())
 }
@@ -264,13 +298,20 @@ fn machines_work_with_kubectl() -> Result<()> {
          profile: worker\n  hostname: rack1-1\n  ip: 192.0.2.10\n",
     )?;
     let table = cp.kubectl(&["get", "machines"])?;
-    let header: Vec<&str> = table.lines().next().unwrap_or("").split_whitespace().collect();
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
     ensure!(
         header == ["NAME", "MAC", "PROFILE", "STATE", "NODE", "AGE"],
         "{table}"
     );
     ensure!(
-        table.contains("rack1-1") && table.contains("52:54:00:12:34:56") && table.contains("worker"),
+        table.contains("rack1-1")
+            && table.contains("52:54:00:12:34:56")
+            && table.contains("worker"),
         "{table}"
     );
     cp.kubectl(&[
@@ -296,7 +337,10 @@ fn machines_work_with_kubectl() -> Result<()> {
     let table = cp.kubectl(&["get", "machines"])?;
     ensure!(table.contains("Joined"), "{table}");
     let explain = cp.kubectl(&["explain", "machine.spec"])?;
-    ensure!(explain.contains("macs") && explain.contains("hostname"), "{explain}");
+    ensure!(
+        explain.contains("macs") && explain.contains("hostname"),
+        "{explain}"
+    );
     let describe = cp.kubectl(&["describe", "machine", "rack1-1"])?;
     ensure!(describe.contains("52:54:00:12:34:56"), "{describe}");
     Ok(())
@@ -314,14 +358,20 @@ fn lab(server: &Netns, client: &Netns, mac: &str) -> Result<String> {
         let _fds = place(&mut cmd, ns, None)?;
         run_ok(&mut cmd).map(drop)
     };
-    ip(server, &["link", "add", &s_if, "type", "veth", "peer", "name", &c_if])?;
+    ip(
+        server,
+        &["link", "add", &s_if, "type", "veth", "peer", "name", &c_if],
+    )?;
     // `ip link set … netns` takes a PID: a placeholder process in the client namespace.
     let mut holder = Command::new("sleep");
     holder.arg("60");
     let fds = place(&mut holder, client, None)?;
     let holder = Kill(holder.spawn().context("starting sleep")?);
     drop(fds);
-    ip(server, &["link", "set", &c_if, "netns", &holder.0.id().to_string()])?;
+    ip(
+        server,
+        &["link", "set", &c_if, "netns", &holder.0.id().to_string()],
+    )?;
     drop(holder);
     ip(server, &["addr", "add", "192.0.2.1/24", "dev", &s_if])?;
     ip(server, &["link", "set", &s_if, "up"])?;
@@ -337,7 +387,10 @@ fn require_tools(tools: &[(&str, &str)]) -> Result<()> {
         let found = std::env::var_os("PATH")
             .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
             .unwrap_or(false);
-        ensure!(found, "{tool} is missing: install the Debian package `{package}`");
+        ensure!(
+            found,
+            "{tool} is missing: install the Debian package `{package}`"
+        );
     }
     for f in ["undionly.kpxe", "ipxe.efi"] {
         ensure!(
@@ -351,7 +404,11 @@ fn require_tools(tools: &[(&str, &str)]) -> Result<()> {
 #[test]
 fn provisioner_in_api_mode_records_unknown_macs_and_hands_out_join_tokens() -> Result<()> {
     require_root()?;
-    require_tools(&[("dhclient", "isc-dhcp-client"), ("curl", "curl"), ("ip", "iproute2")])?;
+    require_tools(&[
+        ("dhclient", "isc-dhcp-client"),
+        ("curl", "curl"),
+        ("ip", "iproute2"),
+    ])?;
     let cp = ControlPlane::start()?;
     let server_ns = Netns::new()?;
     let client_ns = Netns::new()?;
@@ -376,7 +433,14 @@ fn provisioner_in_api_mode_records_unknown_macs_and_hands_out_join_tokens() -> R
         .arg(&profiles)
         .arg("--kubeconfig")
         .arg(cp.kubeconfig())
-        .args(["--interface", s_if, "--listen", "192.0.2.1", "--http-port", "8080"])
+        .args([
+            "--interface",
+            s_if,
+            "--listen",
+            "192.0.2.1",
+            "--http-port",
+            "8080",
+        ])
         .arg("--lease-file")
         .arg(dir.path().join("leases.json"))
         .env("RUST_LOG", "info")
@@ -405,8 +469,7 @@ fn provisioner_in_api_mode_records_unknown_macs_and_hands_out_join_tokens() -> R
     let dhclient = Kill(dh.spawn().context("starting dhclient")?);
     drop(fds);
     let machine = wait_for("the Discovered machine", Duration::from_secs(40), || {
-        Ok(get_json(&cp, &["machine", MACHINE])?
-            .filter(|m| m["status"]["state"] == "Discovered"))
+        Ok(get_json(&cp, &["machine", MACHINE])?.filter(|m| m["status"]["state"] == "Discovered"))
     })
     .with_context(|| format!("provisioner log:\n{}", log_tail(&log_path)))?;
     drop(dhclient);
@@ -442,7 +505,10 @@ fn provisioner_in_api_mode_records_unknown_macs_and_hands_out_join_tokens() -> R
         "certificate-authority-data",
         "curl",
     ] {
-        ensure!(user_data.contains(want), "user-data lacks {want:?}:\n{user_data}");
+        ensure!(
+            user_data.contains(want),
+            "user-data lacks {want:?}:\n{user_data}"
+        );
     }
     let token = user_data
         .lines()
@@ -452,13 +518,19 @@ fn provisioner_in_api_mode_records_unknown_macs_and_hands_out_join_tokens() -> R
         .to_owned();
     let list = keelson(&cp, &["token", "list"])?;
     ensure!(list.contains(&token[..6]), "{token} not in\n{list}");
-    wait_for("the machine to be Provisioning", Duration::from_secs(20), || {
-        Ok(get_json(&cp, &["machine", MACHINE])?
-            .filter(|m| m["status"]["state"] == "Provisioning"))
-    })?;
+    wait_for(
+        "the machine to be Provisioning",
+        Duration::from_secs(20),
+        || {
+            Ok(get_json(&cp, &["machine", MACHINE])?
+                .filter(|m| m["status"]["state"] == "Provisioning"))
+        },
+    )?;
 
     // Its Node turns Ready: Joined.
-    cp.apply(&format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {MACHINE}}}\n"))?;
+    cp.apply(&format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {MACHINE}}}\n"
+    ))?;
     cp.kubectl(&[
         "patch",
         "node",

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use k8s_openapi::ByteString;
-use k8s_openapi::api::certificates::v1::{CertificateSigningRequest, CertificateSigningRequestSpec};
+use k8s_openapi::api::certificates::v1::{
+    CertificateSigningRequest, CertificateSigningRequestSpec,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Api;
 use kube::api::PostParams;
@@ -59,7 +61,9 @@ pub enum BootstrapError {
         message: String,
     },
     /// No certificate came in time.
-    #[error("certificate request {name} was not signed within {secs} s (is it approved? `kubectl get csr`)")]
+    #[error(
+        "certificate request {name} was not signed within {secs} s (is it approved? `kubectl get csr`)"
+    )]
     Timeout {
         /// The CSR.
         name: String,
@@ -97,8 +101,7 @@ pub fn has_valid_credentials(path: &Path) -> bool {
     let Ok(kc) = Kubeconfig::read_from(path) else {
         return false;
     };
-    let Some(cert_b64) = current_user(&kc).and_then(|u| u.client_certificate_data.clone())
-    else {
+    let Some(cert_b64) = current_user(&kc).and_then(|u| u.client_certificate_data.clone()) else {
         return false;
     };
     let Ok(pem) = base64::engine::general_purpose::STANDARD.decode(cert_b64.trim()) else {
@@ -157,7 +160,10 @@ fn server_and_ca(kc: &Kubeconfig, path: &Path) -> Result<(String, String)> {
         .server
         .clone()
         .ok_or_else(|| fail("the cluster has no server"))?;
-    let ca = match (&cluster.certificate_authority_data, &cluster.certificate_authority) {
+    let ca = match (
+        &cluster.certificate_authority_data,
+        &cluster.certificate_authority,
+    ) {
         (Some(d), _) => d.trim().to_owned(),
         (None, Some(file)) => {
             let pem = std::fs::read(file).map_err(|e| fail(&format!("reading {file}: {e}")))?;
@@ -192,7 +198,13 @@ pub fn node_request(node: &str) -> Result<(rcgen::KeyPair, String)> {
 }
 
 /// A kubeconfig for `server` with a client certificate.
-pub fn node_kubeconfig(server: &str, ca_b64: &str, cert_pem: &str, key_pem: &str, node: &str) -> String {
+pub fn node_kubeconfig(
+    server: &str,
+    ca_b64: &str,
+    cert_pem: &str,
+    key_pem: &str,
+    node: &str,
+) -> String {
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
     format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: keelson\n  cluster:\n    server: {server}\n    \
@@ -256,7 +268,13 @@ pub async fn ensure_credentials(cfg: &BootstrapConfig) -> Result<bool> {
             source,
         })?;
     }
-    let text = node_kubeconfig(&server, &ca, &cert_pem, &key.serialize_pem(), &cfg.node_name);
+    let text = node_kubeconfig(
+        &server,
+        &ca,
+        &cert_pem,
+        &key.serialize_pem(),
+        &cfg.node_name,
+    );
     write_private(&cfg.kubeconfig, &text)?;
     tracing::info!(kubeconfig = %cfg.kubeconfig.display(), "node credentials written");
     Ok(true)
@@ -337,8 +355,14 @@ mod tests {
             x509_parser::certification_request::X509CertificationRequest::from_der(&block.contents)
                 .expect("der");
         let subject = &csr.certification_request_info.subject;
-        let cn: Vec<_> = subject.iter_common_name().filter_map(|a| a.as_str().ok()).collect();
-        let o: Vec<_> = subject.iter_organization().filter_map(|a| a.as_str().ok()).collect();
+        let cn: Vec<_> = subject
+            .iter_common_name()
+            .filter_map(|a| a.as_str().ok())
+            .collect();
+        let o: Vec<_> = subject
+            .iter_organization()
+            .filter_map(|a| a.as_str().ok())
+            .collect();
         assert_eq!(cn, ["system:node:n1"]);
         assert_eq!(o, ["system:nodes"]);
     }
@@ -355,7 +379,13 @@ mod tests {
         params.not_after = now + time::Duration::days(1);
         let fresh = params.self_signed(&key).expect("cert");
         let ca = base64::engine::general_purpose::STANDARD.encode("CA");
-        let text = node_kubeconfig("https://127.0.0.1:6443", &ca, &fresh.pem(), &key.serialize_pem(), "n1");
+        let text = node_kubeconfig(
+            "https://127.0.0.1:6443",
+            &ca,
+            &fresh.pem(),
+            &key.serialize_pem(),
+            "n1",
+        );
         write_private(&path, &text).expect("write");
         assert!(has_valid_credentials(&path));
         use std::os::unix::fs::PermissionsExt as _;
@@ -363,8 +393,17 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         params.not_after = now + time::Duration::seconds(60);
         let expiring = params.self_signed(&key).expect("cert");
-        let text = node_kubeconfig("https://127.0.0.1:6443", &ca, &expiring.pem(), &key.serialize_pem(), "n1");
+        let text = node_kubeconfig(
+            "https://127.0.0.1:6443",
+            &ca,
+            &expiring.pem(),
+            &key.serialize_pem(),
+            "n1",
+        );
         write_private(&path, &text).expect("write");
-        assert!(!has_valid_credentials(&path), "expires within the renewal margin");
+        assert!(
+            !has_valid_credentials(&path),
+            "expires within the renewal margin"
+        );
     }
 }

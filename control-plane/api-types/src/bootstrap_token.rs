@@ -57,8 +57,7 @@ impl std::fmt::Display for BootstrapToken {
 
 fn valid_part(s: &str, len: usize) -> bool {
     s.len() == len
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
@@ -139,7 +138,10 @@ impl BootstrapToken {
         put("usage-bootstrap-authentication", "true");
         put("usage-bootstrap-signing", "true");
         if let Some(exp) = opts.expiration {
-            put("expiration", &exp.round(jiff::Unit::Second).unwrap_or(exp).to_string());
+            put(
+                "expiration",
+                &exp.round(jiff::Unit::Second).unwrap_or(exp).to_string(),
+            );
         }
         if let Some(d) = &opts.description {
             put("description", d);
@@ -242,8 +244,16 @@ mod tests {
         assert_ne!(a, b);
         let parsed: BootstrapToken = a.to_string().parse().expect("parses");
         assert_eq!(parsed, a);
-        assert!(!format!("{a:?}").contains(&a.secret), "Debug leaks the secret");
-        for bad in ["abcdef", "abcdef.0123456789abcdeF", "abcde.0123456789abcdef", ""] {
+        assert!(
+            !format!("{a:?}").contains(&a.secret),
+            "Debug leaks the secret"
+        );
+        for bad in [
+            "abcdef",
+            "abcdef.0123456789abcdeF",
+            "abcde.0123456789abcdef",
+            "",
+        ] {
             assert!(bad.parse::<BootstrapToken>().is_err(), "{bad}");
         }
     }

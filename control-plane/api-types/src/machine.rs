@@ -182,8 +182,7 @@ impl schemars::JsonSchema for Machine {
 
     fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
         let described = |mut s: schemars::Schema, text: &str| {
-            s.ensure_object()
-                .insert("description".into(), text.into());
+            s.ensure_object().insert("description".into(), text.into());
             s
         };
         let metadata = described(

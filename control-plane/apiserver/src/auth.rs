@@ -368,10 +368,26 @@ mod tests {
             name,
         };
         let me = Some("system:bootstrap:abcdef");
-        assert!(bootstrap_allowed(&token, &act("create", csrs, Some("n1"), None), None));
-        assert!(bootstrap_allowed(&token, &act("get", csrs, Some("n1"), None), me));
-        assert!(bootstrap_allowed(&token, &act("watch", csrs, Some("n1"), None), me));
-        assert!(!bootstrap_allowed(&token, &act("watch", csrs, None, None), None));
+        assert!(bootstrap_allowed(
+            &token,
+            &act("create", csrs, Some("n1"), None),
+            None
+        ));
+        assert!(bootstrap_allowed(
+            &token,
+            &act("get", csrs, Some("n1"), None),
+            me
+        ));
+        assert!(bootstrap_allowed(
+            &token,
+            &act("watch", csrs, Some("n1"), None),
+            me
+        ));
+        assert!(!bootstrap_allowed(
+            &token,
+            &act("watch", csrs, None, None),
+            None
+        ));
         assert!(!bootstrap_allowed(
             &token,
             &act("get", csrs, Some("n2"), None),
@@ -382,9 +398,21 @@ mod tests {
             &act("update", csrs, Some("n1"), Some("approval")),
             me
         ));
-        assert!(!bootstrap_allowed(&token, &act("delete", csrs, Some("n1"), None), me));
-        assert!(!bootstrap_allowed(&token, &act("list", secrets, None, None), None));
-        assert!(!allowed(&token, &act("get", secrets, Some("s"), None), None));
+        assert!(!bootstrap_allowed(
+            &token,
+            &act("delete", csrs, Some("n1"), None),
+            me
+        ));
+        assert!(!bootstrap_allowed(
+            &token,
+            &act("list", secrets, None, None),
+            None
+        ));
+        assert!(!allowed(
+            &token,
+            &act("get", secrets, Some("s"), None),
+            None
+        ));
     }
 
     #[test]

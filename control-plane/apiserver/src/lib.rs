@@ -505,14 +505,19 @@ fn selected_name(selector: &str) -> Option<String> {
 /// A CSR create body with `spec.username`, `spec.groups` and `spec.uid` set to the caller.
 fn csr_with_requester(body: &[u8], user: &auth::User) -> Result<bytes::Bytes, ApiError> {
     let mut obj: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(format!("a CertificateSigningRequest must be sent as JSON: {e}"))
+        ApiError::bad_request(format!(
+            "a CertificateSigningRequest must be sent as JSON: {e}"
+        ))
     })?;
     if !obj.get("spec").is_some_and(serde_json::Value::is_object) {
         obj["spec"] = json!({});
     }
     obj["spec"]["username"] = json!(user.name);
     obj["spec"]["groups"] = json!(user.groups);
-    if let Some(spec) = obj.get_mut("spec").and_then(serde_json::Value::as_object_mut) {
+    if let Some(spec) = obj
+        .get_mut("spec")
+        .and_then(serde_json::Value::as_object_mut)
+    {
         spec.remove("uid");
         spec.remove("extra");
     }

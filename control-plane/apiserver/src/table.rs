@@ -220,7 +220,14 @@ fn columns(r: &Resource) -> Vec<Column> {
             col("MAC", |o| {
                 s(o.pointer("/spec/macs")
                     .and_then(Value::as_array)
-                    .map(|m| json!(m.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(",")))
+                    .map(|m| {
+                        json!(
+                            m.iter()
+                                .filter_map(Value::as_str)
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        )
+                    })
                     .filter(|m| m != "")
                     .as_ref())
             }),

@@ -168,7 +168,10 @@ impl Signer {
         let (cn, orgs) = match spec.signer_name.as_str() {
             KUBELET_CLIENT_SIGNER => {
                 let name = node_subject(&spec.request.0)?;
-                (format!("system:node:{name}"), vec!["system:nodes".to_owned()])
+                (
+                    format!("system:node:{name}"),
+                    vec!["system:nodes".to_owned()],
+                )
             }
             CLIENT_SIGNER => request_subject(&spec.request.0)?,
             other => {
@@ -193,7 +196,9 @@ impl Signer {
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
         let secs = spec
             .expiration_seconds
-            .map_or(DEFAULT_VALIDITY_SECS, |s| i64::from(s).max(MIN_VALIDITY_SECS))
+            .map_or(DEFAULT_VALIDITY_SECS, |s| {
+                i64::from(s).max(MIN_VALIDITY_SECS)
+            })
             .min(DEFAULT_VALIDITY_SECS);
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::minutes(5);

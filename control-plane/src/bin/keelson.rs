@@ -80,14 +80,17 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
 fn read_kubeconfig(path: Option<&Path>) -> Result<Kubeconfig> {
     match path {
         Some(p) => Kubeconfig::read_from(p).with_context(|| format!("reading {}", p.display())),
-        None => Kubeconfig::read().context("reading the kubeconfig ($KUBECONFIG or ~/.kube/config)"),
+        None => {
+            Kubeconfig::read().context("reading the kubeconfig ($KUBECONFIG or ~/.kube/config)")
+        }
     }
 }
 
 async fn client(kubeconfig: &Kubeconfig) -> Result<kube::Client> {
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig.clone(), &KubeConfigOptions::default())
-        .await
-        .context("loading the kubeconfig")?;
+    let config =
+        kube::Config::from_custom_kubeconfig(kubeconfig.clone(), &KubeConfigOptions::default())
+            .await
+            .context("loading the kubeconfig")?;
     kube::Client::try_from(config).context("building the API client")
 }
 
@@ -110,8 +113,14 @@ fn server_and_ca(kubeconfig: &Kubeconfig) -> Result<(String, String)> {
         .find(|c| c.name == context.cluster)
         .and_then(|c| c.cluster.as_ref())
         .with_context(|| format!("cluster {:?} not found", context.cluster))?;
-    let server = cluster.server.clone().context("the cluster has no server")?;
-    let ca = match (&cluster.certificate_authority_data, &cluster.certificate_authority) {
+    let server = cluster
+        .server
+        .clone()
+        .context("the cluster has no server")?;
+    let ca = match (
+        &cluster.certificate_authority_data,
+        &cluster.certificate_authority,
+    ) {
         (Some(data), _) => String::from_utf8(
             base64::engine::general_purpose::STANDARD
                 .decode(data.trim())
@@ -144,8 +153,7 @@ fn write_private(path: &Path, text: &str) -> Result<()> {
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -177,7 +185,10 @@ async fn main() -> Result<()> {
         Command::Token(TokenCommand::Delete { ids }) => {
             for id in ids {
                 tokens::delete(&client, &id).await?;
-                println!("bootstrap token {:?} deleted", id.split('.').next().unwrap_or(&id));
+                println!(
+                    "bootstrap token {:?} deleted",
+                    id.split('.').next().unwrap_or(&id)
+                );
             }
         }
     }

@@ -511,8 +511,8 @@ mod tests {
     use super::*;
     use crate::inventory::Inventory;
     use proptest::prelude::*;
-    use std::sync::Arc;
     use std::collections::HashMap;
+    use std::sync::Arc;
 
     const SERVER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 
