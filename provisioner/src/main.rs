@@ -35,7 +35,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve DHCP (or proxyDHCP), TFTP and HTTP on one interface.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Validate an inventory file and list its machines.
     Check {
         /// Inventory file (TOML).
@@ -112,7 +112,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => {
             let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-            rt.block_on(serve(args))
+            rt.block_on(serve(*args))
         }
         Command::Check { inventory } => check(&inventory),
     }
