@@ -5,3 +5,4 @@
 
 pub mod api_storage;
 pub mod store;
+pub mod tokens;

@@ -165,13 +165,16 @@ async fn main() -> Result<()> {
         let shutdown = async {
             let _ = controllers_stopped.await;
         };
+        // Node CSRs are signed with the cluster CA the API server keeps under the data dir.
+        let opts = keelson_controllers::Options {
+            csr_signing_ca: Some(args.data_dir.join("pki")),
+            terminated_pod_gc_threshold: args.terminated_pod_gc_threshold,
+            event_ttl: args.event_ttl,
+            ..keelson_controllers::Options::default()
+        };
         tokio::spawn(keelson_controllers::run_with_kubeconfig(
             kubeconfig,
-            keelson_controllers::Options {
-                terminated_pod_gc_threshold: args.terminated_pod_gc_threshold,
-                event_ttl: args.event_ttl,
-                ..keelson_controllers::Options::default()
-            },
+            opts,
             shutdown,
         ));
     }

@@ -23,7 +23,7 @@ use tracing::{info, warn};
 
 use crate::boot;
 use crate::confine::{self, ConfineError};
-use crate::inventory::Inventory;
+use crate::live::{InventoryHandle, Sighting};
 use crate::mac::Mac;
 use crate::nocloud;
 
@@ -47,8 +47,8 @@ pub struct HttpConfig {
     /// Base URL under which clients reach this server (e.g. `http://192.0.2.1:8080`), used in
     /// scripts and seed URLs.
     pub http_base: String,
-    /// The inventory.
-    pub inventory: Arc<Inventory>,
+    /// The inventory (and, in API mode, where sightings and join credentials go).
+    pub inventory: InventoryHandle,
     /// Directory of boot assets (kernels, initrds), if any.
     pub assets: Option<PathBuf>,
     /// Boot files by name (`/boot/{name}`).
@@ -113,9 +113,11 @@ async fn script(State(cfg): State<AppState>, Path(mac): Path<String>) -> Respons
     let Some(mac) = parse_mac(&mac) else {
         return (StatusCode::BAD_REQUEST, "bad MAC address\n").into_response();
     };
-    match cfg.inventory.target(mac) {
+    let inventory = cfg.inventory.current();
+    match inventory.target(mac) {
         Some(t) => {
             info!(%mac, machine = %t.id, "serving iPXE script");
+            cfg.inventory.saw(Sighting::Script(mac));
             text(boot::ipxe_script(&cfg.http_base, &t))
         }
         None => not_found(format!("boot profile for {mac}")),
@@ -167,12 +169,35 @@ async fn asset(State(cfg): State<AppState>, Path(path): Path<String>) -> Respons
 }
 
 async fn seed(State(cfg): State<AppState>, Path((id, doc)): Path<(String, String)>) -> Response {
-    let Some(t) = cfg.inventory.target_by_id(&id) else {
+    let inventory = cfg.inventory.current();
+    let Some(t) = inventory.target_by_id(&id) else {
         return not_found(format!("machine {id}"));
     };
+    cfg.inventory.saw(Sighting::Seed {
+        id: id.clone(),
+        doc: doc.clone(),
+    });
     let rendered = match doc.as_str() {
         "meta-data" => nocloud::meta_data(&t),
-        "user-data" => nocloud::user_data(&t),
+        "user-data" => match cfg.inventory.join() {
+            // API mode: every user-data carries fresh join credentials.
+            Some(issuer) => match issuer.issue(&t.hostname).await {
+                Ok(join) => nocloud::join_user_data(&t, &join),
+                Err(message) => {
+                    warn!(machine = %id, %message, "issuing join credentials failed");
+                    cfg.inventory.saw(Sighting::Failed {
+                        id: id.clone(),
+                        message: format!("issuing join credentials: {message}"),
+                    });
+                    return (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "cannot issue join credentials\n",
+                    )
+                        .into_response();
+                }
+            },
+            None => nocloud::user_data(&t),
+        },
         "vendor-data" => nocloud::vendor_data(&t),
         "network-config" => nocloud::network_config(&t),
         _ => return not_found(format!("seed document {doc}")),

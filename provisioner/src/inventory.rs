@@ -315,6 +315,44 @@ impl Inventory {
         })
     }
 
+    /// This inventory's profiles and settings with `machines` instead of the file's (API
+    /// mode). Entries repeating a MAC are dropped after the first; several entries may share
+    /// a name (one machine with several NICs), the first one answering for the name.
+    pub fn with_machines(&self, machines: Vec<Machine>) -> Self {
+        let mut by_mac = HashMap::new();
+        let mut by_name = HashMap::new();
+        let mut kept = Vec::with_capacity(machines.len());
+        for m in machines {
+            if by_mac.contains_key(&m.mac) {
+                tracing::warn!(mac = %m.mac, machine = %m.name, "MAC listed by two machines; ignoring the second");
+                continue;
+            }
+            let i = kept.len();
+            by_mac.insert(m.mac, i);
+            by_name.entry(m.name.clone()).or_insert(i);
+            kept.push(m);
+        }
+        Inventory {
+            unknown: self.unknown,
+            default_profile: self.default_profile.clone(),
+            dhcp: self.dhcp.clone(),
+            profiles: self.profiles.clone(),
+            machines: kept,
+            by_mac,
+            by_name,
+        }
+    }
+
+    /// What unknown MACs get.
+    pub fn unknown_policy(&self) -> UnknownPolicy {
+        self.unknown
+    }
+
+    /// The default profile's name, if any.
+    pub fn default_profile(&self) -> Option<&str> {
+        self.default_profile.as_deref()
+    }
+
     /// DHCP settings, if the file has a `[dhcp]` section.
     pub fn dhcp(&self) -> Option<&DhcpSettings> {
         self.dhcp.as_ref()

@@ -6,7 +6,10 @@
 //!   server that only answers PXE clients, with PXE/iPXE boot selection from [`boot`];
 //! - [`tftp`]: a read-only TFTP server (RFC 1350, options of RFC 2347–2349) confined to a root;
 //! - [`http`]: per-machine iPXE scripts, boot assets and NoCloud seeds;
-//! - [`inventory`]: machines and profiles read from a TOML file.
+//! - [`inventory`]: machines and profiles read from a TOML file;
+//! - [`live`]: the inventory as the servers use it, replaceable at run time;
+//! - [`machines`]: API mode — machines from `Machine` objects, their state written back,
+//!   and join tokens for their user-data.
 #![deny(missing_docs)]
 
 pub mod boot;
@@ -14,7 +17,9 @@ pub mod confine;
 pub mod dhcp;
 pub mod http;
 pub mod inventory;
+pub mod live;
 pub mod mac;
+pub mod machines;
 pub mod net;
 pub mod nocloud;
 pub mod tftp;

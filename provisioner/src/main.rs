@@ -1,5 +1,7 @@
 //! `keelson-provisioner`: network boot for Keelson workers. `serve` runs the DHCP (or
-//! proxyDHCP), TFTP and HTTP servers for one network segment; `check` validates an inventory.
+//! proxyDHCP), TFTP and HTTP servers for one network segment, with machines from a TOML
+//! inventory or (`--inventory api`) from the cluster's Machine objects; `check` validates an
+//! inventory.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -11,8 +13,11 @@ use keelson_provisioner::boot::BootFiles;
 use keelson_provisioner::dhcp::{self, DhcpServer, Sockets};
 use keelson_provisioner::http::{self, HttpConfig};
 use keelson_provisioner::inventory::Inventory;
+use keelson_provisioner::live::InventoryHandle;
+use keelson_provisioner::machines;
 use keelson_provisioner::net;
 use keelson_provisioner::tftp::{TftpConfig, TftpServer};
+use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
@@ -30,7 +35,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve DHCP (or proxyDHCP), TFTP and HTTP on one interface.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Validate an inventory file and list its machines.
     Check {
         /// Inventory file (TOML).
@@ -41,9 +46,25 @@ enum Command {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// Inventory file (TOML): machines, profiles, DHCP settings.
+    /// Inventory file (TOML): machines, profiles, DHCP settings; or `api`: machines are
+    /// the cluster's Machine objects (profiles and DHCP settings from `--profiles`).
     #[arg(long)]
     inventory: PathBuf,
+    /// With `--inventory api`: the TOML file giving profiles, the unknown-MAC policy and
+    /// DHCP settings (its `[[machines]]`, if any, are not used).
+    #[arg(long)]
+    profiles: Option<PathBuf>,
+    /// With `--inventory api`: kubeconfig of the cluster (default: `$KUBECONFIG`, then
+    /// `~/.kube/config`); it needs to manage Machines and bootstrap-token Secrets.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// With `--inventory api`: the API server URL written into joining machines'
+    /// bootstrap kubeconfigs (default: the kubeconfig's server).
+    #[arg(long)]
+    api_server: Option<String>,
+    /// With `--inventory api`: how long the join token in a machine's user-data is valid.
+    #[arg(long, default_value = "1h", value_parser = parse_secs)]
+    join_token_ttl: std::time::Duration,
     /// Interface to serve (DHCP needs it to receive broadcasts; all sockets bind to it).
     #[arg(long)]
     interface: Option<String>,
@@ -91,7 +112,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => {
             let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-            rt.block_on(serve(args))
+            rt.block_on(serve(*args))
         }
         Command::Check { inventory } => check(&inventory),
     }
@@ -108,8 +129,111 @@ fn check(path: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// `30s`, `15m`, `1h` or plain seconds.
+fn parse_secs(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(format!("bad unit in {s:?} (use s, m or h)")),
+    };
+    Ok(std::time::Duration::from_secs(n.saturating_mul(mult)))
+}
+
+/// API mode: the inventory handle fed from Machine objects, and the task doing it.
+async fn api_inventory(
+    args: &ServeArgs,
+    token: &CancellationToken,
+    tasks: &mut JoinSet<Result<&'static str>>,
+) -> Result<InventoryHandle> {
+    let profiles = args
+        .profiles
+        .as_deref()
+        .context("--inventory api needs --profiles FILE (profiles, DHCP settings)")?;
+    let base = Inventory::load(profiles)?;
+    let kubeconfig = match &args.kubeconfig {
+        Some(p) => Kubeconfig::read_from(p).with_context(|| format!("reading {}", p.display()))?,
+        None => {
+            Kubeconfig::read().context("reading the kubeconfig ($KUBECONFIG or ~/.kube/config)")?
+        }
+    };
+    let (server, ca_pem) = server_and_ca(&kubeconfig)?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .context("loading the kubeconfig")?;
+    let client = kube::Client::try_from(config).context("building the API client")?;
+    let join = machines::ApiJoin::new(
+        client.clone(),
+        args.api_server.clone().unwrap_or(server),
+        ca_pem,
+        args.join_token_ttl,
+    );
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    // Until the first list arrives, nothing is known: no machine boots from the file.
+    let handle = InventoryHandle::from(base.with_machines(Vec::new()))
+        .with_sightings(tx)
+        .with_join(Arc::new(join));
+    let (h, t) = (handle.clone(), token.clone());
+    tasks.spawn(async move {
+        machines::run(client, base, h, rx, t).await;
+        Ok("machines")
+    });
+    Ok(handle)
+}
+
+/// The current context's server URL and CA (PEM).
+fn server_and_ca(kubeconfig: &Kubeconfig) -> Result<(String, String)> {
+    use base64::Engine as _;
+    let context_name = kubeconfig
+        .current_context
+        .as_deref()
+        .context("the kubeconfig has no current-context")?;
+    let context = kubeconfig
+        .contexts
+        .iter()
+        .find(|c| c.name == context_name)
+        .and_then(|c| c.context.as_ref())
+        .with_context(|| format!("context {context_name:?} not found"))?;
+    let cluster = kubeconfig
+        .clusters
+        .iter()
+        .find(|c| c.name == context.cluster)
+        .and_then(|c| c.cluster.as_ref())
+        .with_context(|| format!("cluster {:?} not found", context.cluster))?;
+    let server = cluster
+        .server
+        .clone()
+        .context("the cluster has no server")?;
+    let ca = match (
+        &cluster.certificate_authority_data,
+        &cluster.certificate_authority,
+    ) {
+        (Some(data), _) => String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(data.trim())
+                .context("certificate-authority-data is not base64")?,
+        )
+        .context("certificate-authority-data is not PEM text")?,
+        (None, Some(path)) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?
+        }
+        (None, None) => bail!("the cluster has no certificate authority"),
+    };
+    Ok((server, ca))
+}
+
 async fn serve(args: ServeArgs) -> Result<()> {
-    let inventory = Arc::new(Inventory::load(&args.inventory)?);
+    let token = CancellationToken::new();
+    let mut tasks: JoinSet<Result<&'static str>> = JoinSet::new();
+    let inventory: InventoryHandle = if args.inventory.as_os_str() == "api" {
+        api_inventory(&args, &token, &mut tasks).await?
+    } else {
+        Arc::new(Inventory::load(&args.inventory)?).into()
+    };
     let iface = args.interface.as_deref();
     let http_base = args
         .http_base
@@ -125,9 +249,6 @@ async fn serve(args: ServeArgs) -> Result<()> {
             );
         }
     }
-    let token = CancellationToken::new();
-    let mut tasks: JoinSet<Result<&'static str>> = JoinSet::new();
-
     if !args.no_dhcp {
         let Some(iface) = iface else {
             bail!("DHCP needs --interface (to receive broadcasts on it); or pass --no-dhcp");

@@ -578,7 +578,7 @@ fn http_serves_ipxe_script_nocloud_seed_and_confined_assets() {
     let lab = Lab::new("ht", true);
     let cfg = HttpConfig {
         http_base: HTTP_BASE.into(),
-        inventory: inventory(),
+        inventory: inventory().into(),
         assets: Some(assets.path().to_path_buf()),
         boot_files: BTreeMap::from([(
             "ipxe.efi".to_string(),
@@ -810,6 +810,18 @@ fn generated_user_data_passes_cloud_init_schema() {
         (
             "user-data",
             keelson_provisioner::nocloud::user_data(&target).unwrap(),
+        ),
+        (
+            "join-user-data",
+            keelson_provisioner::nocloud::join_user_data(
+                &target,
+                &keelson_provisioner::live::JoinInfo {
+                    server: "https://192.0.2.1:6443".into(),
+                    ca_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+                    token: "abcdef.0123456789abcdef".into(),
+                },
+            )
+            .unwrap(),
         ),
         ("empty", "#cloud-config\n{}\n".to_string()),
     ] {

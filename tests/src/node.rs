@@ -87,6 +87,24 @@ impl Relay {
     }
 }
 
+/// The control plane's API port relayed into a test namespace (at the same `127.0.0.1`
+/// port), for processes there that use the admin kubeconfig as it is. Stops on drop.
+pub struct ApiRelay {
+    _relay: Relay,
+}
+
+impl ApiRelay {
+    /// Starts relaying into `netns`.
+    ///
+    /// # Errors
+    /// When the listener cannot be made inside the namespace.
+    pub fn start(netns: &Netns, cp: &ControlPlane) -> Result<Self> {
+        Ok(ApiRelay {
+            _relay: Relay::api(netns, api_port(&cp.kubeconfig())?)?,
+        })
+    }
+}
+
 fn pipe(a: TcpStream, b: TcpStream) {
     let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) else {
         return;
@@ -143,6 +161,9 @@ pub struct AgentOptions {
     pub log: String,
     /// More flags for `keelson-agent node`.
     pub extra_args: Vec<String>,
+    /// Credential flags used instead of `--kubeconfig` (e.g. `--bootstrap-kubeconfig F
+    /// --kubeconfig G`).
+    pub credentials: Vec<std::ffi::OsString>,
 }
 
 impl Default for AgentOptions {
@@ -154,6 +175,7 @@ impl Default for AgentOptions {
             relays: true,
             log: "agent.log".into(),
             extra_args: Vec::new(),
+            credentials: Vec::new(),
         }
     }
 }
@@ -273,9 +295,13 @@ impl NodeEnv {
             .open(cp.dir().join(&opts.log))?;
         let mut cmd = Command::new(workspace_bin("keelson-agent")?);
         cmd.arg("node")
-            .arg("--kubeconfig")
-            .arg(opts.kubeconfig.clone().unwrap_or_else(|| cp.kubeconfig()))
             .args(["--node-name", &self.name]);
+        if opts.credentials.is_empty() {
+            cmd.arg("--kubeconfig")
+                .arg(opts.kubeconfig.clone().unwrap_or_else(|| cp.kubeconfig()));
+        } else {
+            cmd.args(&opts.credentials);
+        }
         if let Some(cidr) = &opts.pod_cidr {
             cmd.args(["--pod-cidr", cidr]);
         }

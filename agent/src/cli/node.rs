@@ -16,9 +16,18 @@ use super::proxy::{client, stop_signal};
 
 #[derive(clap::Args)]
 pub struct NodeArgs {
-    /// kubeconfig of the cluster (default: `$KUBECONFIG`, then `~/.kube/config`).
+    /// kubeconfig of the cluster (default: `$KUBECONFIG`, then `~/.kube/config`). With
+    /// `--bootstrap-kubeconfig`, where the node's own credentials are written.
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// A kubeconfig with a bootstrap token: when `--kubeconfig` is missing or its
+    /// certificate expired, ask the control plane for node credentials with it (TLS
+    /// bootstrap) and write them to `--kubeconfig`.
+    #[arg(long, requires = "kubeconfig")]
+    bootstrap_kubeconfig: Option<PathBuf>,
+    /// How long to wait for the node certificate during the TLS bootstrap.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    bootstrap_timeout: Duration,
     /// The Node's name (default: the host name).
     #[arg(long)]
     node_name: Option<String>,
@@ -354,6 +363,22 @@ impl NodeArgs {
             .build()
             .context("starting the async runtime")?;
         runtime.block_on(async move {
+            if let (Some(bootstrap), Some(kubeconfig)) =
+                (&self.bootstrap_kubeconfig, &self.kubeconfig)
+            {
+                let cfg = node::bootstrap::BootstrapConfig {
+                    bootstrap_kubeconfig: bootstrap.clone(),
+                    kubeconfig: kubeconfig.clone(),
+                    node_name: name.clone(),
+                    timeout: self.bootstrap_timeout,
+                };
+                if node::bootstrap::ensure_credentials(&cfg)
+                    .await
+                    .context("TLS bootstrap of the node's credentials")?
+                {
+                    println!("node {name}: credentials written to {}", kubeconfig.display());
+                }
+            }
             let client = client(self.kubeconfig.as_ref()).await?;
             let listener = tokio::net::TcpListener::bind(SocketAddr::new(self.address, self.port))
                 .await

@@ -1,6 +1,7 @@
 //! The node's presence in the cluster: its Node object (capacity, addresses, system info,
 //! conditions, the port of the agent's HTTP server) and its Lease heartbeat.
 
+pub mod bootstrap;
 pub mod eviction;
 mod machine;
 

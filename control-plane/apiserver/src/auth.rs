@@ -8,8 +8,9 @@
 //!
 //! Authorization is a fixed policy rather than RBAC (for now): `system:masters` may do
 //! everything; a node (`system:node:<name>` in `system:nodes`) may read, change its own Node
-//! and Lease, the Pods bound to it, and create Events; bootstrap tokens may only read
-//! discovery; everyone authenticated may ask `selfsubjectaccessreviews`.
+//! and Lease, the Pods bound to it, and create Events; bootstrap tokens may read discovery,
+//! create CertificateSigningRequests and read those they created (the TLS-bootstrap flow of
+//! a joining node); everyone authenticated may ask `selfsubjectaccessreviews`.
 
 use std::collections::HashMap;
 
@@ -213,11 +214,54 @@ pub fn forbidden(user: &User, action: &Action<'_>) -> ApiError {
     ))
 }
 
+/// The group every bootstrap token authenticates in.
+pub const BOOTSTRAPPERS: &str = "system:bootstrappers";
+
+fn is_csr(r: &Resource) -> bool {
+    r.group == "certificates.k8s.io" && r.plural == "certificatesigningrequests"
+}
+
+/// What a bootstrap token may do beyond discovery: create a CSR, and get, list or watch one
+/// it created (`csr_owner` is the addressed CSR's `spec.username`; lists and watches must
+/// name it with a `metadata.name` field selector).
+pub fn bootstrap_allowed(user: &User, action: &Action<'_>, csr_owner: Option<&str>) -> bool {
+    if !user.in_group(BOOTSTRAPPERS) || !is_csr(action.resource) || action.sub.is_some() {
+        return false;
+    }
+    match action.verb {
+        "create" => true,
+        "get" | "list" | "watch" => action.name.is_some() && csr_owner == Some(&user.name),
+        _ => false,
+    }
+}
+
 /// Checks an action, looking up the pod's node for node users.
 ///
 /// # Errors
 /// 403 when not allowed.
 pub async fn authorize(api: &Api, user: &User, action: &Action<'_>) -> ApiResult<()> {
+    if user.in_group(BOOTSTRAPPERS) && !user.in_group("system:masters") {
+        let owner = match action.name {
+            Some(name) if is_csr(action.resource) && action.verb != "create" => api
+                .store
+                .get(&action.resource.key(None, name))
+                .await
+                .ok()
+                .flatten()
+                .and_then(|v| serde_json::from_slice::<Value>(&v.value).ok())
+                .and_then(|o| {
+                    o.pointer("/spec/username")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned)
+                }),
+            _ => None,
+        };
+        return if bootstrap_allowed(user, action, owner.as_deref()) {
+            Ok(())
+        } else {
+            Err(forbidden(user, action))
+        };
+    }
     let pod_node = if user.node_name().is_some()
         && action.resource.plural == "pods"
         && action.resource.group.is_empty()
@@ -306,6 +350,69 @@ mod tests {
             "{}",
             e.message
         );
+    }
+
+    #[test]
+    fn bootstrap_tokens_only_create_and_read_their_own_csrs() {
+        let csrs = find("certificates.k8s.io", "v1", "certificatesigningrequests").unwrap();
+        let secrets = find("", "v1", "secrets").unwrap();
+        let token = User {
+            name: "system:bootstrap:abcdef".into(),
+            groups: vec![BOOTSTRAPPERS.into(), "system:authenticated".into()],
+        };
+        let act = |verb, resource, name, sub| Action {
+            verb,
+            resource,
+            sub,
+            namespace: None,
+            name,
+        };
+        let me = Some("system:bootstrap:abcdef");
+        assert!(bootstrap_allowed(
+            &token,
+            &act("create", csrs, Some("n1"), None),
+            None
+        ));
+        assert!(bootstrap_allowed(
+            &token,
+            &act("get", csrs, Some("n1"), None),
+            me
+        ));
+        assert!(bootstrap_allowed(
+            &token,
+            &act("watch", csrs, Some("n1"), None),
+            me
+        ));
+        assert!(!bootstrap_allowed(
+            &token,
+            &act("watch", csrs, None, None),
+            None
+        ));
+        assert!(!bootstrap_allowed(
+            &token,
+            &act("get", csrs, Some("n2"), None),
+            Some("system:bootstrap:other")
+        ));
+        assert!(!bootstrap_allowed(
+            &token,
+            &act("update", csrs, Some("n1"), Some("approval")),
+            me
+        ));
+        assert!(!bootstrap_allowed(
+            &token,
+            &act("delete", csrs, Some("n1"), None),
+            me
+        ));
+        assert!(!bootstrap_allowed(
+            &token,
+            &act("list", secrets, None, None),
+            None
+        ));
+        assert!(!allowed(
+            &token,
+            &act("get", secrets, Some("s"), None),
+            None
+        ));
     }
 
     #[test]

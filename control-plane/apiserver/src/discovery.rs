@@ -139,6 +139,9 @@ fn resource_entries(r: &Resource) -> Vec<Value> {
             &["create", "get"],
         ));
     }
+    if r.group == "certificates.k8s.io" && r.kind == "CertificateSigningRequest" {
+        out.push(sub("approval", r.kind, None, None));
+    }
     if r.has_status {
         out.push(sub("status", r.kind, None, None));
     }

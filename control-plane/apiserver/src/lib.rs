@@ -439,10 +439,24 @@ async fn resource(
         }
         return pods::stream(&api, &target, sub, parts).await;
     }
-    let body = match rest::read_body(body, api.config.max_body).await {
+    let mut body = match rest::read_body(body, api.config.max_body).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
+    let csr = target.resource.group == "certificates.k8s.io"
+        && target.resource.plural == "certificatesigningrequests";
+    // As in Kubernetes, a CSR records who asked for it; approvers trust these fields.
+    if csr && verb == "create" {
+        match csr_with_requester(&body, &user) {
+            Ok(b) => body = b,
+            Err(e) => return e.into_response(),
+        }
+    }
+    // A list or watch of CSRs narrowed to one name is authorized as that name (bootstrap
+    // tokens may watch the CSR they created).
+    let selected = (csr && matches!(verb, "list" | "watch"))
+        .then(|| query.get("fieldSelector").and_then(|f| selected_name(f)))
+        .flatten();
     // A create names its object in the body; node credentials may only create their own.
     let created_name = (verb == "create")
         .then(|| serde_json::from_slice::<serde_json::Value>(&body).ok())
@@ -457,7 +471,11 @@ async fn resource(
         resource: target.resource,
         sub: target.sub.as_deref(),
         namespace: target.namespace.as_deref(),
-        name: target.name.as_deref().or(created_name.as_deref()),
+        name: target
+            .name
+            .as_deref()
+            .or(created_name.as_deref())
+            .or(selected.as_deref()),
     };
     if let Err(e) = auth::authorize(&api, &user, &action).await {
         return e.into_response();
@@ -473,6 +491,39 @@ async fn resource(
         },
     )
     .await
+}
+
+/// The name a field selector pins (`metadata.name=NAME`), if any.
+fn selected_name(selector: &str) -> Option<String> {
+    selector.split(',').find_map(|term| {
+        let (field, value) = term.split_once("==").or_else(|| term.split_once('='))?;
+        (field.trim() == "metadata.name" && !value.contains('=') && !field.ends_with('!'))
+            .then(|| value.trim().to_owned())
+    })
+}
+
+/// A CSR create body with `spec.username`, `spec.groups` and `spec.uid` set to the caller.
+fn csr_with_requester(body: &[u8], user: &auth::User) -> Result<bytes::Bytes, ApiError> {
+    let mut obj: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "a CertificateSigningRequest must be sent as JSON: {e}"
+        ))
+    })?;
+    if !obj.get("spec").is_some_and(serde_json::Value::is_object) {
+        obj["spec"] = json!({});
+    }
+    obj["spec"]["username"] = json!(user.name);
+    obj["spec"]["groups"] = json!(user.groups);
+    if let Some(spec) = obj
+        .get_mut("spec")
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        spec.remove("uid");
+        spec.remove("extra");
+    }
+    serde_json::to_vec(&obj)
+        .map(bytes::Bytes::from)
+        .map_err(|e| ApiError::internal(format!("encoding the CertificateSigningRequest: {e}")))
 }
 
 async fn core_resource(

@@ -499,6 +499,13 @@ pub fn validate_required(r: &Resource, obj: &Value) -> Vec<Cause> {
                 });
             }
         }
+        ("certificates.k8s.io", "CertificateSigningRequest") => {
+            require("/spec/request", "spec.request");
+            require("/spec/signerName", "spec.signerName");
+        }
+        ("provisioning.keelson.dev", "Machine") => {
+            require("/spec/hostname", "spec.hostname");
+        }
         _ => {}
     }
     if let Some(Value::Array(containers)) = obj

@@ -129,7 +129,7 @@ macro_rules! resource {
     };
 }
 
-use k8s_openapi::api::{apps, batch, coordination, core, discovery};
+use k8s_openapi::api::{apps, batch, certificates, coordination, core, discovery};
 
 /// Every served resource.
 pub static RESOURCES: &[Resource] = &[
@@ -181,6 +181,13 @@ pub static RESOURCES: &[Resource] = &[
     resource!("coordination.k8s.io", "v1", coordination::v1::Lease, "Lease", "leases",
         "lease", namespaced: true, short: [], status: false, scale: false, names: Subdomain,
         categories: []),
+    resource!("certificates.k8s.io", "v1", certificates::v1::CertificateSigningRequest,
+        "CertificateSigningRequest", "certificatesigningrequests", "certificatesigningrequest",
+        namespaced: false, short: ["csr"], status: true, scale: false, names: Subdomain,
+        categories: []),
+    resource!("provisioning.keelson.dev", "v1", keelson_api_types::Machine, "Machine",
+        "machines", "machine", namespaced: false, short: ["mach"], status: true, scale: false,
+        names: Subdomain, categories: []),
 ];
 
 /// The resource served at `group`/`version`/`plural`.

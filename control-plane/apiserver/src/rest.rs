@@ -92,6 +92,15 @@ pub async fn serve(api: Arc<Api>, req: Request) -> Response {
         (&Method::POST, false, None) => create(&api, &req).await,
         (&Method::DELETE, false, None) => delete_collection(&api, &req).await,
         (&Method::GET, true, None | Some("status")) => get(&api, &req).await,
+        (&Method::GET, true, Some("approval")) if is_csr(req.target.resource) => {
+            get(&api, &req).await
+        }
+        (&Method::PUT, true, Some("approval")) if is_csr(req.target.resource) => {
+            update(&api, &req, true).await
+        }
+        (&Method::PATCH, true, Some("approval")) if is_csr(req.target.resource) => {
+            patch(&api, &req, true).await
+        }
         (&Method::PUT, true, None) => update(&api, &req, false).await,
         (&Method::PUT, true, Some("status")) => update(&api, &req, true).await,
         (&Method::PATCH, true, None) => patch(&api, &req, false).await,
@@ -124,6 +133,7 @@ fn known_sub(t: &Target, sub: &str) -> bool {
         "status" => t.resource.has_status,
         "scale" => t.resource.has_scale,
         "binding" | "eviction" | "log" => is_pod(t.resource),
+        "approval" => is_csr(t.resource),
         _ => false,
     }
 }
@@ -505,6 +515,7 @@ async fn update(api: &Api, req: &Request, status_only: bool) -> ApiResult<Reply>
     }
     object::apply_defaults(t.resource, &mut obj);
     object::carry_over(t.resource, &old, &mut obj, status_only);
+    keep_certificate(t, &old, &mut obj);
     managed::track_update(Some(&old), &mut obj, &manager(req)?, scope(t, status_only));
     if is_service(t.resource) {
         services::on_update(api, t.resource, &old, &mut obj, req.query.dry_run()?).await?;
@@ -548,6 +559,7 @@ async fn patch(api: &Api, req: &Request, status_only: bool) -> ApiResult<Reply> 
         let warnings = validate(t, &mut new, validation)?;
         object::apply_defaults(t.resource, &mut new);
         object::carry_over(t.resource, &old, &mut new, status_only);
+        keep_certificate(t, &old, &mut new);
         managed::track_update(Some(&old), &mut new, &manager, scope(t, status_only));
         if is_service(t.resource) {
             services::on_update(api, t.resource, &old, &mut new, req.query.dry_run()?).await?;
@@ -987,6 +999,26 @@ async fn has_dependents(api: &Api, owner: &Value) -> ApiResult<bool> {
 
 fn is_pod(r: &crate::resources::Resource) -> bool {
     r.group.is_empty() && r.kind == "Pod"
+}
+
+fn is_csr(r: &crate::resources::Resource) -> bool {
+    r.group == "certificates.k8s.io" && r.kind == "CertificateSigningRequest"
+}
+
+/// The `approval` subresource of a CSR changes its conditions only: whoever may approve
+/// may not also issue, so the certificate stays what the signer wrote.
+fn keep_certificate(t: &Target, old: &Value, new: &mut Value) {
+    if t.sub.as_deref() != Some("approval") || !is_csr(t.resource) {
+        return;
+    }
+    match old.pointer("/status/certificate") {
+        Some(c) => new["status"]["certificate"] = c.clone(),
+        None => {
+            if let Some(status) = new.get_mut("status").and_then(Value::as_object_mut) {
+                status.remove("certificate");
+            }
+        }
+    }
 }
 
 fn is_service(r: &crate::resources::Resource) -> bool {

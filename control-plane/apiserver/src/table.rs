@@ -216,8 +216,57 @@ fn columns(r: &Resource) -> Vec<Column> {
                 })
             },
         ],
+        ("provisioning.keelson.dev", "Machine") => vec![
+            col("MAC", |o| {
+                s(o.pointer("/spec/macs")
+                    .and_then(Value::as_array)
+                    .map(|m| {
+                        json!(
+                            m.iter()
+                                .filter_map(Value::as_str)
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        )
+                    })
+                    .filter(|m| m != "")
+                    .as_ref())
+            }),
+            col("Profile", |o| s(o.pointer("/spec/profile"))),
+            col("State", |o| s(o.pointer("/status/state"))),
+            col("Node", |o| s(o.pointer("/status/nodeName"))),
+            wide("IP", |o| s(o.pointer("/spec/ip"))),
+        ],
+        ("certificates.k8s.io", "CertificateSigningRequest") => vec![
+            col("SignerName", |o| s(o.pointer("/spec/signerName"))),
+            col("Requestor", |o| s(o.pointer("/spec/username"))),
+            col("Condition", csr_condition),
+        ],
         _ => Vec::new(),
     }
+}
+
+/// `Approved,Issued`, `Denied` or `Pending`, as kubectl prints a CSR's state.
+fn csr_condition(o: &Value) -> Value {
+    let mut parts: Vec<String> = o
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .map(|cs| {
+            cs.iter()
+                .filter(|c| c.get("status").and_then(Value::as_str) != Some("False"))
+                .filter_map(|c| c.get("type").and_then(Value::as_str).map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    if parts.is_empty() {
+        parts.push("Pending".into());
+    }
+    if o.pointer("/status/certificate")
+        .and_then(Value::as_str)
+        .is_some_and(|c| !c.is_empty())
+    {
+        parts.push("Issued".into());
+    }
+    json!(parts.join(","))
 }
 
 /// Kubernetes' short human duration: `45s`, `3m12s`, `25m`, `5h3m`, `3d4h`, `120d`, `3y`.

@@ -18,9 +18,13 @@
 //!   propagation) over every resource type these controllers own or create,
 //! - pod garbage collection (terminated pods over a threshold, pods of deleted nodes) and
 //!   the expiry of Events after their TTL.
+//! - TLS bootstrap of nodes: approval and signing of their CertificateSigningRequests
+//!   ([`csr`], with the cluster CA of [`Options::csr_signing_ca`]), and deletion of expired
+//!   bootstrap tokens.
 #![deny(missing_docs)]
 
 mod connect;
+pub mod csr;
 mod daemonset;
 mod deployment;
 mod endpoints;
@@ -41,6 +45,7 @@ mod podwrites;
 pub mod quantity;
 mod replicaset;
 mod scheduler;
+mod tokencleaner;
 pub mod util;
 mod workqueue;
 
@@ -122,6 +127,13 @@ pub struct Options {
     pub event_ttl: Duration,
     /// How often expired Events are swept (1 min).
     pub event_ttl_period: Duration,
+    /// Directory holding the cluster CA (`ca.crt`, `ca.key`) with which approved node CSRs
+    /// are signed; none: CSRs are neither approved nor signed (default none).
+    pub csr_signing_ca: Option<std::path::PathBuf>,
+    /// Delete expired bootstrap tokens (true).
+    pub token_cleaner: bool,
+    /// How often expired bootstrap tokens are looked for (30 s).
+    pub token_cleaner_period: Duration,
 }
 
 impl Default for Options {
@@ -163,6 +175,9 @@ impl Default for Options {
             pod_gc_quarantine: Duration::from_secs(40),
             event_ttl: Duration::from_secs(3600),
             event_ttl_period: Duration::from_secs(60),
+            csr_signing_ca: None,
+            token_cleaner: true,
+            token_cleaner_period: Duration::from_secs(30),
         }
     }
 }

@@ -90,6 +90,23 @@ pub(crate) async fn run_all(client: Client, opts: &Options, cancel: Cancellation
             eventttl::run(client, &opts, cancel).await
         }));
     }
+    if let Some(dir) = &opts.csr_signing_ca {
+        match crate::csr::Signer::load(dir) {
+            Ok(signer) => {
+                let csrs = crate::csr::Csrs::new(client.clone(), signer);
+                tasks.push(Box::pin(csrs.run(c())));
+            }
+            Err(e) => tracing::error!(error = %e, "not approving or signing node CSRs"),
+        }
+    }
+    if opts.token_cleaner {
+        let period = opts.token_cleaner_period;
+        tasks.push(Box::pin(crate::tokencleaner::run(
+            client.clone(),
+            period,
+            c(),
+        )));
+    }
     let mut watches = Vec::new();
     if opts.garbage_collector {
         // Every served type but Events and Namespaces (as in Kubernetes, whose collector

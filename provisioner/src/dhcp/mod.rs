@@ -13,14 +13,14 @@ pub mod packet;
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 
 use crate::boot::{BootFiles, Client, NotBootable};
-use crate::inventory::{DhcpSettings, Inventory};
+use crate::inventory::DhcpSettings;
+use crate::live::{InventoryHandle, Sighting};
 use crate::mac::Mac;
 use leases::{LeaseError, LeaseStore, Pool};
 use packet::{MessageType, Packet, opt};
@@ -110,7 +110,7 @@ pub struct Sockets {
 pub struct DhcpServer {
     server_ip: Ipv4Addr,
     boot: BootFiles,
-    inventory: Arc<Inventory>,
+    inventory: InventoryHandle,
     mode: Mode,
 }
 
@@ -143,10 +143,15 @@ impl DhcpServer {
     pub fn full(
         server_ip: Ipv4Addr,
         boot: BootFiles,
-        inventory: Arc<Inventory>,
+        inventory: impl Into<InventoryHandle>,
         lease_file: Option<&std::path::Path>,
     ) -> Result<Self> {
-        let settings = inventory.dhcp().cloned().ok_or(Error::NoSettings)?;
+        let inventory = inventory.into();
+        let settings = inventory
+            .current()
+            .dhcp()
+            .cloned()
+            .ok_or(Error::NoSettings)?;
         if !in_subnet(server_ip, settings.pool_start, settings.prefix_len)
             || !in_subnet(server_ip, settings.pool_end, settings.prefix_len)
         {
@@ -159,7 +164,7 @@ impl DhcpServer {
         let pool = Pool {
             start: settings.pool_start,
             end: settings.pool_end,
-            reservations: inventory.reservations(),
+            reservations: inventory.current().reservations(),
             excluded: std::iter::once(server_ip).chain(settings.router).collect(),
         };
         let leases = match lease_file {
@@ -175,11 +180,15 @@ impl DhcpServer {
     }
 
     /// A proxyDHCP server on `server_ip`.
-    pub fn proxy(server_ip: Ipv4Addr, boot: BootFiles, inventory: Arc<Inventory>) -> Self {
+    pub fn proxy(
+        server_ip: Ipv4Addr,
+        boot: BootFiles,
+        inventory: impl Into<InventoryHandle>,
+    ) -> Self {
         DhcpServer {
             server_ip,
             boot,
-            inventory,
+            inventory: inventory.into(),
             mode: Mode::Proxy,
         }
     }
@@ -261,7 +270,8 @@ impl DhcpServer {
                 return None;
             }
         };
-        let Some(target) = self.inventory.target(mac) else {
+        let inventory = self.inventory.current();
+        let Some(target) = inventory.target(mac) else {
             info!(%mac, "boot request from a machine without a profile; not answering boot options");
             return None;
         };
@@ -328,6 +338,7 @@ impl DhcpServer {
         let mac = req.mac()?;
         let kind = req.message_type()?;
         debug!(%mac, ?kind, ?port, %src, "DHCP request");
+        self.inventory.saw(Sighting::Dhcp(mac));
         let boot = self.boot_info(req, mac);
         match self.mode {
             Mode::Proxy => self.handle_proxy(req, kind, port, src, boot),
@@ -481,7 +492,7 @@ impl DhcpServer {
         let settings = full.settings.clone();
         self.network_options(&settings, &mut reply, kind != MessageType::Inform);
         // Known machines get their host name whether or not they network-boot.
-        if let Some(m) = self.inventory.machine(&mac) {
+        if let Some(m) = self.inventory.current().machine(&mac) {
             let name = m.hostname.as_deref().unwrap_or(&m.name);
             reply.set(opt::HOSTNAME, name.as_bytes().to_vec());
         }
@@ -498,8 +509,10 @@ impl DhcpServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::inventory::Inventory;
     use proptest::prelude::*;
     use std::collections::HashMap;
+    use std::sync::Arc;
 
     const SERVER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 
