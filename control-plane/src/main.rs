@@ -173,9 +173,7 @@ async fn main() -> Result<()> {
             ..keelson_controllers::Options::default()
         };
         tokio::spawn(keelson_controllers::run_with_kubeconfig(
-            kubeconfig,
-            opts,
-            shutdown,
+            kubeconfig, opts, shutdown,
         ));
     }
     let api_failed = async {

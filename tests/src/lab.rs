@@ -377,6 +377,7 @@ impl LabBuilder {
                 relays: false,
                 log: format!("agent-{name}.log"),
                 extra_args: extra,
+                credentials: Vec::new(),
             };
             let node = LabNode {
                 agent: Mutex::new(None),

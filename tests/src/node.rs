@@ -294,8 +294,7 @@ impl NodeEnv {
             .append(true)
             .open(cp.dir().join(&opts.log))?;
         let mut cmd = Command::new(workspace_bin("keelson-agent")?);
-        cmd.arg("node")
-            .args(["--node-name", &self.name]);
+        cmd.arg("node").args(["--node-name", &self.name]);
         if opts.credentials.is_empty() {
             cmd.arg("--kubeconfig")
                 .arg(opts.kubeconfig.clone().unwrap_or_else(|| cp.kubeconfig()));

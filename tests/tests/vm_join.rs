@@ -1,8 +1,9 @@
 //! A worker joins by network boot: in a lab network namespace of the test (a bridge with the
 //! control plane's address and a tap device for a VM, no route out), `keelson-server` serves the
 //! API on the bridge address and `keelson-provisioner` serves DHCP, iPXE, the node image
-//! (`cargo xtask node-image`) and the machine's NoCloud seed, whose user-data writes the node's
-//! kubeconfig and `/etc/keelson/agent-args`. A qemu VM (TCG) PXE-boots from its NIC's iPXE ROM,
+//! (`cargo xtask node-image`) and the machine's NoCloud seed, whose user-data writes a bootstrap
+//! kubeconfig (a token from `keelson token create`) and `/etc/keelson/agent-args`; the agent
+//! trades the token for node credentials (a CSR the controllers approve and sign). A qemu VM (TCG) PXE-boots from its NIC's iPXE ROM,
 //! runs `keelson-agent boot`, and the test asserts through the API that its Node registers and
 //! turns Ready and that a pod the scheduler places on it runs and logs.
 //!
@@ -17,7 +18,6 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use keelson_apiserver::pki::{self, ClusterCa};
 use keelson_e2e::{cluster::KUBECTL, require_root, run_ok, workspace_bin};
 use serde_json::Value;
 
@@ -243,8 +243,7 @@ fn condition(o: &Value, kind: &str) -> Option<String> {
 }
 
 /// The provisioner's inventory: the VM's machine on a profile that boots the node image, with
-/// the user-data of the join contract (a kubeconfig holding node credentials stands in for the
-/// bootstrap token until that lands).
+/// the user-data of the join contract: a bootstrap kubeconfig and the agent's arguments.
 fn inventory(kubeconfig: &str) -> String {
     format!(
         r#"unknown = "ignore"
@@ -265,7 +264,7 @@ hostname = "{NODE}"
 runcmd = [["echo", "for installed servers only"]]
 
 [[profiles.node.user_data.write_files]]
-path = "/etc/keelson/kubeconfig"
+path = "/etc/keelson/bootstrap-kubeconfig"
 permissions = "0600"
 owner = "root:root"
 content = '''
@@ -273,7 +272,7 @@ content = '''
 
 [[profiles.node.user_data.write_files]]
 path = "/etc/keelson/agent-args"
-content = "--node-name {NODE} --kubeconfig /etc/keelson/kubeconfig\n"
+content = "--node-name {NODE} --bootstrap-kubeconfig /etc/keelson/bootstrap-kubeconfig --kubeconfig /var/lib/keelson/kubeconfig\n"
 
 [[machines]]
 name = "{NODE}"
@@ -344,10 +343,23 @@ fn a_pxe_booted_vm_joins_and_runs_a_pod() -> Result<()> {
             .then_some(()))
     })?;
 
-    // The node's credentials, signed by the cluster CA the server keeps in its data dir.
-    let ca = ClusterCa::load_or_create(&env.path("data").join("pki"))?;
-    let cert = ca.issue_client(&format!("system:node:{NODE}"), &["system:nodes"])?;
-    let kubeconfig = pki::kubeconfig(&format!("https://{api}"), ca.cert_pem(), &cert, NODE);
+    // A short-lived bootstrap token for the machine, as a bootstrap kubeconfig.
+    let bootstrap = env.path("bootstrap.kubeconfig");
+    let out = env
+        .lab
+        .cmd(workspace_bin("keelson")?)
+        .arg("--kubeconfig")
+        .arg(env.path("admin.kubeconfig"))
+        .args(["token", "create", "--ttl", "1h", "--write-kubeconfig"])
+        .arg(&bootstrap)
+        .output()
+        .context("running keelson token create")?;
+    ensure!(
+        out.status.success(),
+        "keelson token create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kubeconfig = fs::read_to_string(&bootstrap).context("reading the bootstrap kubeconfig")?;
 
     // The provisioner: full DHCP on the bridge, iPXE script, node image, NoCloud seed.
     fs::write(env.path("inventory.toml"), inventory(&kubeconfig))?;
