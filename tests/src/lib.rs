@@ -26,6 +26,7 @@ pub mod echo;
 pub mod lab;
 pub mod node;
 pub mod oci_image;
+pub mod proxy;
 
 /// Fails with a clear message unless the tests run as root.
 ///

@@ -2,16 +2,19 @@
 //! on its pod bridge; busybox pods resolve a Service by its full name and by its short name
 //! through their search path, a headless Service's answer follows its pods as a Deployment
 //! scales, a deleted Service stops resolving, and each pod's resolv.conf follows its
-//! dnsPolicy. All queries stay inside the node's namespace.
+//! dnsPolicy. With the eBPF service proxy on the node's cgroup, a pod reaches a Service by
+//! its name. All queries stay inside the node's namespace.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use keelson_e2e::{
+    Bpffs,
     cluster::ControlPlane,
     node::{NodeEnv, wait_for},
     oci_image::busybox_layout,
+    proxy::Proxy,
     require_root,
 };
 use serde_json::Value;
@@ -135,7 +138,11 @@ fn pods_resolve_services_through_the_cluster_dns() -> Result<()> {
     busybox_layout(layout_dir.path(), IMAGE)?;
     env.import_image(layout_dir.path(), IMAGE)?;
     let agent = env.start_agent(&cp)?;
+    // The service proxy on the node's cgroup, so pods' connects to cluster IPs are balanced.
+    let bpffs = Bpffs::mount()?;
+    let proxy = Proxy::start(&cp, env.cgroup2_dir(), &bpffs.path().join("keelson"))?;
     let result = run(&cp, &env);
+    drop(proxy);
     if result.is_err() {
         let log = std::fs::read_to_string(cp.dir().join("agent.log")).unwrap_or_default();
         eprintln!("--- agent log ---\n{log}");
@@ -226,6 +233,12 @@ fn run(cp: &ControlPlane, env: &NodeEnv) -> Result<()> {
         srv.contains(&format!("80 {full}")),
         "SRV of the named port:\n{srv}"
     );
+    // …and reaches it by that name: the eBPF proxy sends the cluster IP's port 80 to a ready
+    // web pod's port 8080.
+    wait_for("the Service to answer by its short name", t, || {
+        let out = exec(cp, "client", "wget -q -O - -T 3 http://web/ 2>&1 || true")?;
+        Ok((out.trim() == "hi").then_some(()))
+    })?;
     let missing = exec(
         cp,
         "client",

@@ -4,50 +4,17 @@
 
 use std::{
     collections::BTreeSet,
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 use keelson_e2e::{
-    Bpffs, Cgroup2, Netns, cluster::ControlPlane, echo::EchoServer, place, require_root,
-    workspace_bin,
+    Bpffs, Cgroup2, Netns, cluster::ControlPlane, echo::EchoServer, place, proxy::Proxy,
+    require_root,
 };
 
 const VIP: &str = "10.96.100.10:80";
-
-/// `keelson-agent proxy`, killed on drop.
-struct Proxy(Child);
-
-impl Proxy {
-    fn start(cp: &ControlPlane, cgroup: &Cgroup2, pins: &std::path::Path) -> Result<Proxy> {
-        let child = Command::new(workspace_bin("keelson-agent")?)
-            .arg("proxy")
-            .arg("--kubeconfig")
-            .arg(cp.kubeconfig())
-            .arg("--cgroup")
-            .arg(cgroup.path())
-            .arg("--bpffs")
-            .arg(pins)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting keelson-agent proxy")?;
-        Ok(Proxy(child))
-    }
-
-    fn kill9(mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Which backend answered a TCP request to `addr` from inside the cgroup, or the error.
 fn ask(netns: &Netns, cgroup: &Cgroup2, addr: &str) -> Result<Result<String, String>> {
@@ -106,7 +73,7 @@ fn services_and_endpoint_slices_drive_the_load_balancer() -> Result<()> {
         slice("web-a", a.addr().port(), true),
         slice("web-b", b.addr().port(), true)
     ))?;
-    let proxy = Proxy::start(&cp, &cgroup, &pins)?;
+    let proxy = Proxy::start(&cp, cgroup.path(), &pins)?;
 
     // Both ready endpoints receive connections.
     let mut seen = BTreeSet::new();
@@ -142,7 +109,7 @@ fn services_and_endpoint_slices_drive_the_load_balancer() -> Result<()> {
         Ok("backend-a".into()),
         "still served until an agent syncs"
     );
-    let _proxy = Proxy::start(&cp, &cgroup, &pins)?;
+    let _proxy = Proxy::start(&cp, cgroup.path(), &pins)?;
     eventually("the deleted Service to be gone", || {
         Ok(ask(&netns, &cgroup, VIP)?.is_err_and(|e| e.contains("unreachable")))
     })?;
