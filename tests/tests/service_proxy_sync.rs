@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Result, bail};
 use keelson_e2e::{
     Bpffs, Cgroup2, Netns, cluster::ControlPlane, echo::EchoServer, place, proxy::Proxy,
     require_root,
