@@ -68,19 +68,57 @@ fn remove_children(dir: &std::path::Path) {
     }
 }
 
+/// Whether `hugetlb` is still bound to a v1 hierarchy (its hierarchy id in /proc/cgroups).
+fn bound_to_v1() -> bool {
+    fs::read_to_string("/proc/cgroups")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .any(|(name, rest)| name == "hugetlb" && !rest.starts_with("0\t"))
+}
+
+fn umount(dir: &std::path::Path) {
+    remove_children(dir);
+    match Command::new("umount").arg(dir).output() {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => eprintln!(
+            "warning: umount {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => eprintln!("warning: umount {}: {e}", dir.display()),
+    }
+}
+
 impl Drop for HugetlbV1 {
     fn drop(&mut self) {
-        if mounted() {
-            remove_children(&self.dir);
-            match Command::new("umount").arg(&self.dir).output() {
-                Ok(o) if o.status.success() => {}
-                Ok(o) => eprintln!(
-                    "warning: umount {}: {}",
-                    self.dir.display(),
-                    String::from_utf8_lossy(&o.stderr).trim()
-                ),
-                Err(e) => eprintln!("warning: umount {}: {e}", self.dir.display()),
+        // Right after crun's runs its removed cgroups may still be dying; a v1 root unmounted
+        // then stays alive, hidden, and keeps hugetlb from cgroup2. Mount it again and retry
+        // until the controller is back.
+        // The root is released a moment after the unmount: wait for that before retrying.
+        for attempt in 0..5 {
+            if mounted() {
+                umount(&self.dir);
             }
+            for _ in 0..30 {
+                if !bound_to_v1() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            if !bound_to_v1() || attempt == 4 {
+                break;
+            }
+            let _ = Command::new("mount")
+                .args(["-t", "cgroup", "-o", "hugetlb", "hugetlb"])
+                .arg(&self.dir)
+                .output();
+        }
+        if mounted() {
+            umount(&self.dir);
+        }
+        if bound_to_v1() {
+            eprintln!("warning: hugetlb is still bound to a cgroup v1 hierarchy");
         }
         if self.made_dir
             && !mounted()
