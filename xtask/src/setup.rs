@@ -33,6 +33,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "runc",
         "the runtime's command line is checked against runc's",
     ),
+    ("crun", "`cargo xtask bench runtime` compares with crun"),
     (
         "containerd",
         "a test drives keelson-runtime through containerd's runc shim",

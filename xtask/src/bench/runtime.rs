@@ -1,9 +1,20 @@
-//! `cargo xtask bench runtime`: keelson-runtime against runc (and crun, when installed) on one
-//! OCI bundle — Debian's static busybox running `true`, with the spec `runc spec` writes (new
-//! PID, mount, network, UTS and IPC namespaces, a cgroup). Each run is the whole container
-//! lifecycle as a shim drives it: `run` (create, start, wait for the exit), then `delete`.
-//! Prints p50/p99 per runtime, runs per second, and the Keelson/runc ratios; JSON goes to
-//! `<target>/bench/runtime.json`.
+//! `cargo xtask bench runtime`, two parts:
+//!
+//! 1. Container lifecycles: keelson-runtime against runc and crun (when installed) on one OCI
+//!    bundle — Debian's static busybox running `true`, with the spec `runc spec` writes (new
+//!    PID, mount, network, UTS and IPC namespaces, a cgroup). Each run is the whole container
+//!    lifecycle as a shim drives it: `run` (create, start, wait for the exit), then `delete`.
+//!    crun 1.8 needs `hugetlb` mounted as cgroup v1 on this hybrid host; [`hugetlb`] does that
+//!    only when crun fails without it, and undoes it after crun's runs.
+//! 2. Pod startup: API create → Running seen by a watch, for `--pods` pods on one node (the
+//!    `pod_startup` example of `keelson-e2e`, driving release builds through the e2e fixtures),
+//!    see [`pod_startup`].
+//!
+//! Prints p50/p99 per runtime, runs per second, the Keelson/runc and Keelson/crun ratios and
+//! the pod startup percentiles; JSON goes to `<target>/bench/runtime.json`.
+
+mod hugetlb;
+mod pod_startup;
 
 use std::{
     fs,
@@ -111,28 +122,98 @@ fn measure(name: &str, binary: &Path, work: &Path, runs: usize) -> Result<Measur
     })
 }
 
-/// Build and run the runtime benchmark; `extra` may hold `--runs N` (default 200).
+/// What `cargo xtask bench runtime -- …` accepts.
+struct Options {
+    runs: usize,
+    pods: usize,
+    batch: usize,
+}
+
+fn options(extra: &[String]) -> Result<Options> {
+    let mut o = Options {
+        runs: 200,
+        pods: 100,
+        batch: 20,
+    };
+    let mut it = extra.iter();
+    while let Some(flag) = it.next() {
+        let value = it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--runs" => o.runs = value?.parse().context("--runs N")?,
+            "--pods" => o.pods = value?.parse().context("--pods N")?,
+            "--batch" => o.batch = value?.parse().context("--batch N")?,
+            other => bail!(
+                "unknown argument {other} (expected: --runs N, --pods N (0: skip), --batch N)"
+            ),
+        }
+    }
+    Ok(o)
+}
+
+/// Gets crun running on the bundle: as it is, or else with `hugetlb` mounted as cgroup v1
+/// (the guard, kept until crun's runs are done). Err says why crun cannot run.
+fn prepare_crun(crun: &Path, work: &Path) -> Result<Option<hugetlb::HugetlbV1>> {
+    let root = work.join("state-crun-probe");
+    fs::create_dir_all(&root)?;
+    let bundle = work.join("bundle");
+    let Err(first) = lifecycle(crun, &root, &bundle, "probe-0") else {
+        return Ok(None);
+    };
+    if hugetlb::mounted() {
+        bail!("crun fails with /sys/fs/cgroup/hugetlb already mounted: {first:#}");
+    }
+    step("crun refuses this cgroup layout; mounting hugetlb as cgroup v1 for the bench");
+    let guard = hugetlb::HugetlbV1::mount()
+        .with_context(|| format!("crun failed ({first:#}) and so did the workaround"))?;
+    lifecycle(crun, &root, &bundle, "probe-1").with_context(|| {
+        format!("crun fails even with hugetlb mounted as cgroup v1 (before: {first:#})")
+    })?;
+    Ok(Some(guard))
+}
+
+/// A JSON string literal (xtask has no JSON library; this text is an error message).
+fn json_string(text: &str) -> String {
+    let mut out = String::from("\"");
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    a / b.max(1e-9)
+}
+
+/// Build and run the runtime benchmark; `extra` may hold `--runs N` (lifecycles per runtime,
+/// default 200), `--pods N` (default 100, 0 skips pod startup) and `--batch N` (default 20).
 ///
 /// # Errors
-/// runc is missing, the build fails or a container does not run.
+/// runc is missing, the build fails, a container does not run or pod startup fails. crun
+/// that cannot run is reported, not an error.
 pub fn run(extra: &[String]) -> Result<()> {
-    let runs = match extra {
-        [flag, n] if flag == "--runs" => n.parse().context("--runs N")?,
-        [] => 200,
-        other => bail!("unknown arguments {other:?} (expected: --runs N)"),
-    };
+    let opts = options(extra)?;
     let Some(runc) = probe(Command::new("which").arg("runc")) else {
         bail!("runc is not installed: run `cargo xtask setup` (Debian package runc)");
     };
-    step("build keelson-runtime (release)");
-    run_cmd(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "keelson-runtime",
-        "--bin",
-        "keelson-runtime",
-    ]))?;
+    if opts.pods > 0 {
+        pod_startup::build()?;
+    } else {
+        step("build keelson-runtime (release)");
+        run_cmd(cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "keelson-runtime",
+            "--bin",
+            "keelson-runtime",
+        ]))?;
+    }
     let keelson = super::target_dir().join("release/keelson-runtime");
     let out_dir = super::target_dir().join("bench");
     let work = out_dir.join("runtime-work");
@@ -140,20 +221,35 @@ pub fn run(extra: &[String]) -> Result<()> {
     fs::create_dir_all(work.join("bundle"))?;
     bundle(&work.join("bundle"))?;
 
-    let mut runtimes: Vec<(&str, PathBuf)> = vec![
-        ("keelson-runtime", keelson),
-        ("runc", PathBuf::from(runc.trim())),
-    ];
-    if let Some(crun) = probe(Command::new("which").arg("crun")) {
-        runtimes.push(("crun", PathBuf::from(crun.trim())));
-    }
+    let runs = opts.runs;
     step(&format!(
         "bench runtime: {runs} container lifecycles (run + delete) per runtime"
     ));
-    let mut results = Vec::new();
-    for (name, binary) in &runtimes {
-        results.push(measure(name, binary, &work, runs)?);
-    }
+    let mut results = vec![
+        measure("keelson-runtime", &keelson, &work, runs)?,
+        measure("runc", Path::new(runc.trim()), &work, runs)?,
+    ];
+    // crun last: the hugetlb mount it may need is only up while crun runs.
+    let crun_error = match probe(Command::new("which").arg("crun")) {
+        None => Some("crun is not installed (Debian package crun)".to_owned()),
+        Some(crun) => {
+            let crun = PathBuf::from(crun.trim());
+            match prepare_crun(&crun, &work) {
+                Err(e) => Some(format!("{e:#}")),
+                Ok(guard) => {
+                    let measured = measure("crun", &crun, &work, runs);
+                    drop(guard);
+                    match measured {
+                        Ok(m) => {
+                            results.push(m);
+                            None
+                        }
+                        Err(e) => Some(format!("{e:#}")),
+                    }
+                }
+            }
+        }
+    };
     let _ = fs::remove_dir_all(&work);
     // keelson-runtime's default cgroup parent (`keelson/` in each hierarchy) stays behind
     // empty; rmdir only removes it if nothing else uses it.
@@ -164,6 +260,16 @@ pub fn run(extra: &[String]) -> Result<()> {
     {
         let _ = fs::remove_dir(hierarchy.path().join("keelson"));
     }
+
+    let pods = if opts.pods > 0 {
+        step(&format!(
+            "bench runtime: pod startup, {} pods in waves of {} on one node",
+            opts.pods, opts.batch
+        ));
+        Some(pod_startup::run(opts.pods, opts.batch, &out_dir)?)
+    } else {
+        None
+    };
 
     println!(
         "{:<16} {:>6} {:>9} {:>9} {:>10}",
@@ -179,13 +285,32 @@ pub fn run(extra: &[String]) -> Result<()> {
             m.per_second
         );
     }
-    let (k, r) = (&results[0], &results[1]);
-    println!(
-        "keelson-runtime / runc: p50 latency {:.2}x, p99 latency {:.2}x, runs/s {:.2}x",
-        ms(k.p50) / ms(r.p50).max(1e-9),
-        ms(k.p99) / ms(r.p99).max(1e-9),
-        k.per_second / r.per_second.max(1e-9)
-    );
+    let k = &results[0];
+    let mut ratios = Vec::new();
+    for other in &results[1..] {
+        let (p50, p99, rate) = (
+            ratio(ms(k.p50), ms(other.p50)),
+            ratio(ms(k.p99), ms(other.p99)),
+            ratio(k.per_second, other.per_second),
+        );
+        println!(
+            "keelson-runtime / {}: p50 latency {p50:.2}x, p99 latency {p99:.2}x, runs/s {rate:.2}x",
+            other.name
+        );
+        ratios.push(format!(
+            "{{\"against\":\"{}\",\"p50_latency\":{p50:.3},\"p99_latency\":{p99:.3},\"runs_per_second\":{rate:.3}}}",
+            other.name
+        ));
+    }
+    if let Some(why) = &crun_error {
+        println!("crun: not measured: {why}");
+    }
+    if let Some(p) = &pods {
+        println!(
+            "pod startup (create -> Running by watch, {} pods, waves of {}): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (goal: p99 under 1 s)",
+            p.pods, p.batch, p.p50_ms, p.p99_ms, p.max_ms
+        );
+    }
     let entries: Vec<String> = results
         .iter()
         .map(|m| {
@@ -199,8 +324,21 @@ pub fn run(extra: &[String]) -> Result<()> {
             )
         })
         .collect();
+    let crun_note = crun_error
+        .as_deref()
+        .map_or_else(|| "null".to_owned(), json_string);
+    let pods_json = pods
+        .as_ref()
+        .map_or_else(|| "null".to_owned(), |p| p.json.clone());
     let json = out_dir.join("runtime.json");
-    fs::write(&json, format!("{{\"results\":[{}]}}\n", entries.join(",")))?;
+    fs::write(
+        &json,
+        format!(
+            "{{\"results\":[{}],\"ratios\":[{}],\"crun_not_measured\":{crun_note},\"pod_startup\":{pods_json}}}\n",
+            entries.join(","),
+            ratios.join(",")
+        ),
+    )?;
     println!("results: {}", json.display());
     Ok(())
 }
