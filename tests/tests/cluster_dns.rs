@@ -235,9 +235,14 @@ fn run(cp: &ControlPlane, env: &NodeEnv) -> Result<()> {
     );
     // …and reaches it by that name: the eBPF proxy sends the cluster IP's port 80 to a ready
     // web pod's port 8080.
+    // (busybox-static's wget crashes in these pods; its nc does HTTP/1.0 well enough.)
     wait_for("the Service to answer by its short name", t, || {
-        let out = exec(cp, "client", "wget -q -O - -T 3 http://web/ 2>&1 || true")?;
-        Ok((out.trim() == "hi").then_some(()))
+        let out = exec(
+            cp,
+            "client",
+            r"printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 3 web 80",
+        )?;
+        Ok((out.contains("HTTP/1.") && out.trim_end().ends_with("\nhi")).then_some(()))
     })?;
     let missing = exec(
         cp,
