@@ -414,8 +414,18 @@ impl NodeArgs {
                     if let Err(e) = peers::enable_forwarding() {
                         tracing::warn!(error = %e, "pods cannot reach beyond this node");
                     }
-                    let nat = Nat::new(self.masquerade.then_some(self.cluster_cidr))
-                        .context("writing the nftables table for masquerade and hostPorts")?;
+                    // Without nftables (e.g. a minimal node image) pods still get their
+                    // network; only egress masquerade and hostPorts are missing, said loudly.
+                    let nat = match Nat::new(self.masquerade.then_some(self.cluster_cidr)) {
+                        Ok(nat) => Some(nat),
+                        Err(e) => {
+                            tracing::error!(
+                                error = %e,
+                                "no nftables table: pods get no egress masquerade and no hostPorts"
+                            );
+                            None
+                        }
+                    };
                     let peer_cfg = PeerConfig {
                         node_name: name.clone(),
                         node_ip: node_v4,
@@ -441,7 +451,7 @@ impl NodeArgs {
                     Some(PodNetwork {
                         bridge: self.bridge.clone(),
                         ipam,
-                        nat: Some(nat),
+                        nat,
                         node_ip: node_v4,
                     })
                 }
