@@ -21,3 +21,4 @@ pub mod network;
 pub mod node;
 pub mod pods;
 pub mod proxy;
+mod svcwatch;

@@ -3,25 +3,13 @@
 
 use std::collections::{HashMap, HashSet};
 
-use futures::{StreamExt as _, stream};
+use futures::StreamExt as _;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use kube::{
-    Api, Client, ResourceExt as _,
-    runtime::{WatchStreamExt as _, watcher},
-};
+use kube::{Client, ResourceExt as _, runtime::watcher};
 
 use super::records::{self, ServiceKey, SharedZone};
 use super::{DnsError, Result};
-
-/// The label that ties an EndpointSlice to its Service.
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-
-/// One kind's (re)list in progress: what it has seen so far.
-#[derive(Default)]
-struct Relist<T> {
-    seen: Option<HashSet<T>>,
-    synced: bool,
-}
+use crate::svcwatch::{self, Change, Relist, slice_key};
 
 /// The Services and EndpointSlices read so far, and the zone they feed.
 pub struct Feed {
@@ -34,14 +22,6 @@ pub struct Feed {
 
 fn service_key(svc: &Service) -> ServiceKey {
     (svc.namespace().unwrap_or_default(), svc.name_any())
-}
-
-fn slice_key(slice: &EndpointSlice) -> Option<(ServiceKey, String)> {
-    let service = slice.labels().get(SERVICE_NAME_LABEL)?;
-    Some((
-        (slice.namespace().unwrap_or_default(), service.clone()),
-        slice.name_any(),
-    ))
 }
 
 impl Feed {
@@ -157,12 +137,6 @@ impl Feed {
     }
 }
 
-// Boxed: a Service is twice the size of an EndpointSlice, and events are moved around.
-enum Change {
-    Service(Box<watcher::Event<Service>>),
-    Slice(Box<watcher::Event<EndpointSlice>>),
-}
-
 /// Keeps `zone` in step with the cluster's Services and EndpointSlices until `shutdown`.
 ///
 /// # Errors
@@ -172,19 +146,7 @@ pub async fn run(
     zone: SharedZone,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
-    let services = watcher(
-        Api::<Service>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .map(|e| e.map(|e| Change::Service(Box::new(e))));
-    let slices = watcher(
-        Api::<EndpointSlice>::all(client),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .map(|e| e.map(|e| Change::Slice(Box::new(e))));
-    let mut changes = std::pin::pin!(stream::select(services, slices));
+    let mut changes = std::pin::pin!(svcwatch::changes(client));
     let mut feed = Feed::new(zone);
     tokio::pin!(shutdown);
     loop {
@@ -209,6 +171,7 @@ mod tests {
 
     use super::*;
     use crate::dns::records::{Lookup, Zone};
+    use crate::proxy::desired::SERVICE_NAME_LABEL;
 
     fn svc(name: &str, ip: &str) -> Service {
         serde_json::from_value(json!({

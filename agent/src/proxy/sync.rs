@@ -2,15 +2,13 @@
 
 use std::collections::{HashMap, HashSet};
 
-use futures::{StreamExt as _, stream};
+use futures::StreamExt as _;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use kube::{
-    Api, Client, ResourceExt as _,
-    runtime::{WatchStreamExt as _, watcher},
-};
+use kube::{Client, ResourceExt as _, runtime::watcher};
 
-use super::desired::{SERVICE_NAME_LABEL, frontends};
+use super::desired::frontends;
 use crate::lb::{self, Frontend, ServiceTable, maps::KvMap};
+use crate::svcwatch::{self, Change, Key, Relist, slice_key};
 use keelson_ebpf_common::{Backend, BackendKey, ServiceEntry, ServiceKey};
 
 /// Why the proxy stopped.
@@ -28,21 +26,6 @@ pub enum SyncError {
 }
 
 /// A Service, by namespace and name.
-type Key = (String, String);
-
-// Boxed: a Service is twice the size of an EndpointSlice, and events are moved around.
-enum Change {
-    Service(Box<watcher::Event<Service>>),
-    Slice(Box<watcher::Event<EndpointSlice>>),
-}
-
-/// One kind's (re)list in progress: what it has seen so far.
-#[derive(Default)]
-struct Relist<T> {
-    seen: Option<HashSet<T>>,
-    synced: bool,
-}
-
 struct State<S, B, V> {
     table: ServiceTable<S, B, V>,
     services: HashMap<Key, Service>,
@@ -50,14 +33,6 @@ struct State<S, B, V> {
     programmed: HashMap<Key, Vec<Frontend>>,
     service_list: Relist<Key>,
     slice_list: Relist<(Key, String)>,
-}
-
-fn slice_key(slice: &EndpointSlice) -> Option<(Key, String)> {
-    let service = slice.labels().get(SERVICE_NAME_LABEL)?;
-    Some((
-        (slice.namespace().unwrap_or_default(), service.clone()),
-        slice.name_any(),
-    ))
 }
 
 impl<S, B, V> State<S, B, V>
@@ -227,19 +202,7 @@ where
     B: KvMap<BackendKey, Backend>,
     V: KvMap<u32, u32>,
 {
-    let services = watcher(
-        Api::<Service>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .map(|e| e.map(|e| Change::Service(Box::new(e))));
-    let slices = watcher(
-        Api::<EndpointSlice>::all(client),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .map(|e| e.map(|e| Change::Slice(Box::new(e))));
-    let mut changes = std::pin::pin!(stream::select(services, slices));
+    let mut changes = std::pin::pin!(svcwatch::changes(client));
     let mut state = State {
         table,
         services: HashMap::new(),
