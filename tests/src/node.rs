@@ -323,7 +323,7 @@ impl NodeEnv {
             "--container-log-max-files",
             "2",
         ])
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", "info,keelson_agent::logs=debug")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);

@@ -18,14 +18,14 @@ use std::io::{Read as _, Seek as _, SeekFrom};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path as UrlPath, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use tokio::io::AsyncWriteExt as _;
 
 use super::cri;
-use super::exec::{CLOSE, ERROR, ExecQuery, PROTOCOLS, STDERR, STDIN, STDOUT};
+use super::exec::{CLOSE, ExecQuery, PROTOCOLS, STDERR, STDIN, STDOUT, finish};
 use super::server::{ServerState, current_attempt};
 use crate::pods::layout::PodRecord;
 use crate::pods::status::{AttemptState, attempt_state};
@@ -205,16 +205,7 @@ async fn session(
             },
         }
     }
-    let mut msg = vec![ERROR];
-    msg.extend(br#"{"metadata":{},"status":"Success"}"#);
-    socket.send(Message::Binary(msg.into())).await?;
-    socket
-        .send(Message::Close(Some(CloseFrame {
-            code: close_code::NORMAL,
-            reason: "".into(),
-        })))
-        .await?;
-    Ok(())
+    finish(socket, r#"{"metadata":{},"status":"Success"}"#).await
 }
 
 #[cfg(test)]

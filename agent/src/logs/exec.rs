@@ -29,7 +29,7 @@ use crate::pods::layout::container_id;
 pub(super) const STDIN: u8 = 0;
 pub(super) const STDOUT: u8 = 1;
 pub(super) const STDERR: u8 = 2;
-pub(super) const ERROR: u8 = 3;
+const ERROR: u8 = 3;
 const RESIZE: u8 = 4;
 /// v5: `[CLOSE, channel]` closes a channel.
 pub(super) const CLOSE: u8 = 255;
@@ -296,10 +296,7 @@ async fn session(
         Err(e) => {
             let status = serde_json::json!({"metadata": {}, "status": "Failure",
                 "message": format!("starting the command: {e:#}"), "reason": "InternalError"});
-            let mut msg = vec![ERROR];
-            msg.extend(status.to_string().into_bytes());
-            socket.send(Message::Binary(msg.into())).await?;
-            return Ok(());
+            return finish(socket, &status.to_string()).await;
         }
     };
     // Output until both pipes end, while feeding stdin from the client.
@@ -339,8 +336,19 @@ async fn session(
         let _ = p.await;
     }
     let status = child.wait().await?;
+    finish(socket, &final_status(status.code())).await
+}
+
+/// Ends a session: the final `Status` on the error channel, then the closing handshake.
+///
+/// The handshake is waited for (briefly) rather than the socket dropped: a socket closed with
+/// client messages still unread (a resize, a keystroke sent as the command exited) is reset
+/// by the kernel, and a reset can discard the status and close frame before the client (or
+/// the API server relaying the stream) has read them — kubectl then reports
+/// "close 1006 (abnormal closure)" for a command that ended normally.
+pub(super) async fn finish(mut socket: WebSocket, status: &str) -> anyhow::Result<()> {
     let mut msg = vec![ERROR];
-    msg.extend(final_status(status.code()).into_bytes());
+    msg.extend(status.as_bytes());
     socket.send(Message::Binary(msg.into())).await?;
     socket
         .send(Message::Close(Some(CloseFrame {
@@ -348,8 +356,19 @@ async fn session(
             reason: "".into(),
         })))
         .await?;
+    let drain = async {
+        while let Some(Ok(msg)) = socket.recv().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_WAIT, drain).await;
     Ok(())
 }
+
+/// How long a finished session waits for the client's close frame.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {
