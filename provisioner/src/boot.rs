@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 
 use crate::inventory::Target;
 use crate::mac::Mac;
+use uuid::Uuid;
 
 /// Client architectures of DHCP option 93 (RFC 4578, IANA registry) that we serve.
 pub mod arch {
@@ -44,9 +45,12 @@ impl BootFiles {
         }
     }
 
-    /// URL of a machine's iPXE script.
-    pub fn script_url(&self, mac: Mac) -> String {
-        format!("{}/ipxe/{}", self.http_base, mac.compact())
+    /// URL of a machine's iPXE script, carrying its SMBIOS UUID when the client sent one.
+    pub fn script_url(&self, mac: Mac, uuid: Option<&Uuid>) -> String {
+        match uuid {
+            Some(u) => format!("{}/ipxe/{}?uuid={u}", self.http_base, mac.compact()),
+            None => format!("{}/ipxe/{}", self.http_base, mac.compact()),
+        }
     }
 }
 
@@ -118,12 +122,12 @@ impl Client {
     }
 
     /// The boot file (TFTP name or HTTP URL) for this client.
-    pub fn boot_file(self, files: &BootFiles, mac: Mac) -> String {
+    pub fn boot_file(self, files: &BootFiles, mac: Mac, uuid: Option<&Uuid>) -> String {
         match self {
             Client::PxeBios => files.bios.clone(),
             Client::PxeUefi => files.uefi.clone(),
             Client::HttpUefi => format!("{}/boot/{}", files.http_base, files.uefi),
-            Client::Ipxe { .. } => files.script_url(mac),
+            Client::Ipxe { .. } => files.script_url(mac, uuid),
         }
     }
 }
@@ -184,12 +188,12 @@ mod tests {
         let files = BootFiles::debian("http://192.0.2.1:8080");
         let c = Client::classify(pxe, Some(0), false).unwrap();
         assert_eq!(
-            (c, c.boot_file(&files, mac()).as_str()),
+            (c, c.boot_file(&files, mac(), None).as_str()),
             (Client::PxeBios, "undionly.kpxe")
         );
         for a in [7, 9] {
             let c = Client::classify(pxe, Some(a), false).unwrap();
-            assert_eq!(c.boot_file(&files, mac()), "ipxe.efi");
+            assert_eq!(c.boot_file(&files, mac(), None), "ipxe.efi");
             assert_eq!(c.vendor_class(), "PXEClient");
         }
         let c =
@@ -197,13 +201,13 @@ mod tests {
         assert_eq!(c, Client::HttpUefi);
         assert_eq!(c.vendor_class(), "HTTPClient");
         assert_eq!(
-            c.boot_file(&files, mac()),
+            c.boot_file(&files, mac(), None),
             "http://192.0.2.1:8080/boot/ipxe.efi"
         );
         // iPXE (whatever arch) gets the script: no loop back to the iPXE binary.
         let c = Client::classify(pxe, Some(0), true).unwrap();
         assert_eq!(
-            c.boot_file(&files, mac()),
+            c.boot_file(&files, mac(), None),
             "http://192.0.2.1:8080/ipxe/525400123456"
         );
         assert!(!c.uses_tftp());

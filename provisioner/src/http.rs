@@ -3,7 +3,9 @@
 //! seed of each machine.
 //!
 //! Routes:
-//! - `GET /ipxe/{mac}`: the machine's iPXE script (MAC as 12 hex digits or with `:`/`-`);
+//! - `GET /ipxe/{mac}[?uuid=…]`: the machine's iPXE script (MAC as 12 hex digits or with
+//!   `:`/`-`; the SMBIOS UUID, which the DHCP server adds when the client sent one, finds a
+//!   machine known only by its UUID);
 //! - `GET /boot/{name}`: configured boot files (`ipxe.efi`, `undionly.kpxe`);
 //! - `GET /assets/{*path}`: files under the assets directory;
 //! - `GET /nocloud/{id}/{meta-data|user-data|vendor-data|network-config}`.
@@ -15,11 +17,12 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tracing::{info, warn};
+use uuid::Uuid;
 
 use crate::boot;
 use crate::confine::{self, ConfineError};
@@ -109,15 +112,36 @@ fn parse_mac(s: &str) -> Option<Mac> {
     s.parse().ok()
 }
 
-async fn script(State(cfg): State<AppState>, Path(mac): Path<String>) -> Response {
+/// The query of a script request.
+#[derive(Debug, serde::Deserialize)]
+struct ScriptQuery {
+    uuid: Option<String>,
+}
+
+async fn script(
+    State(cfg): State<AppState>,
+    Path(mac): Path<String>,
+    Query(q): Query<ScriptQuery>,
+) -> Response {
     let Some(mac) = parse_mac(&mac) else {
         return (StatusCode::BAD_REQUEST, "bad MAC address\n").into_response();
     };
+    // An empty value is what iPXE expands `${uuid}` to on a machine without one.
+    let uuid = match q
+        .uuid
+        .as_deref()
+        .filter(|u| !u.is_empty())
+        .map(str::parse::<Uuid>)
+    {
+        None => None,
+        Some(Ok(u)) => Some(u),
+        Some(Err(_)) => return (StatusCode::BAD_REQUEST, "bad UUID\n").into_response(),
+    };
     let inventory = cfg.inventory.current();
-    match inventory.target(mac) {
+    match inventory.target_for(mac, uuid.as_ref()) {
         Some(t) => {
-            info!(%mac, machine = %t.id, "serving iPXE script");
-            cfg.inventory.saw(Sighting::Script(mac));
+            info!(%mac, ?uuid, machine = %t.id, "serving iPXE script");
+            cfg.inventory.saw(Sighting::Script(mac, uuid));
             text(boot::ipxe_script(&cfg.http_base, &t))
         }
         None => not_found(format!("boot profile for {mac}")),

@@ -1,4 +1,5 @@
-//! The machine inventory of the standalone mode: machines (by MAC) and boot profiles, read
+//! The machine inventory of the standalone mode: machines (by MAC or SMBIOS UUID) and boot
+//! profiles, read
 //! from a TOML file, plus the DHCP network settings of the segment the provisioner serves.
 //!
 //! ```toml
@@ -23,6 +24,10 @@
 //! name = "node-1"
 //! mac = "52:54:00:12:34:56"
 //! ip = "192.0.2.10"
+//!
+//! [[machines]]
+//! name = "node-2"                # known by its SMBIOS UUID: DHCP option 97 or iPXE ${uuid}
+//! uuid = "4c4c4544-0043-3010-8052-b4c04f4e4d32"
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -30,8 +35,10 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use uuid::Uuid;
 
 use crate::mac::Mac;
+use crate::smbios;
 
 /// Errors reading or validating an inventory.
 #[derive(Debug, thiserror::Error)]
@@ -144,8 +151,13 @@ pub struct Machine {
     /// Unique name, used in URLs and as cloud-init instance-id.
     pub name: String,
     /// The boot NIC's MAC address.
-    pub mac: Mac,
-    /// A reserved address (full DHCP mode).
+    #[serde(default)]
+    pub mac: Option<Mac>,
+    /// The SMBIOS system UUID; a machine needs a MAC, a UUID or both.
+    #[serde(default)]
+    pub uuid: Option<Uuid>,
+    /// A reserved address (full DHCP mode). Reservations are by MAC: a machine known only
+    /// by its UUID gets its address for the MAC it asks from.
     #[serde(default)]
     pub ip: Option<Ipv4Addr>,
     /// Host name; defaults to `name`.
@@ -180,6 +192,7 @@ pub struct Inventory {
     profiles: BTreeMap<String, Profile>,
     machines: Vec<Machine>,
     by_mac: HashMap<Mac, usize>,
+    by_uuid: HashMap<Uuid, usize>,
     by_name: HashMap<String, usize>,
 }
 
@@ -191,8 +204,9 @@ pub struct Target<'a> {
     pub id: String,
     /// Host name.
     pub hostname: String,
-    /// The MAC address.
-    pub mac: Mac,
+    /// The MAC address it boots from: the one asking, or the machine's (`None` for a machine
+    /// known only by its UUID, resolved by name).
+    pub mac: Option<Mac>,
     /// The inventory entry, if the machine is known.
     pub machine: Option<&'a Machine>,
     /// The profile name.
@@ -263,6 +277,7 @@ impl Inventory {
             }
         }
         let mut by_mac = HashMap::new();
+        let mut by_uuid = HashMap::new();
         let mut by_name = HashMap::new();
         for (i, m) in file.machines.iter().enumerate() {
             if !valid_name(&m.name) {
@@ -274,8 +289,24 @@ impl Inventory {
             if by_name.insert(m.name.clone(), i).is_some() {
                 return Err(invalid(format!("machine name {:?} appears twice", m.name)));
             }
-            if by_mac.insert(m.mac, i).is_some() {
-                return Err(invalid(format!("MAC {} appears twice", m.mac)));
+            if let Some(mac) = m.mac
+                && by_mac.insert(mac, i).is_some()
+            {
+                return Err(invalid(format!("MAC {mac} appears twice")));
+            }
+            if let Some(uuid) = m.uuid
+                && by_uuid.keys().any(|u| smbios::same(u, &uuid))
+            {
+                return Err(invalid(format!("UUID {uuid} appears twice")));
+            }
+            if let Some(uuid) = m.uuid {
+                by_uuid.insert(uuid, i);
+            }
+            if m.mac.is_none() && m.uuid.is_none() {
+                return Err(invalid(format!(
+                    "machine {:?} needs a mac or a uuid",
+                    m.name
+                )));
             }
             match m.profile.as_ref().or(file.default_profile.as_ref()) {
                 Some(p) if !file.profiles.contains_key(p) => {
@@ -311,24 +342,41 @@ impl Inventory {
             profiles: file.profiles,
             machines: file.machines,
             by_mac,
+            by_uuid,
             by_name,
         })
     }
 
     /// This inventory's profiles and settings with `machines` instead of the file's (API
     /// mode). Entries repeating a MAC are dropped after the first; several entries may share
-    /// a name (one machine with several NICs), the first one answering for the name.
+    /// a name (one machine with several NICs) and a UUID, the first one answering for both.
     pub fn with_machines(&self, machines: Vec<Machine>) -> Self {
         let mut by_mac = HashMap::new();
+        let mut by_uuid: HashMap<Uuid, usize> = HashMap::new();
         let mut by_name = HashMap::new();
         let mut kept = Vec::with_capacity(machines.len());
         for m in machines {
-            if by_mac.contains_key(&m.mac) {
-                tracing::warn!(mac = %m.mac, machine = %m.name, "MAC listed by two machines; ignoring the second");
+            if let Some(mac) = m.mac
+                && by_mac.contains_key(&mac)
+            {
+                tracing::warn!(%mac, machine = %m.name, "MAC listed by two machines; ignoring the second");
                 continue;
             }
             let i = kept.len();
-            by_mac.insert(m.mac, i);
+            if let Some(mac) = m.mac {
+                by_mac.insert(mac, i);
+            }
+            if let Some(uuid) = m.uuid {
+                match by_uuid.iter().find(|(u, _)| smbios::same(u, &uuid)) {
+                    Some((_, &j)) if kept.get(j).is_some_and(|o: &Machine| o.name != m.name) => {
+                        tracing::warn!(%uuid, machine = %m.name, "UUID listed by two machines; matching the first");
+                    }
+                    Some(_) => {}
+                    None => {
+                        by_uuid.insert(uuid, i);
+                    }
+                }
+            }
             by_name.entry(m.name.clone()).or_insert(i);
             kept.push(m);
         }
@@ -339,6 +387,7 @@ impl Inventory {
             profiles: self.profiles.clone(),
             machines: kept,
             by_mac,
+            by_uuid,
             by_name,
         }
     }
@@ -368,28 +417,53 @@ impl Inventory {
         self.by_mac.get(mac).and_then(|&i| self.machines.get(i))
     }
 
+    /// The machine with this SMBIOS UUID (in either byte order), if known.
+    pub fn machine_by_uuid(&self, uuid: &Uuid) -> Option<&Machine> {
+        let i = self
+            .by_uuid
+            .get(uuid)
+            .or_else(|| self.by_uuid.get(&smbios::swapped(uuid)))?;
+        self.machines.get(*i)
+    }
+
+    /// The machine asking with this MAC and, if it sent one, this UUID: by MAC first.
+    pub fn known(&self, mac: &Mac, uuid: Option<&Uuid>) -> Option<&Machine> {
+        self.machine(mac)
+            .or_else(|| uuid.and_then(|u| self.machine_by_uuid(u)))
+    }
+
     /// Address reservations by MAC.
     pub fn reservations(&self) -> HashMap<Mac, Ipv4Addr> {
         self.machines
             .iter()
-            .filter_map(|m| m.ip.map(|ip| (m.mac, ip)))
+            .filter_map(|m| Some((m.mac?, m.ip?)))
             .collect()
+    }
+
+    fn machine_target<'a>(&'a self, m: &'a Machine, mac: Option<Mac>) -> Option<Target<'a>> {
+        let profile_name = m.profile.as_deref().or(self.default_profile.as_deref())?;
+        let profile = self.profiles.get(profile_name)?;
+        Some(Target {
+            id: m.name.clone(),
+            hostname: m.hostname.clone().unwrap_or_else(|| m.name.clone()),
+            mac,
+            machine: Some(m),
+            profile_name,
+            profile,
+        })
     }
 
     /// What a MAC boots: its machine's profile, the default profile for unknown MACs when the
     /// policy says so, or `None`.
     pub fn target(&self, mac: Mac) -> Option<Target<'_>> {
-        if let Some(m) = self.machine(&mac) {
-            let profile_name = m.profile.as_deref().or(self.default_profile.as_deref())?;
-            let profile = self.profiles.get(profile_name)?;
-            return Some(Target {
-                id: m.name.clone(),
-                hostname: m.hostname.clone().unwrap_or_else(|| m.name.clone()),
-                mac,
-                machine: Some(m),
-                profile_name,
-                profile,
-            });
+        self.target_for(mac, None)
+    }
+
+    /// What a client asking with `mac` and, if it sent one, its SMBIOS `uuid` boots: the
+    /// machine with that MAC, else the one with that UUID, else what unknown machines get.
+    pub fn target_for(&self, mac: Mac, uuid: Option<&Uuid>) -> Option<Target<'_>> {
+        if let Some(m) = self.known(&mac, uuid) {
+            return self.machine_target(m, Some(mac));
         }
         if self.unknown == UnknownPolicy::Ignore {
             return None;
@@ -400,7 +474,7 @@ impl Inventory {
         Some(Target {
             hostname: id.clone(),
             id,
-            mac,
+            mac: Some(mac),
             machine: None,
             profile_name,
             profile,
@@ -411,7 +485,7 @@ impl Inventory {
     pub fn target_by_id(&self, id: &str) -> Option<Target<'_>> {
         if let Some(&i) = self.by_name.get(id) {
             let m = self.machines.get(i)?;
-            return self.target(m.mac);
+            return self.machine_target(m, m.mac);
         }
         let hex = id.strip_prefix(UNKNOWN_PREFIX)?;
         if hex.len() != 12 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -489,6 +563,42 @@ ip = "192.0.2.10"
             inv.dhcp().unwrap().netmask(),
             Ipv4Addr::new(255, 255, 255, 0)
         );
+    }
+
+    #[test]
+    fn machines_known_by_uuid() {
+        let text = format!(
+            "{SAMPLE}\n[[machines]]\nname = \"node-2\"\nuuid = \"4c4c4544-0043-3010-8052-b4c04f4e4d32\"\n"
+        );
+        let inv = inv(&text).unwrap();
+        let uuid: Uuid = "4c4c4544-0043-3010-8052-b4c04f4e4d32".parse().unwrap();
+        let mac: Mac = "52:54:00:00:00:05".parse().unwrap();
+        let t = inv.target_for(mac, Some(&uuid)).unwrap();
+        assert_eq!((t.id.as_str(), t.mac), ("node-2", Some(mac)));
+        let t = inv.target_for(mac, Some(&smbios::swapped(&uuid))).unwrap();
+        assert_eq!(t.id, "node-2", "either byte order");
+        assert_eq!(inv.target(mac).unwrap().id, "mac-525400000005");
+        // By MAC first: node-1's MAC with node-2's UUID is node-1.
+        let t = inv
+            .target_for("52:54:00:12:34:56".parse().unwrap(), Some(&uuid))
+            .unwrap();
+        assert_eq!(t.id, "node-1");
+        let by_name = inv.target_by_id("node-2").unwrap();
+        assert_eq!(by_name.mac, None);
+        let no_key = format!("{SAMPLE}\n[[machines]]\nname = \"n9\"\n");
+        assert!(matches!(inv_err(&no_key), Error::Invalid { .. }));
+        let twice = format!(
+            "{text}\n[[machines]]\nname = \"n9\"\nuuid = \"{}\"\n",
+            smbios::swapped(&uuid)
+        );
+        assert!(matches!(inv_err(&twice), Error::Invalid { .. }));
+    }
+
+    fn inv_err(text: &str) -> Error {
+        match inv(text) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(e) => e,
+        }
     }
 
     #[test]

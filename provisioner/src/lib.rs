@@ -6,7 +6,8 @@
 //!   server that only answers PXE clients, with PXE/iPXE boot selection from [`boot`];
 //! - [`tftp`]: a read-only TFTP server (RFC 1350, options of RFC 2347–2349) confined to a root;
 //! - [`http`]: per-machine iPXE scripts, boot assets and NoCloud seeds;
-//! - [`inventory`]: machines and profiles read from a TOML file;
+//! - [`inventory`]: machines (by MAC or SMBIOS UUID, [`smbios`]) and profiles read from a TOML
+//!   file;
 //! - [`live`]: the inventory as the servers use it, replaceable at run time;
 //! - [`machines`]: API mode — machines from `Machine` objects, their state written back,
 //!   and join tokens for their user-data.
@@ -22,6 +23,7 @@ pub mod mac;
 pub mod machines;
 pub mod net;
 pub mod nocloud;
+pub mod smbios;
 pub mod tftp;
 
 /// Errors of the provisioner library, one variant per module.

@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
 use tokio::sync::mpsc;
+use uuid::Uuid;
 
 use crate::inventory::Inventory;
 use crate::mac::Mac;
@@ -16,10 +17,10 @@ use crate::mac::Mac;
 /// Something the network side saw a machine do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Sighting {
-    /// A DHCP request from this MAC.
-    Dhcp(Mac),
-    /// The machine fetched its iPXE script.
-    Script(Mac),
+    /// A DHCP request from this MAC, with the SMBIOS UUID it sent (option 97), if any.
+    Dhcp(Mac, Option<Uuid>),
+    /// The machine fetched its iPXE script (MAC, and UUID if the URL carried one).
+    Script(Mac, Option<Uuid>),
     /// The machine fetched a NoCloud seed document (`id` is the target id).
     Seed {
         /// The target id in the URL.

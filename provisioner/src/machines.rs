@@ -33,12 +33,15 @@ use tracing::{debug, info, warn};
 use crate::inventory::{self, Inventory, UnknownPolicy};
 use crate::live::{BoxFuture, InventoryHandle, JoinInfo, JoinIssuer, Sighting};
 use crate::mac::Mac;
+use crate::smbios;
+use uuid::Uuid;
 
 /// How long a machine's `lastSeen` may lag before a sighting refreshes it.
 const SEEN_REFRESH: Duration = Duration::from_secs(30);
 
-/// The inventory entries (one per MAC) of the API's machines; machines without a profile,
-/// or without valid MACs, boot nothing.
+/// The inventory entries (one per MAC, or one for a machine known only by its SMBIOS UUID) of
+/// the API's machines; machines without a profile, or without a valid MAC or UUID, boot
+/// nothing.
 pub fn entries(machines: &[Arc<Machine>]) -> Vec<inventory::Machine> {
     let mut out = Vec::new();
     for m in machines {
@@ -49,25 +52,46 @@ pub fn entries(machines: &[Arc<Machine>]) -> Vec<inventory::Machine> {
         if m.metadata.deletion_timestamp.is_some() {
             continue;
         }
-        for mac in &m.spec.macs {
-            let Ok(mac) = mac.parse::<Mac>() else {
-                warn!(machine = %name, %mac, "not a MAC address; ignored");
-                continue;
-            };
-            out.push(inventory::Machine {
-                name: name.clone(),
-                mac,
-                ip: m.spec.ip.as_deref().and_then(|ip| ip.parse().ok()),
-                hostname: Some(m.spec.hostname.clone()).filter(|h| !h.is_empty()),
-                profile: Some(profile.clone()),
+        let uuid = m
+            .spec
+            .smbios_uuid
+            .as_deref()
+            .and_then(|u| match u.parse::<Uuid>() {
+                Ok(u) => Some(u),
+                Err(_) => {
+                    warn!(machine = %name, uuid = %u, "not a UUID; ignored");
+                    None
+                }
             });
+        let entry = |mac| inventory::Machine {
+            name: name.clone(),
+            mac,
+            uuid,
+            ip: m.spec.ip.as_deref().and_then(|ip| ip.parse().ok()),
+            hostname: Some(m.spec.hostname.clone()).filter(|h| !h.is_empty()),
+            profile: Some(profile.clone()),
+        };
+        let before = out.len();
+        for mac in &m.spec.macs {
+            match mac.parse::<Mac>() {
+                Ok(mac) => out.push(entry(Some(mac))),
+                Err(_) => warn!(machine = %name, %mac, "not a MAC address; ignored"),
+            }
+        }
+        if out.len() == before && uuid.is_some() {
+            out.push(entry(None));
         }
     }
     out
 }
 
-/// The Machine recorded for an unknown MAC.
-pub fn discovered(mac: Mac, policy: UnknownPolicy, default_profile: Option<&str>) -> Machine {
+/// The Machine recorded for an unknown MAC (with the SMBIOS UUID it sent, if any).
+pub fn discovered(
+    mac: Mac,
+    uuid: Option<Uuid>,
+    policy: UnknownPolicy,
+    default_profile: Option<&str>,
+) -> Machine {
     let name = format!("mac-{}", mac.compact());
     Machine {
         metadata: ObjectMeta {
@@ -83,7 +107,7 @@ pub fn discovered(mac: Mac, policy: UnknownPolicy, default_profile: Option<&str>
         },
         spec: MachineSpec {
             macs: vec![mac.to_string()],
-            smbios_uuid: None,
+            smbios_uuid: uuid.map(|u| u.to_string()),
             profile: match policy {
                 UnknownPolicy::Default => default_profile.map(str::to_owned),
                 UnknownPolicy::Ignore => None,
@@ -130,6 +154,8 @@ struct MachineSync {
     nodes: Store<Node>,
     /// MACs whose Machine is being created, so that a burst of DHCP packets makes one.
     creating: HashSet<Mac>,
+    /// MACs being added to a Machine matched by UUID, so that a burst patches once.
+    learning: HashSet<Mac>,
 }
 
 impl MachineSync {
@@ -183,11 +209,55 @@ impl MachineSync {
         .await;
     }
 
-    async fn discover(&mut self, mac: Mac) {
+    /// The Machine with this SMBIOS UUID (either byte order).
+    fn by_uuid(&self, uuid: &Uuid) -> Option<Arc<Machine>> {
+        self.store.state().into_iter().find(|m| {
+            m.spec
+                .smbios_uuid
+                .as_deref()
+                .and_then(|u| u.parse::<Uuid>().ok())
+                .is_some_and(|u| smbios::same(&u, uuid))
+        })
+    }
+
+    /// The Machine a client is: by MAC, else by UUID — then the MAC it booted from is added
+    /// to the Machine's MACs, so that its address reservation, scripts and seeds follow the
+    /// MAC from now on, as for any machine.
+    async fn identify(&mut self, mac: Mac, uuid: Option<Uuid>) -> Option<Arc<Machine>> {
+        if let Some(m) = self.by_mac(mac) {
+            return Some(m);
+        }
+        let m = self.by_uuid(&uuid?)?;
+        let name = m.metadata.name.as_deref()?;
+        if self.learning.insert(mac) {
+            let mut macs = m.spec.macs.clone();
+            macs.push(mac.to_string());
+            let patch = json!({ "spec": { "macs": macs } });
+            match self
+                .machines
+                .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => info!(machine = %name, %mac, "matched by SMBIOS UUID; MAC recorded"),
+                Err(e) => {
+                    warn!(machine = %name, %mac, error = %e, "recording the MAC of a machine matched by UUID");
+                    self.learning.remove(&mac);
+                }
+            }
+        }
+        Some(m)
+    }
+
+    async fn discover(&mut self, mac: Mac, uuid: Option<Uuid>) {
         if !self.creating.insert(mac) {
             return;
         }
-        let m = discovered(mac, self.base.unknown_policy(), self.base.default_profile());
+        let m = discovered(
+            mac,
+            uuid,
+            self.base.unknown_policy(),
+            self.base.default_profile(),
+        );
         let name = m.metadata.name.clone().unwrap_or_default();
         match self.machines.create(&PostParams::default(), &m).await {
             Ok(_) => {
@@ -205,14 +275,14 @@ impl MachineSync {
 
     async fn sighting(&mut self, s: Sighting) {
         match s {
-            Sighting::Dhcp(mac) => {
-                if self.by_mac(mac).is_none() {
-                    self.discover(mac).await;
+            Sighting::Dhcp(mac, uuid) => {
+                if self.identify(mac, uuid).await.is_none() {
+                    self.discover(mac, uuid).await;
                 }
             }
-            Sighting::Script(mac) => match self.by_mac(mac) {
+            Sighting::Script(mac, uuid) => match self.identify(mac, uuid).await {
                 Some(m) => self.provisioning(&m).await,
-                None => self.discover(mac).await,
+                None => self.discover(mac, uuid).await,
             },
             Sighting::Seed { id, doc } => {
                 // meta-data comes first and user-data next: one write for the pair.
@@ -295,6 +365,7 @@ pub async fn run(
         store,
         nodes,
         creating: HashSet::new(),
+        learning: HashSet::new(),
     };
     // Sightings wait until the machines are known, so that no known MAC is "discovered".
     let mut synced = false;
@@ -396,22 +467,23 @@ mod tests {
     #[test]
     fn machines_become_one_entry_per_mac_and_unknown_macs_are_named_after_them() {
         let mac: Mac = "52:54:00:aa:bb:cc".parse().unwrap();
-        let d = discovered(mac, UnknownPolicy::Default, Some("worker"));
+        let d = discovered(mac, None, UnknownPolicy::Default, Some("worker"));
         assert_eq!(d.metadata.name.as_deref(), Some("mac-525400aabbcc"));
         assert_eq!(d.spec.profile.as_deref(), Some("worker"));
         assert_eq!(
-            discovered(mac, UnknownPolicy::Ignore, Some("worker"))
+            discovered(mac, None, UnknownPolicy::Ignore, Some("worker"))
                 .spec
                 .profile,
             None
         );
-        let mut two = discovered(mac, UnknownPolicy::Default, Some("worker"));
+        let mut two = discovered(mac, None, UnknownPolicy::Default, Some("worker"));
         two.metadata.name = Some("rack1-1".into());
         two.spec.hostname = "rack1-1".into();
         two.spec.macs.push("52:54:00:aa:bb:cd".into());
         two.spec.macs.push("garbage".into());
         let none = discovered(
             "52:54:00:00:00:01".parse().unwrap(),
+            None,
             UnknownPolicy::Ignore,
             None,
         );
@@ -425,5 +497,28 @@ mod tests {
         let t = inv.target_by_id("rack1-1").expect("target by name");
         assert_eq!(t.hostname, "rack1-1");
         assert!(inv.machine(&"52:54:00:aa:bb:cd".parse().unwrap()).is_some());
+    }
+
+    #[test]
+    fn a_machine_with_only_a_uuid_is_one_entry_matched_by_it() {
+        let uuid: Uuid = "4c4c4544-0043-3010-8052-b4c04f4e4d32".parse().unwrap();
+        let mac: Mac = "52:54:00:aa:bb:cc".parse().unwrap();
+        let mut m = discovered(mac, Some(uuid), UnknownPolicy::Default, Some("worker"));
+        assert_eq!(
+            m.spec.smbios_uuid.as_deref(),
+            Some(uuid.to_string().as_str())
+        );
+        m.metadata.name = Some("blade-7".into());
+        m.spec.macs.clear();
+        m.spec.ip = Some("192.0.2.40".into());
+        let e = entries(&[Arc::new(m)]);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!((e[0].mac, e[0].uuid), (None, Some(uuid)));
+        let inv = Inventory::parse(crate::inventory::tests_sample(), std::path::Path::new("t"))
+            .unwrap()
+            .with_machines(e);
+        let t = inv.target_for(mac, Some(&uuid)).expect("matched by UUID");
+        assert_eq!((t.id.as_str(), t.mac), ("blade-7", Some(mac)));
+        assert!(inv.reservations().is_empty(), "reservations need a MAC");
     }
 }

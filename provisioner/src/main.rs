@@ -121,9 +121,14 @@ fn main() -> Result<()> {
 fn check(path: &std::path::Path) -> Result<()> {
     let inv = Inventory::load(path)?;
     for m in inv.machines() {
-        let target = inv.target(m.mac).context("machine without profile")?;
-        let ip = m.ip.map(|i| i.to_string()).unwrap_or_else(|| "-".into());
-        println!("{}\t{}\t{}\t{}", m.name, m.mac, ip, target.profile_name);
+        let target = inv
+            .target_by_id(&m.name)
+            .context("machine without profile")?;
+        let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+        let ip = or_dash(m.ip.map(|i| i.to_string()));
+        let mac = or_dash(m.mac.map(|i| i.to_string()));
+        let uuid = or_dash(m.uuid.map(|i| i.to_string()));
+        println!("{}\t{mac}\t{uuid}\t{ip}\t{}", m.name, target.profile_name);
     }
     println!("{}: {} machines, ok", path.display(), inv.machines().len());
     Ok(())

@@ -187,7 +187,8 @@ pub fn vendor_data(target: &Target<'_>) -> Result<String, RenderError> {
 }
 
 /// The `network-config` document: the profile's, or version 2 with DHCPv4 on the interface
-/// matching the machine's MAC.
+/// matching the machine's MAC (on the Ethernet interfaces, for a machine known only by its
+/// UUID).
 ///
 /// # Errors
 /// [`RenderError`] if YAML serialization fails.
@@ -199,7 +200,10 @@ pub fn network_config(target: &Target<'_>) -> Result<String, RenderError> {
                 "version": 2,
                 "ethernets": {
                     "boot0": {
-                        "match": { "macaddress": target.mac.to_string() },
+                        "match": match target.mac {
+                            Some(mac) => json!({ "macaddress": mac.to_string() }),
+                            None => json!({ "name": "e*" }),
+                        },
                         "dhcp4": true,
                     }
                 }

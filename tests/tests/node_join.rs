@@ -548,5 +548,74 @@ fn provisioner_in_api_mode_records_unknown_macs_and_hands_out_join_tokens() -> R
     })
     .with_context(|| format!("provisioner log:\n{}", log_tail(&log_path)))?;
     ensure!(joined["status"]["nodeName"] == MACHINE, "{joined:#}");
+
+    // A machine known only by its SMBIOS UUID: a DHCP client sending that UUID (option 97)
+    // from a MAC nobody knows gets the machine's reserved address, and the Machine gets the
+    // MAC added instead of a new Discovered machine being made.
+    const UUID: &str = "6b5e1f2a-9c3d-4e7f-8a1b-2c3d4e5f6a7b";
+    const MAC2: &str = "52:54:00:ab:cd:02";
+    cp.apply(&format!(
+        "apiVersion: provisioning.keelson.dev/v1\nkind: Machine\nmetadata:\n  name: blade-1\n\
+         spec:\n  smbiosUUID: {UUID}\n  profile: worker\n  hostname: blade-1\n  ip: 192.0.2.140\n"
+    ))?;
+    let mut set_mac = Command::new("ip");
+    set_mac.args(["link", "set", c_if, "address", MAC2]);
+    let fds = place(&mut set_mac, &client_ns, None)?;
+    run_ok(&mut set_mac)?;
+    drop(fds);
+    let option_97: Vec<String> =
+        std::iter::once(0u8)
+            .chain(UUID.replace('-', "").as_bytes().chunks(2).map(|h| {
+                u8::from_str_radix(std::str::from_utf8(h).unwrap_or("zz"), 16).unwrap_or(0)
+            }))
+            .map(|b| format!("{b:02x}"))
+            .collect();
+    std::fs::write(
+        &conf,
+        format!(
+            "option keelson-uuid code 97 = string;\nsend keelson-uuid {};\ntimeout 20;\n",
+            option_97.join(":")
+        ),
+    )?;
+    let leases = dir.path().join("client2.leases");
+    let mut dh = Command::new("dhclient");
+    dh.args(["-d", "-1", "-sf", "/bin/true", "-cf"])
+        .arg(&conf)
+        .arg("-lf")
+        .arg(&leases)
+        .arg("-pf")
+        .arg(dir.path().join("dhclient2.pid"))
+        .arg(c_if)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let fds = place(&mut dh, &client_ns, None)?;
+    let dhclient = Kill(dh.spawn().context("starting dhclient")?);
+    drop(fds);
+    wait_for("the UUID machine's lease", Duration::from_secs(40), || {
+        Ok(std::fs::read_to_string(&leases)
+            .unwrap_or_default()
+            .contains("fixed-address 192.0.2.140;")
+            .then_some(()))
+    })
+    .with_context(|| format!("provisioner log:\n{}", log_tail(&log_path)))?;
+    drop(dhclient);
+    let blade = wait_for(
+        "the MAC recorded on blade-1",
+        Duration::from_secs(20),
+        || {
+            Ok(get_json(&cp, &["machine", "blade-1"])?.filter(|m| {
+                m["spec"]["macs"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|x| x == MAC2))
+            }))
+        },
+    )
+    .with_context(|| format!("provisioner log:\n{}", log_tail(&log_path)))?;
+    ensure!(blade["spec"]["smbiosUUID"] == UUID, "{blade:#}");
+    ensure!(
+        get_json(&cp, &["machine", "mac-525400abcd02"])?.is_none(),
+        "a Discovered machine was made for a MAC matched by UUID"
+    );
     Ok(())
 }

@@ -25,8 +25,11 @@ use serde_json::Value;
 const SERVER_IP: &str = "192.0.2.1";
 /// The VM's reserved address.
 const VM_IP: &str = "192.0.2.10";
-/// The VM NIC's MAC, the machine's key in the inventory.
+/// The VM NIC's MAC (not in the inventory: the machine is known by its SMBIOS UUID).
 const VM_MAC: &str = "52:54:00:4b:00:01";
+/// The VM's SMBIOS system UUID (`qemu -uuid`), the machine's key in the inventory: iPXE
+/// sends it in DHCP option 97 and the provisioner matches the machine by it.
+const VM_UUID: &str = "6b5e1f2a-9c3d-4e7f-8a1b-2c3d4e5f6a7b";
 /// The machine's (and Node's) name.
 const NODE: &str = "vm1";
 /// The API port inside the lab namespace (its own, so any port is free).
@@ -276,7 +279,7 @@ content = "--node-name {NODE} --bootstrap-kubeconfig /etc/keelson/bootstrap-kube
 
 [[machines]]
 name = "{NODE}"
-mac = "{VM_MAC}"
+uuid = "{VM_UUID}"
 ip = "{VM_IP}"
 profile = "node"
 "#
@@ -394,6 +397,8 @@ fn a_pxe_booted_vm_joins_and_runs_a_pod() -> Result<()> {
             "-no-reboot",
             "-boot",
             "n",
+            "-uuid",
+            VM_UUID,
         ])
         .arg("-serial")
         .arg(format!("file:{}", env.path("console.log").display()))

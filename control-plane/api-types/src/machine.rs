@@ -18,7 +18,9 @@ pub struct MachineSpec {
     /// provisioner matches DHCP and HTTP clients by them.
     #[serde(default)]
     pub macs: Vec<String>,
-    /// The SMBIOS system UUID, matched where a client sends one (iPXE `${uuid}`).
+    /// The SMBIOS system UUID, matched where a client sends one (DHCP option 97, which PXE
+    /// firmware and iPXE send; either byte order). A machine matched by it gets the MAC it
+    /// booted from added to `macs`.
     #[serde(
         default,
         rename = "smbiosUUID",

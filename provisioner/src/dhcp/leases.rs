@@ -125,6 +125,12 @@ impl LeaseStore {
         Ok(store)
     }
 
+    /// Replaces the reservations (the inventory changed). Leases already granted stay until
+    /// they end; a reserved address is not offered to anyone else from now on.
+    pub fn set_reservations(&mut self, reservations: HashMap<Mac, Ipv4Addr>) {
+        self.pool.reservations = reservations;
+    }
+
     /// All leases (including expired ones, which are kept to give clients their old address).
     pub fn leases(&self) -> impl Iterator<Item = &Lease> {
         self.leases.values()

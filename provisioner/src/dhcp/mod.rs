@@ -11,12 +11,14 @@
 pub mod leases;
 pub mod packet;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
+use uuid::Uuid;
 
 use crate::boot::{BootFiles, Client, NotBootable};
 use crate::inventory::DhcpSettings;
@@ -112,7 +114,12 @@ pub struct DhcpServer {
     boot: BootFiles,
     inventory: InventoryHandle,
     mode: Mode,
+    /// The SMBIOS UUID each MAC last sent.
+    uuids: HashMap<Mac, Uuid>,
 }
+
+/// How many MAC → UUID pairs the server remembers.
+const MAX_REMEMBERED_UUIDS: usize = 4096;
 
 /// Seconds since the Unix epoch.
 fn unix_now() -> u64 {
@@ -176,6 +183,7 @@ impl DhcpServer {
             boot,
             inventory,
             mode: Mode::Full(Box::new(Full { settings, leases })),
+            uuids: HashMap::new(),
         })
     }
 
@@ -190,6 +198,7 @@ impl DhcpServer {
             boot,
             inventory: inventory.into(),
             mode: Mode::Proxy,
+            uuids: HashMap::new(),
         }
     }
 
@@ -257,7 +266,25 @@ impl DhcpServer {
         Ok(())
     }
 
-    fn boot_info(&self, req: &Packet, mac: Mac) -> Option<BootInfo> {
+    /// The SMBIOS UUID of the client: the one it sends, or the one it sent before from this
+    /// MAC — the OS's DHCP client after network boot does not send option 97, and must still
+    /// be the same machine (same reservation, same host name).
+    fn client_uuid(&mut self, req: &Packet, mac: Mac) -> Option<Uuid> {
+        match req.client_uuid() {
+            Some(u) => {
+                if self.uuids.len() >= MAX_REMEMBERED_UUIDS && !self.uuids.contains_key(&mac) {
+                    // Bounded against floods of made-up MACs; real machines send it again
+                    // when they network-boot.
+                    self.uuids.clear();
+                }
+                self.uuids.insert(mac, u);
+                Some(u)
+            }
+            None => self.uuids.get(&mac).copied(),
+        }
+    }
+
+    fn boot_info(&self, req: &Packet, mac: Mac, uuid: Option<Uuid>) -> Option<BootInfo> {
         let client = match Client::classify(
             req.vendor_class(),
             req.client_arch(),
@@ -271,11 +298,11 @@ impl DhcpServer {
             }
         };
         let inventory = self.inventory.current();
-        let Some(target) = inventory.target(mac) else {
-            info!(%mac, "boot request from a machine without a profile; not answering boot options");
+        let Some(target) = inventory.target_for(mac, uuid.as_ref()) else {
+            info!(%mac, ?uuid, "boot request from a machine without a profile; not answering boot options");
             return None;
         };
-        let file = client.boot_file(&self.boot, mac);
+        let file = client.boot_file(&self.boot, mac, uuid.as_ref());
         info!(%mac, machine = %target.id, ?client, %file, "boot client");
         Some(BootInfo { client, file })
     }
@@ -338,12 +365,13 @@ impl DhcpServer {
         let mac = req.mac()?;
         let kind = req.message_type()?;
         debug!(%mac, ?kind, ?port, %src, "DHCP request");
-        self.inventory.saw(Sighting::Dhcp(mac));
-        let boot = self.boot_info(req, mac);
+        let uuid = self.client_uuid(req, mac);
+        self.inventory.saw(Sighting::Dhcp(mac, uuid));
+        let boot = self.boot_info(req, mac, uuid);
         match self.mode {
             Mode::Proxy => self.handle_proxy(req, kind, port, src, boot),
             Mode::Full(_) if port == Port::Pxe => None,
-            Mode::Full(_) => self.handle_full(req, kind, mac, boot, now),
+            Mode::Full(_) => self.handle_full(req, kind, mac, uuid, boot, now),
         }
     }
 
@@ -413,6 +441,7 @@ impl DhcpServer {
         req: &Packet,
         kind: MessageType,
         mac: Mac,
+        uuid: Option<Uuid>,
         boot: Option<BootInfo>,
         now: u64,
     ) -> Option<(Packet, SocketAddr)> {
@@ -421,6 +450,17 @@ impl DhcpServer {
             return None;
         };
         let lease_secs = full.settings.lease_secs;
+        // Reservations follow the inventory as it is now (Machines change in API mode); a
+        // machine known only by its UUID has its address for the MAC it asks from.
+        let inventory = self.inventory.current();
+        let mut reservations = inventory.reservations();
+        if let Some(m) = inventory.known(&mac, uuid.as_ref())
+            && let Some(ip) = m.ip
+        {
+            reservations.retain(|_, r| *r != ip);
+            reservations.insert(mac, ip);
+        }
+        full.leases.set_reservations(reservations);
         if !req.giaddr.is_unspecified()
             && !in_subnet(
                 req.giaddr,
@@ -492,7 +532,7 @@ impl DhcpServer {
         let settings = full.settings.clone();
         self.network_options(&settings, &mut reply, kind != MessageType::Inform);
         // Known machines get their host name whether or not they network-boot.
-        if let Some(m) = self.inventory.current().machine(&mac) {
+        if let Some(m) = inventory.known(&mac, uuid.as_ref()) {
             let name = m.hostname.as_deref().unwrap_or(&m.name);
             reply.set(opt::HOSTNAME, name.as_bytes().to_vec());
         }
@@ -616,6 +656,80 @@ mod tests {
             Some(&b"node-1"[..])
         );
         assert!(offer.file.is_empty());
+    }
+
+    #[test]
+    fn a_machine_known_by_uuid_gets_its_address_name_and_script() {
+        let uuid: uuid::Uuid = "4c4c4544-0043-3010-8052-b4c04f4e4d32".parse().unwrap();
+        let text = format!(
+            "{}\n[[machines]]\nname = \"by-uuid\"\nuuid = \"{uuid}\"\nip = \"192.0.2.20\"\n",
+            crate::inventory::tests_sample()
+        );
+        let inv = Inventory::parse(&text, std::path::Path::new("t")).unwrap();
+        let mut s = DhcpServer::full(SERVER, files(), inv, None).unwrap();
+        // Firmware that sends the UUID in SMBIOS byte order still matches.
+        let mut d = pxe_discover("52:54:00:00:00:77", 7);
+        let mut id = vec![0];
+        id.extend(crate::smbios::swapped(&uuid).as_bytes());
+        d.set(opt::CLIENT_MACHINE_ID, id.clone());
+        d.set(opt::USER_CLASS, b"iPXE".to_vec());
+        let (offer, _) = s.handle(&d, Port::Dhcp, src(), 0).unwrap();
+        assert_eq!(offer.yiaddr, Ipv4Addr::new(192, 0, 2, 20));
+        assert_eq!(
+            offer.options.get(&opt::HOSTNAME).map(Vec::as_slice),
+            Some(&b"by-uuid"[..])
+        );
+        let file = String::from_utf8(offer.file.clone()).unwrap();
+        assert_eq!(
+            file,
+            format!(
+                "http://192.0.2.1:8080/ipxe/525400000077?uuid={}",
+                crate::smbios::swapped(&uuid)
+            )
+        );
+        // The OS's DHCP client after boot sends no UUID: the same MAC is still that machine.
+        let after_boot = Packet::request(
+            MessageType::Discover,
+            "52:54:00:00:00:77".parse().unwrap(),
+            3,
+        );
+        let (offer, _) = s.handle(&after_boot, Port::Dhcp, src(), 0).unwrap();
+        assert_eq!(offer.yiaddr, Ipv4Addr::new(192, 0, 2, 20));
+        // Another MAC without the UUID is an unknown machine, from the pool.
+        let plain = Packet::request(
+            MessageType::Discover,
+            "52:54:00:00:00:78".parse().unwrap(),
+            2,
+        );
+        let (offer, _) = s.handle(&plain, Port::Dhcp, src(), 0).unwrap();
+        assert!(
+            (100..=110).contains(&offer.yiaddr.octets()[3]),
+            "{}",
+            offer.yiaddr
+        );
+        assert!(!offer.options.contains_key(&opt::HOSTNAME));
+    }
+
+    #[test]
+    fn reservations_follow_the_inventory() {
+        let handle = crate::live::InventoryHandle::from(inventory());
+        let mut s = DhcpServer::full(SERVER, files(), handle.clone(), None).unwrap();
+        let mac = "52:54:00:00:00:42".parse().unwrap();
+        let d = Packet::request(MessageType::Discover, mac, 1);
+        let (offer, _) = s.handle(&d, Port::Dhcp, src(), 0).unwrap();
+        assert!((100..=110).contains(&offer.yiaddr.octets()[3]));
+        // A machine for that MAC with an address appears (a Machine created in API mode).
+        let added = crate::inventory::Machine {
+            name: "late".into(),
+            mac: Some(mac),
+            uuid: None,
+            ip: Some(Ipv4Addr::new(192, 0, 2, 30)),
+            hostname: None,
+            profile: Some("worker".into()),
+        };
+        handle.replace(inventory().with_machines(vec![added]));
+        let (offer, _) = s.handle(&d, Port::Dhcp, src(), 1).unwrap();
+        assert_eq!(offer.yiaddr, Ipv4Addr::new(192, 0, 2, 30));
     }
 
     #[test]

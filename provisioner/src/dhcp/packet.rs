@@ -364,6 +364,11 @@ impl Packet {
         }
     }
 
+    /// The SMBIOS UUID in the client machine identifier (option 97), if well-formed.
+    pub fn client_uuid(&self) -> Option<uuid::Uuid> {
+        crate::smbios::from_client_id(self.options.get(&opt::CLIENT_MACHINE_ID)?)
+    }
+
     /// The vendor class identifier (option 60).
     pub fn vendor_class(&self) -> Option<&[u8]> {
         self.options.get(&opt::VENDOR_CLASS).map(Vec::as_slice)
