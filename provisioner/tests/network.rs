@@ -824,6 +824,11 @@ fn generated_user_data_passes_cloud_init_schema() {
             .unwrap(),
         ),
         ("empty", "#cloud-config\n{}\n".to_string()),
+        // The example for installed servers that `cargo xtask node-image` writes out.
+        (
+            "server-user-data",
+            include_str!("../../xtask/src/node_image/server-user-data.yaml").to_string(),
+        ),
     ] {
         let path = dir.path().join(name);
         std::fs::write(&path, &text).unwrap();
