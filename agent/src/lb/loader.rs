@@ -37,7 +37,7 @@ use super::{
 /// The eBPF object built from `ebpf/programs` by the build script.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keelson-ebpf"));
 
-/// The programs of the object, each attached to the cgroup and pinned as `<name>.<version>`.
+/// The programs of the object, each attached to the cgroup and pinned as `<name>_v<version>` (bpffs refuses dots).
 const PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
 /// Version of the programs' link pins; raise it whenever the programs change behaviour or
 /// start using other maps, so that an upgraded agent replaces the attached programs.
@@ -57,13 +57,13 @@ const MAPS: [(&str, usize, usize); 8] = [
 
 /// Pin name of a program's link in this version.
 fn link_name(program: &str) -> String {
-    format!("{program}.v{LINK_VERSION}")
+    format!("{program}_v{LINK_VERSION}")
 }
 
 /// Pin names of links of older versions.
 fn legacy_link_names(program: &str) -> impl Iterator<Item = String> {
     std::iter::once(program.to_owned())
-        .chain((2..LINK_VERSION).map(move |v| format!("{program}.v{v}")))
+        .chain((2..LINK_VERSION).map(move |v| format!("{program}_v{v}")))
 }
 
 /// The selection maps over the kernel maps.

@@ -97,7 +97,10 @@ pub fn choose(
         *unsafe { MAGLEV.get(key) }?
     } else {
         // SAFETY: a helper without arguments.
-        (unsafe { bpf_get_prandom_u32() }) % service.count
+        let r = unsafe { bpf_get_prandom_u32() };
+        // `checked_rem` keeps a divide-by-zero panic path (which the verifier rejects) out
+        // of the program; callers only pass services with backends.
+        r.checked_rem(service.count)?
     };
     let key = BackendKey {
         service_id: service.id,
