@@ -113,8 +113,7 @@ impl LbCommand {
             LbCommand::Dump { pins } => {
                 let table = lb::open(&pins.pins())?;
                 for info in table.details()? {
-                    let list: Vec<String> =
-                        info.backends.iter().map(ToString::to_string).collect();
+                    let list: Vec<String> = info.backends.iter().map(ToString::to_string).collect();
                     let list = if list.is_empty() {
                         "(no backends: connects refused)".to_owned()
                     } else {

@@ -45,13 +45,21 @@ const PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"]
 pub const LINK_VERSION: u32 = 2;
 /// The maps of the object, pinned by name, with their key and value sizes.
 const MAPS: [(&str, usize, usize); 8] = [
-    (SERVICES_MAP, size_of::<ServiceKey>(), size_of::<ServiceEntry>()),
+    (
+        SERVICES_MAP,
+        size_of::<ServiceKey>(),
+        size_of::<ServiceEntry>(),
+    ),
     (BACKENDS_MAP, size_of::<BackendKey>(), size_of::<Backend>()),
     (VIPS_MAP, size_of::<u32>(), size_of::<u32>()),
     (REVNAT_MAP, size_of::<RevNatKey>(), size_of::<RevNatValue>()),
     (SVC_CONFIG_MAP, size_of::<u32>(), size_of::<ServiceConfig>()),
     (MAGLEV_MAP, size_of::<MaglevKey>(), size_of::<u32>()),
-    (AFFINITY_MAP, size_of::<AffinityKey>(), size_of::<AffinityValue>()),
+    (
+        AFFINITY_MAP,
+        size_of::<AffinityKey>(),
+        size_of::<AffinityValue>(),
+    ),
     (STATS_MAP, size_of::<u32>(), size_of::<ServiceStats>()),
 ];
 
@@ -143,12 +151,12 @@ pub fn attach(cgroup: &Path, pins: &Pins) -> Result<AttachOutcome> {
         attach_one(&mut ebpf, name, &cgroup_dir, &pins.path(&link_name(name)))?;
     }
     // The new programs run after any older ones; now the older ones can go.
-    let legacy = remove_pins(
-        pins,
-        PROGRAMS.into_iter().flat_map(legacy_link_names),
-    )?;
+    let legacy = remove_pins(pins, PROGRAMS.into_iter().flat_map(legacy_link_names))?;
     if !legacy.is_empty() {
-        tracing::info!(links = legacy.len(), "replaced the programs of an older agent");
+        tracing::info!(
+            links = legacy.len(),
+            "replaced the programs of an older agent"
+        );
     }
     open(pins)?.ensure_unexposed_counter()?;
     tracing::info!(cgroup = %cgroup.display(), pins = %pins.dir().display(), "load balancer attached");

@@ -219,7 +219,7 @@ pub trait Summable: Pod + Default {
 
 impl Summable for ServiceStats {
     fn sum(self, other: Self) -> Self {
-        self.add(other)
+        self.wrapping_sum(other)
     }
 }
 

@@ -334,7 +334,9 @@ where
             out.push(ServiceInfo {
                 frontend,
                 backends,
-                options: cfg.map(|c| ServiceOptions::from_config(&c)).unwrap_or_default(),
+                options: cfg
+                    .map(|c| ServiceOptions::from_config(&c))
+                    .unwrap_or_default(),
                 stats,
             });
         }
@@ -437,19 +439,6 @@ where
     fn maps(&self) -> (&S, &B, &V) {
         (&self.services, &self.backends, &self.vips)
     }
-
-    /// The selection maps of a table over in-memory maps, for inspection in tests.
-    #[cfg(test)]
-    fn selection_maps(
-        &self,
-    ) -> &super::selection::SelectionMaps<
-        std::collections::HashMap<u32, ServiceConfig>,
-        std::collections::HashMap<MaglevKey, u32>,
-        std::collections::HashMap<u32, ServiceStats>,
-    > {
-        let any: &dyn std::any::Any = self.selection.as_any();
-        any.downcast_ref().expect("in-memory selection maps")
-    }
 }
 
 fn map_err(op: &'static str, map: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
@@ -462,14 +451,13 @@ fn map_err(op: &'static str, map: &'static str) -> impl FnOnce(aya::maps::MapErr
 fn arrange(old: &[SocketAddrV4], new: &[SocketAddrV4]) -> Vec<SocketAddrV4> {
     let wanted: HashSet<&SocketAddrV4> = new.iter().collect();
     let kept: HashSet<&SocketAddrV4> = old.iter().filter(|a| wanted.contains(a)).collect();
-    let mut arrivals: Vec<SocketAddrV4> = new.iter().filter(|a| !kept.contains(a)).copied().collect();
+    let mut arrivals: Vec<SocketAddrV4> =
+        new.iter().filter(|a| !kept.contains(a)).copied().collect();
     arrivals.sort();
     arrivals.dedup();
     let mut arrivals = arrivals.into_iter();
-    let mut slots: Vec<Option<SocketAddrV4>> = old
-        .iter()
-        .map(|a| kept.contains(a).then_some(*a))
-        .collect();
+    let mut slots: Vec<Option<SocketAddrV4>> =
+        old.iter().map(|a| kept.contains(a).then_some(*a)).collect();
     for slot in slots.iter_mut().filter(|s| s.is_none()) {
         *slot = arrivals.next();
     }
@@ -509,6 +497,12 @@ mod tests {
             maglev: HashMap::new(),
             stats: HashMap::new(),
         })
+    }
+
+    /// The selection maps of a table over in-memory maps.
+    fn selection_maps(t: &Fake) -> &FakeSelection {
+        let any: &dyn std::any::Any = t.selection.as_any();
+        any.downcast_ref().expect("in-memory selection maps")
     }
 
     fn table() -> Fake {
@@ -629,8 +623,14 @@ mod tests {
     fn surviving_backends_keep_their_slots() {
         let a = addrs(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80", "10.0.0.4:80"]);
         // b (slot 1) leaves, e arrives: e takes slot 1.
-        let next = arrange(&a, &addrs(&["10.0.0.4:80", "10.0.0.1:80", "10.0.0.3:80", "10.0.0.5:80"]));
-        assert_eq!(next, addrs(&["10.0.0.1:80", "10.0.0.5:80", "10.0.0.3:80", "10.0.0.4:80"]));
+        let next = arrange(
+            &a,
+            &addrs(&["10.0.0.4:80", "10.0.0.1:80", "10.0.0.3:80", "10.0.0.5:80"]),
+        );
+        assert_eq!(
+            next,
+            addrs(&["10.0.0.1:80", "10.0.0.5:80", "10.0.0.3:80", "10.0.0.4:80"])
+        );
         // b leaves alone: the last slot moves into its place.
         let next = arrange(&a, &addrs(&["10.0.0.1:80", "10.0.0.3:80", "10.0.0.4:80"]));
         assert_eq!(next, addrs(&["10.0.0.1:80", "10.0.0.4:80", "10.0.0.3:80"]));
@@ -655,10 +655,17 @@ mod tests {
         let first = config(&t, web);
         assert_eq!(ServiceOptions::from_config(&first), affinity);
         assert_ne!(first.stats_id, UNEXPOSED_STATS_ID);
-        assert_eq!(t.selection.stats(first.stats_id).unwrap(), Some(ServiceStats::default()));
+        assert_eq!(
+            t.selection.stats(first.stats_id).unwrap(),
+            Some(ServiceStats::default())
+        );
 
-        t.upsert_with(web, &addrs(&["10.244.0.2:8080", "10.244.0.3:8080"]), affinity)
-            .unwrap();
+        t.upsert_with(
+            web,
+            &addrs(&["10.244.0.2:8080", "10.244.0.3:8080"]),
+            affinity,
+        )
+        .unwrap();
         let second = config(&t, web);
         assert_eq!(second.stats_id, first.stats_id);
         // Only the live set has a configuration.
@@ -666,8 +673,12 @@ mod tests {
 
         // Changing only the options publishes a new set too.
         let id = t.maps().0[&web.key()].id;
-        t.upsert_with(web, &addrs(&["10.244.0.3:8080", "10.244.0.2:8080"]), ServiceOptions::default())
-            .unwrap();
+        t.upsert_with(
+            web,
+            &addrs(&["10.244.0.3:8080", "10.244.0.2:8080"]),
+            ServiceOptions::default(),
+        )
+        .unwrap();
         assert_ne!(t.maps().0[&web.key()].id, id);
         assert_eq!(config(&t, web).flags, 0);
         assert_eq!(t.details().unwrap()[0].options, ServiceOptions::default());
@@ -688,19 +699,23 @@ mod tests {
         let backends = addrs(&["10.244.0.2:8080", "10.244.0.3:8080", "10.244.0.4:8080"]);
         t.upsert_with(web, &backends, maglev).unwrap();
         let id = t.maps().0[&web.key()].id;
-        let sel = t.selection_maps();
+        let sel = selection_maps(&t);
         assert_eq!(sel.maglev.len(), MAGLEV_SIZE as usize);
-        assert!(sel.maglev.iter().all(|(k, slot)| k.service_id == id && *slot < 3));
+        assert!(
+            sel.maglev
+                .iter()
+                .all(|(k, slot)| k.service_id == id && *slot < 3)
+        );
 
         // A new set replaces the table; the old one is gone.
         t.upsert_with(web, &backends[..2], maglev).unwrap();
         let id2 = t.maps().0[&web.key()].id;
-        let sel = t.selection_maps();
+        let sel = selection_maps(&t);
         assert_eq!(sel.maglev.len(), MAGLEV_SIZE as usize);
         assert!(sel.maglev.keys().all(|k| k.service_id == id2));
         assert_eq!(slots(&t, web), backends[..2].to_vec());
 
         t.upsert(web, &backends).unwrap();
-        assert!(t.selection_maps().maglev.is_empty());
+        assert!(selection_maps(&t).maglev.is_empty());
     }
 }

@@ -156,7 +156,10 @@ async fn scrape(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
         tracing::warn!(error = %e, "metrics: encoding failed");
     }
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         body,
     )
 }

@@ -255,7 +255,7 @@ pub struct ServiceStats {
 impl ServiceStats {
     /// The element-wise sum, wrapping like the kernel counters.
     #[must_use]
-    pub fn add(self, other: ServiceStats) -> ServiceStats {
+    pub fn wrapping_sum(self, other: ServiceStats) -> ServiceStats {
         ServiceStats {
             connections: self.connections.wrapping_add(other.connections),
             refused: self.refused.wrapping_add(other.refused),

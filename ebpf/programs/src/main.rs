@@ -145,7 +145,11 @@ fn client(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> select::Client {
     // SAFETY: `sk` is the kernel's socket pointer for this call; the verifier checks the load.
     let sk = unsafe { sa.__bindgen_anon_1.sk };
     // SAFETY: reading `src_ip4` of the program's own socket, a field sock_addr programs may read.
-    let bound = if sk.is_null() { 0 } else { unsafe { (*sk).src_ip4 } };
+    let bound = if sk.is_null() {
+        0
+    } else {
+        unsafe { (*sk).src_ip4 }
+    };
     if bound != 0 {
         return select::Client {
             kind: CLIENT_ADDR,

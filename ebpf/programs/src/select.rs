@@ -13,17 +13,16 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuHashMap},
 };
 use keelson_ebpf_common::{
-    AffinityKey, AffinityValue, BPF_F_NO_PREALLOC, Backend, BackendKey, FLAG_AFFINITY,
-    FLAG_MAGLEV, MAGLEV_SIZE, MAX_AFFINITY, MAX_MAGLEV_SERVICES, MAX_SERVICES, MaglevKey,
-    ServiceConfig, ServiceEntry, ServiceStats,
+    AffinityKey, AffinityValue, BPF_F_NO_PREALLOC, Backend, BackendKey, FLAG_AFFINITY, FLAG_MAGLEV,
+    MAGLEV_SIZE, MAX_AFFINITY, MAX_MAGLEV_SERVICES, MAX_SERVICES, MaglevKey, ServiceConfig,
+    ServiceEntry, ServiceStats,
 };
 
 use crate::BACKENDS;
 
 /// Backend-set id → how that set is balanced.
 #[map(name = "SVC_CONFIG")]
-static SVC_CONFIG: HashMap<u32, ServiceConfig> =
-    HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+static SVC_CONFIG: HashMap<u32, ServiceConfig> = HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
 
 /// (backend-set id, index) → slot: the Maglev lookup tables.
 #[map(name = "MAGLEV")]
@@ -148,7 +147,7 @@ fn remember(key: &AffinityKey, slot: u32, backend: &Backend, now: u64) {
         pad: [0; 6],
     };
     // On failure the next connect simply chooses afresh.
-    let _ = AFFINITY.insert(key, &value, 0);
+    let _ = AFFINITY.insert(key, value, 0);
 }
 
 /// Counts a refused connect for the service with counter id `stats_id`.
