@@ -500,3 +500,90 @@ fn terminating_endpoints_keep_their_connections_and_metrics_count_connects() -> 
     assert_eq!(proxy.counter("keelson_lb_connections_total")?, connects);
     Ok(())
 }
+
+/// Pins a new BPF hash map with the given key and value sizes at `path` (what an older agent
+/// with another map layout would have left there).
+fn pin_hash_map(path: &Path, key_size: u32, value_size: u32) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    // `union bpf_attr`, zero beyond the fields set.
+    let mut attr = [0u32; 32];
+    attr[..4].copy_from_slice(&[BPF_MAP_TYPE_HASH, key_size, value_size, 16]);
+    // SAFETY: BPF_MAP_CREATE reads the attribute buffer, which outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    ensure!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let fd = fd as i32;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let mut attr = [0u64; 16];
+    attr[0] = c_path.as_ptr() as u64;
+    attr[1] = u64::from(fd as u32);
+    // SAFETY: BPF_OBJ_PIN reads the buffer and the path, both alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing the descriptor this function created; the pin keeps the map.
+    unsafe { libc::close(fd) };
+    ensure!(rc == 0, "BPF_OBJ_PIN {}: {err}", path.display());
+    Ok(())
+}
+
+#[test]
+fn an_upgrade_replaces_older_programs_and_maps_of_another_layout() -> Result<()> {
+    require_root()?;
+    let netns = Netns::new()?;
+    let cgroup = Cgroup2::new("lb-upgrade")?;
+    let bpffs = Bpffs::mount()?;
+    let pins = bpffs.path().join("keelson");
+    let a = EchoServer::tcp(&netns, "backend-a")?;
+    let cg = cgroup.path().to_str().context("cgroup path")?;
+    let vip = "10.96.0.32:80";
+
+    // A map of this name with another layout is pinned: it is replaced, not misread (the
+    // programs would not even load against it).
+    std::fs::create_dir(&pins)?;
+    pin_hash_map(&pins.join("SVC_CONFIG"), 4, 4)?;
+    let out = lb(&pins, &["attach", "--cgroup", cg])?;
+    ensure!(out.contains("attached"), "attach said: {out}");
+    lb(&pins, &["set", vip, &a.addr().to_string()])?;
+    assert_eq!(backend(&netns, &cgroup, vip)?, "backend-a");
+
+    // Links pinned under the names an older agent used (version 1: the bare program name)
+    // are older programs: the next attach puts this version's beside them, then removes
+    // them; the services in the shared maps keep answering throughout.
+    let programs = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
+    for p in programs {
+        std::fs::rename(pins.join(format!("{p}_v2")), pins.join(p))
+            .with_context(|| format!("renaming the {p} link pin"))?;
+    }
+    assert_eq!(backend(&netns, &cgroup, vip)?, "backend-a");
+    let out = lb(&pins, &["attach", "--cgroup", cg])?;
+    ensure!(
+        out.contains("attached") && !out.contains("already"),
+        "attach said: {out}"
+    );
+    for p in programs {
+        ensure!(!pins.join(p).exists(), "old link {p} still pinned");
+        ensure!(pins.join(format!("{p}_v2")).exists(), "{p}_v2 not pinned");
+    }
+    assert_eq!(backend(&netns, &cgroup, vip)?, "backend-a");
+    Ok(())
+}
