@@ -142,6 +142,26 @@ fn client_ip_affinity_keeps_one_backend_while_random_spreads() -> Result<()> {
     for _ in 0..10 {
         assert_eq!(backend(&netns, &cgroup, vip)?, second);
     }
+
+    // The timeout counts from the last connection: after it has passed, the next connect
+    // chooses afresh (no affinity hit); the one right after it sticks again.
+    rest[3] = "1";
+    lb(&pins, &rest)?;
+    let hits = || -> Result<u64> {
+        let dump = lb(&pins, &["dump"])?;
+        dump.split("affinity hits ")
+            .nth(1)
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("no affinity hits in dump: {dump}"))
+    };
+    backend(&netns, &cgroup, vip)?;
+    let before = hits()?;
+    std::thread::sleep(Duration::from_millis(1500));
+    backend(&netns, &cgroup, vip)?;
+    assert_eq!(hits()?, before, "an expired affinity was used");
+    backend(&netns, &cgroup, vip)?;
+    assert_eq!(hits()?, before + 1);
     Ok(())
 }
 
@@ -353,6 +373,11 @@ impl MetricsProxy {
 
     /// The value of the series `name` labelled with Service default/web, port 80/tcp.
     fn counter(&self, name: &str) -> Result<u64> {
+        self.service_counter(name, "web")
+    }
+
+    /// The value of the series `name` labelled with Service default/`service`, port 80/tcp.
+    fn service_counter(&self, name: &str, service: &str) -> Result<u64> {
         let mut conn = TcpStream::connect(self.metrics).context("connecting to /metrics")?;
         conn.set_read_timeout(Some(Duration::from_secs(5)))?;
         conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n")?;
@@ -363,11 +388,11 @@ impl MetricsProxy {
             .find(|l| {
                 l.starts_with(&format!("{name}{{"))
                     && l.contains("namespace=\"default\"")
-                    && l.contains("service=\"web\"")
+                    && l.contains(&format!("service=\"{service}\""))
                     && l.contains("port=\"80\"")
                     && l.contains("protocol=\"tcp\"")
             })
-            .with_context(|| format!("no {name} series for default/web in:\n{response}"))?;
+            .with_context(|| format!("no {name} series for default/{service} in:\n{response}"))?;
         let value = line.rsplit(' ').next().unwrap_or_default();
         value
             .parse()
@@ -585,5 +610,56 @@ fn an_upgrade_replaces_older_programs_and_maps_of_another_layout() -> Result<()>
         ensure!(pins.join(format!("{p}_v2")).exists(), "{p}_v2 not pinned");
     }
     assert_eq!(backend(&netns, &cgroup, vip)?, "backend-a");
+    Ok(())
+}
+
+#[test]
+fn service_affinity_and_maglev_annotation_are_programmed_by_the_proxy() -> Result<()> {
+    require_root()?;
+    let netns = Netns::new()?;
+    let cgroup = Cgroup2::new("lb-opts")?;
+    let bpffs = Bpffs::mount()?;
+    let pins = bpffs.path().join("keelson");
+    let a = EchoServer::tcp(&netns, "backend-a")?;
+    let b = EchoServer::tcp(&netns, "backend-b")?;
+    let cp = ControlPlane::start()?;
+    let endpoint = |name: &str, port: u16| {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: {name}, namespace: default, labels: {{kubernetes.io/service-name: sticky}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: {port}, protocol: TCP}}]\n\
+             endpoints: [{{addresses: [127.0.0.1], conditions: {{ready: true}}}}]\n"
+        )
+    };
+    cp.apply(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: sticky, namespace: default, \
+         annotations: {{keelson.dev/lb-algorithm: maglev}}}}\n\
+         spec: {{clusterIP: 10.96.101.20, selector: {{app: sticky}}, ports: [{{name: http, port: 80}}], \
+         sessionAffinity: ClientIP, sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 30}}}}}}\n---\n{}---\n{}",
+        endpoint("sticky-a", a.addr().port()),
+        endpoint("sticky-b", b.addr().port()),
+    ))?;
+    let proxy = MetricsProxy::start(&cp, cgroup.path(), &pins)?;
+    let vip = "10.96.101.20:80";
+
+    let mut first = None;
+    eventually("the Service to be programmed", || {
+        first = ask(&netns, &cgroup, vip)?.ok();
+        Ok(first.is_some())
+    })?;
+    let first = first.context("no backend")?;
+    for _ in 0..10 {
+        assert_eq!(backend(&netns, &cgroup, vip)?, first);
+    }
+    let dump = lb(&pins, &["dump"])?;
+    ensure!(dump.contains("maglev, affinity 30s"), "dump: {dump}");
+    assert_eq!(
+        proxy.service_counter("keelson_lb_connections_total", "sticky")?,
+        11
+    );
+    assert_eq!(
+        proxy.service_counter("keelson_lb_affinity_hits_total", "sticky")?,
+        10
+    );
     Ok(())
 }
