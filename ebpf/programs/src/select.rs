@@ -2,6 +2,11 @@
 //! here; a packet path calls [`choose`] with a 5-tuple hash): session affinity, Maglev or a
 //! random slot, and the per-service counters.
 //!
+//! A packet path (the tc NodePort program) calls it once per new flow, after finding the
+//! `ServiceEntry`: `choose(entry, config(entry), Client { kind: CLIENT_ADDR, id: saddr },
+//! flow_hash(five_tuple_words(..)))` (the hash helpers are in `keelson-ebpf-common`, so that
+//! every node hashes a 5-tuple alike). Each call counts one connection.
+//!
 //! The maps of this module are keyed by the backend-set id (`ServiceEntry::id`, fresh on every
 //! backend change) where they describe one backend set — configuration and Maglev table — and
 //! by the stable `ServiceConfig::stats_id` where they must outlive a change: affinity and
