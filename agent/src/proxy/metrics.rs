@@ -53,11 +53,27 @@ impl ServiceNames {
     }
 }
 
-/// Reads the counters from the pinned maps whenever the registry is encoded.
-#[derive(Debug)]
+/// Where a scrape reads the counters: every service, and the unexposed-port refusals.
+type Source = Box<dyn Fn() -> lb::Result<(Vec<ServiceInfo>, u64)> + Send + Sync>;
+
+/// Reads the counters (from the pinned maps, in production) whenever the registry is encoded.
 struct LbCollector {
-    pins: Pins,
+    source: Source,
     names: ServiceNames,
+}
+
+impl std::fmt::Debug for LbCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LbCollector").finish_non_exhaustive()
+    }
+}
+
+/// Reads the counters of the load balancer pinned at `pins`.
+fn pinned_source(pins: Pins) -> Source {
+    Box::new(move || {
+        let table = lb::open(&pins)?;
+        Ok((table.details()?, table.unexposed_refused()?))
+    })
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -76,17 +92,7 @@ impl LbCollector {
 
 impl Collector for LbCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let table = match lb::open(&self.pins) {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics: cannot open the load balancer's maps");
-                return Ok(());
-            }
-        };
-        let (details, unexposed) = match table.details().and_then(|d| {
-            let unexposed = table.unexposed_refused()?;
-            Ok((d, unexposed))
-        }) {
+        let (details, unexposed) = match (self.source)() {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(error = %e, "metrics: cannot read the load balancer's maps");
@@ -141,7 +147,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(LbCollector { pins, names }));
+    registry.register_collector(Box::new(LbCollector {
+        source: pinned_source(pins),
+        names,
+    }));
     let app = Router::new()
         .route("/metrics", get(scrape))
         .with_state(Arc::new(registry));
@@ -162,4 +171,59 @@ async fn scrape(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
         )],
         body,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use keelson_ebpf_common::ServiceStats;
+
+    use super::*;
+
+    #[test]
+    fn counters_are_labelled_with_their_service() {
+        let web: Frontend = "10.96.0.10:80/tcp".parse().unwrap();
+        let dns: Frontend = "10.96.0.53:53/udp".parse().unwrap();
+        let names = ServiceNames::default();
+        names.set(web, "default", "web");
+        let info = |frontend, stats| ServiceInfo {
+            frontend,
+            backends: Vec::new(),
+            options: lb::ServiceOptions::default(),
+            stats,
+        };
+        let services = vec![
+            info(
+                web,
+                Some(ServiceStats {
+                    connections: 7,
+                    refused: 2,
+                    affinity_hits: 3,
+                }),
+            ),
+            // Programmed by hand (`lb set`): no Service name; counters not created yet.
+            info(dns, None),
+        ];
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(LbCollector {
+            source: Box::new(move || Ok((services.clone(), 4))),
+            names,
+        }));
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &registry).unwrap();
+        let web_labels = r#"{namespace="default",service="web",port="80",protocol="tcp"}"#;
+        let dns_labels = r#"{namespace="",service="",port="53",protocol="udp"}"#;
+        for line in [
+            format!("keelson_lb_connections_total{web_labels} 7"),
+            format!("keelson_lb_refused_total{web_labels} 2"),
+            format!("keelson_lb_affinity_hits_total{web_labels} 3"),
+            format!("keelson_lb_connections_total{dns_labels} 0"),
+            "keelson_lb_refused_unexposed_port_total 4".to_owned(),
+            "# TYPE keelson_lb_connections_total counter".to_owned(),
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in:\n{text}"
+            );
+        }
+    }
 }
