@@ -3,7 +3,7 @@
 use std::{net::SocketAddrV4, path::PathBuf};
 
 use anyhow::Context as _;
-use keelson_agent::lb::{self, AttachOutcome, Frontend, Pins};
+use keelson_agent::lb::{self, Algorithm, AttachOutcome, Frontend, Pins, ServiceOptions};
 
 /// Where the load balancer's programs and maps are pinned by default.
 const DEFAULT_PINS: &str = "/sys/fs/bpf/keelson";
@@ -39,6 +39,13 @@ pub enum LbCommand {
         frontend: Frontend,
         /// The backends, `IPV4:PORT`.
         backends: Vec<SocketAddrV4>,
+        /// How new clients pick a backend: `random` or `maglev`.
+        #[arg(long, default_value = "random")]
+        algorithm: Algorithm,
+        /// Session affinity: a client keeps its backend until this many seconds after its
+        /// last connection (`sessionAffinity: ClientIP`).
+        #[arg(long, value_name = "SECONDS")]
+        affinity_timeout: Option<u32>,
         #[command(flatten)]
         pins: PinArgs,
     },
@@ -49,7 +56,7 @@ pub enum LbCommand {
         #[command(flatten)]
         pins: PinArgs,
     },
-    /// Print every service and its backends.
+    /// Print every service, its backends, how they are chosen and its counters.
     Dump {
         #[command(flatten)]
         pins: PinArgs,
@@ -82,10 +89,19 @@ impl LbCommand {
             LbCommand::Set {
                 frontend,
                 backends,
+                algorithm,
+                affinity_timeout,
                 pins,
             } => {
-                lb::open(&pins.pins())?.upsert(frontend, &backends)?;
-                println!("service {frontend}: {} backend(s)", backends.len());
+                let options = ServiceOptions {
+                    algorithm,
+                    affinity_timeout_secs: affinity_timeout,
+                };
+                lb::open(&pins.pins())?.upsert_with(frontend, &backends, options)?;
+                println!(
+                    "service {frontend}: {} backend(s), {options}",
+                    backends.len()
+                );
             }
             LbCommand::Delete { frontend, pins } => {
                 if lb::open(&pins.pins())?.remove(frontend)? {
@@ -95,15 +111,25 @@ impl LbCommand {
                 }
             }
             LbCommand::Dump { pins } => {
-                for (frontend, backends) in lb::open(&pins.pins())?.list()? {
-                    let list: Vec<String> = backends.iter().map(ToString::to_string).collect();
+                let table = lb::open(&pins.pins())?;
+                for info in table.details()? {
+                    let list: Vec<String> = info.backends.iter().map(ToString::to_string).collect();
                     let list = if list.is_empty() {
                         "(no backends: connects refused)".to_owned()
                     } else {
                         list.join(" ")
                     };
-                    println!("{frontend} -> {list}");
+                    println!("{} -> {list}", info.frontend);
+                    let stats = info.stats.unwrap_or_default();
+                    println!(
+                        "    {}; connections {}, refused {}, affinity hits {}",
+                        info.options, stats.connections, stats.refused, stats.affinity_hits
+                    );
                 }
+                println!(
+                    "refused (port not exposed on a service IP): {}",
+                    table.unexposed_refused()?
+                );
             }
             LbCommand::Detach { pins } => {
                 let removed = lb::detach(&pins.pins())?;

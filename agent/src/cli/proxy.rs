@@ -2,12 +2,12 @@
 //! with the cluster's Services and EndpointSlices until stopped. The programs and maps stay
 //! pinned when it exits, so traffic keeps flowing while it restarts.
 
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::Context as _;
 use keelson_agent::{
-    lb::{self, Pins},
-    proxy,
+    lb::{self, Algorithm, Pins},
+    proxy::{self, Settings, metrics::ServiceNames},
 };
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
@@ -23,6 +23,14 @@ pub struct ProxyArgs {
     cgroup: PathBuf,
     #[command(flatten)]
     pins: PinArgs,
+    /// Backend choice for Services without a `keelson.dev/lb-algorithm` annotation:
+    /// `random` or `maglev`.
+    #[arg(long, default_value = "random")]
+    lb_algorithm: Algorithm,
+    /// Serve the load balancer's per-service counters at `http://ADDR:PORT/metrics`
+    /// (Prometheus text format).
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 pub(super) async fn client(path: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
@@ -69,11 +77,44 @@ impl ProxyArgs {
             .context("starting the async runtime")?;
         runtime.block_on(async {
             let client = client(self.kubeconfig.as_ref()).await?;
+            let names = ServiceNames::default();
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
+            let metrics = match self.metrics_listen {
+                Some(addr) => {
+                    let listener = tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("binding the metrics endpoint {addr}"))?;
+                    println!("service proxy: metrics on http://{addr}/metrics");
+                    let mut stop = stop_rx.clone();
+                    let shutdown = async move {
+                        let _ = stop.changed().await;
+                    };
+                    Some(tokio::spawn(proxy::metrics::serve(
+                        listener,
+                        pins.clone(),
+                        names.clone(),
+                        shutdown,
+                    )))
+                }
+                None => None,
+            };
             println!(
                 "service proxy: load balancer on {}, following Services and EndpointSlices",
                 self.cgroup.display()
             );
-            proxy::run(client, table, stop_signal()).await?;
+            let settings = Settings {
+                default_algorithm: self.lb_algorithm,
+                names,
+            };
+            let result = proxy::run_with(client, table, settings, stop_signal()).await;
+            drop(stop_tx);
+            if let Some(server) = metrics {
+                server
+                    .await
+                    .context("metrics endpoint task")?
+                    .context("metrics endpoint")?;
+            }
+            result?;
             println!("service proxy stopped; the load balancer stays attached");
             Ok(())
         })

@@ -3,34 +3,83 @@
 //! Everything lives under one bpffs directory: the maps (pinned by name by the loader) and one
 //! link per program. Because the links are pinned, the programs stay attached when the agent
 //! exits or restarts; removing the pins detaches them.
+//!
+//! Upgrades: link pins carry a version ([`LINK_VERSION`]). An agent whose programs differ from
+//! the pinned ones attaches its own beside them (cgroup programs run in attach order, so the
+//! old ones keep balancing meanwhile, into the shared maps) and then unpins the old links.
+//! A pinned map whose key or value size differs from this build's is unpinned and created
+//! afresh instead of being misread; the proxy refills it on its first sync.
 
 use std::{
     fs::File,
+    mem::size_of,
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader, Pod,
-    maps::{HashMap as BpfHashMap, Map, MapData},
+    maps::{HashMap as BpfHashMap, Map, MapData, MapInfo, PerCpuHashMap},
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
 use keelson_ebpf_common::{
-    BACKENDS_MAP, Backend, BackendKey, REVNAT_MAP, SERVICES_MAP, ServiceEntry, ServiceKey, VIPS_MAP,
+    AFFINITY_MAP, AffinityKey, AffinityValue, BACKENDS_MAP, Backend, BackendKey, MAGLEV_MAP,
+    MaglevKey, REVNAT_MAP, RevNatKey, RevNatValue, SERVICES_MAP, STATS_MAP, SVC_CONFIG_MAP,
+    ServiceConfig, ServiceEntry, ServiceKey, ServiceStats, VIPS_MAP,
 };
 
 use super::{
     bpffs::{ensure_dir, io_err},
     error::{Error, Result},
+    selection::{SelectionMaps, SummedPerCpu},
     table::ServiceTable,
 };
 
 /// The eBPF object built from `ebpf/programs` by the build script.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keelson-ebpf"));
 
-/// The programs of the object, each attached to the cgroup and pinned under its own name.
+/// The programs of the object, each attached to the cgroup and pinned as `<name>_v<version>` (bpffs refuses dots).
 const PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
-/// The maps of the object, pinned by name.
-const MAPS: [&str; 4] = [SERVICES_MAP, BACKENDS_MAP, VIPS_MAP, REVNAT_MAP];
+/// Version of the programs' link pins; raise it whenever the programs change behaviour or
+/// start using other maps, so that an upgraded agent replaces the attached programs.
+/// Version 1 pinned links under the bare program name.
+pub const LINK_VERSION: u32 = 2;
+/// The maps of the object, pinned by name, with their key and value sizes.
+const MAPS: [(&str, usize, usize); 8] = [
+    (
+        SERVICES_MAP,
+        size_of::<ServiceKey>(),
+        size_of::<ServiceEntry>(),
+    ),
+    (BACKENDS_MAP, size_of::<BackendKey>(), size_of::<Backend>()),
+    (VIPS_MAP, size_of::<u32>(), size_of::<u32>()),
+    (REVNAT_MAP, size_of::<RevNatKey>(), size_of::<RevNatValue>()),
+    (SVC_CONFIG_MAP, size_of::<u32>(), size_of::<ServiceConfig>()),
+    (MAGLEV_MAP, size_of::<MaglevKey>(), size_of::<u32>()),
+    (
+        AFFINITY_MAP,
+        size_of::<AffinityKey>(),
+        size_of::<AffinityValue>(),
+    ),
+    (STATS_MAP, size_of::<u32>(), size_of::<ServiceStats>()),
+];
+
+/// Pin name of a program's link in this version.
+fn link_name(program: &str) -> String {
+    format!("{program}_v{LINK_VERSION}")
+}
+
+/// Pin names of links of older versions.
+fn legacy_link_names(program: &str) -> impl Iterator<Item = String> {
+    std::iter::once(program.to_owned())
+        .chain((2..LINK_VERSION).map(move |v| format!("{program}_v{v}")))
+}
+
+/// The selection maps over the kernel maps.
+pub type KernelSelectionMaps = SelectionMaps<
+    BpfHashMap<MapData, u32, ServiceConfig>,
+    BpfHashMap<MapData, MaglevKey, u32>,
+    SummedPerCpu<u32, ServiceStats>,
+>;
 
 /// A service table over the kernel maps.
 pub type KernelServiceTable = ServiceTable<
@@ -84,12 +133,14 @@ pub fn attach(cgroup: &Path, pins: &Pins) -> Result<AttachOutcome> {
     ensure_dir(pins.dir())?;
     let missing: Vec<&str> = PROGRAMS
         .into_iter()
-        .filter(|name| !pins.path(name).exists())
+        .filter(|name| !pins.path(&link_name(name)).exists())
         .collect();
     if missing.is_empty() {
+        open(pins)?.ensure_unexposed_counter()?;
         return Ok(AttachOutcome::AlreadyAttached);
     }
     let cgroup_dir = File::open(cgroup).map_err(|e| io_err("open cgroup", cgroup.into(), e))?;
+    replace_mismatched_maps(pins)?;
 
     // Maps are declared `pinned` in the object: the loader reuses pins found in the directory
     // and pins new maps there, so every program shares the same maps.
@@ -97,10 +148,43 @@ pub fn attach(cgroup: &Path, pins: &Pins) -> Result<AttachOutcome> {
         .default_map_pin_directory(pins.dir())
         .load(OBJECT)?;
     for name in missing {
-        attach_one(&mut ebpf, name, &cgroup_dir, &pins.path(name))?;
+        attach_one(&mut ebpf, name, &cgroup_dir, &pins.path(&link_name(name)))?;
     }
+    // The new programs run after any older ones; now the older ones can go.
+    let legacy = remove_pins(pins, PROGRAMS.into_iter().flat_map(legacy_link_names))?;
+    if !legacy.is_empty() {
+        tracing::info!(
+            links = legacy.len(),
+            "replaced the programs of an older agent"
+        );
+    }
+    open(pins)?.ensure_unexposed_counter()?;
     tracing::info!(cgroup = %cgroup.display(), pins = %pins.dir().display(), "load balancer attached");
     Ok(AttachOutcome::Attached)
+}
+
+/// Unpins maps whose key or value size is not this build's, so the loader creates them anew.
+fn replace_mismatched_maps(pins: &Pins) -> Result<()> {
+    for (name, key_size, value_size) in MAPS {
+        let path = pins.path(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).map_err(|source| Error::OpenPin {
+            path: path.clone(),
+            source,
+        })?;
+        if info.key_size() as usize != key_size || info.value_size() as usize != value_size {
+            tracing::warn!(
+                map = name,
+                pinned = ?(info.key_size(), info.value_size()),
+                expected = ?(key_size, value_size),
+                "pinned map has another layout; replacing it"
+            );
+            std::fs::remove_file(&path).map_err(|e| io_err("remove pin", path, e))?;
+        }
+    }
+    Ok(())
 }
 
 fn attach_one(ebpf: &mut Ebpf, name: &'static str, cgroup: &File, pin: &Path) -> Result<()> {
@@ -141,20 +225,40 @@ fn attach_one(ebpf: &mut Ebpf, name: &'static str, cgroup: &File, pin: &Path) ->
 /// # Errors
 /// The maps are not pinned (nothing attached) or cannot be opened.
 pub fn open(pins: &Pins) -> Result<KernelServiceTable> {
+    let selection: KernelSelectionMaps = SelectionMaps {
+        config: open_hash_map(&pins.path(SVC_CONFIG_MAP))?,
+        maglev: open_hash_map(&pins.path(MAGLEV_MAP))?,
+        stats: SummedPerCpu(open_per_cpu_hash_map(&pins.path(STATS_MAP))?),
+    };
     ServiceTable::new(
         open_hash_map(&pins.path(SERVICES_MAP))?,
         open_hash_map(&pins.path(BACKENDS_MAP))?,
         open_hash_map(&pins.path(VIPS_MAP))?,
+        Box::new(selection),
     )
 }
 
-fn open_hash_map<K: Pod, V: Pod>(path: &Path) -> Result<BpfHashMap<MapData, K, V>> {
+fn open_map(path: &Path) -> Result<Map> {
     let open_err = |source| Error::OpenPin {
         path: path.into(),
         source,
     };
     let data = MapData::from_pin(path).map_err(open_err)?;
-    BpfHashMap::try_from(Map::from_map_data(data).map_err(open_err)?).map_err(open_err)
+    Map::from_map_data(data).map_err(open_err)
+}
+
+fn open_hash_map<K: Pod, V: Pod>(path: &Path) -> Result<BpfHashMap<MapData, K, V>> {
+    BpfHashMap::try_from(open_map(path)?).map_err(|source| Error::OpenPin {
+        path: path.into(),
+        source,
+    })
+}
+
+fn open_per_cpu_hash_map<K: Pod, V: Pod>(path: &Path) -> Result<PerCpuHashMap<MapData, K, V>> {
+    PerCpuHashMap::try_from(open_map(path)?).map_err(|source| Error::OpenPin {
+        path: path.into(),
+        source,
+    })
 }
 
 /// Removes the link and map pins, which detaches the program once no process holds it.
@@ -163,15 +267,25 @@ fn open_hash_map<K: Pod, V: Pod>(path: &Path) -> Result<BpfHashMap<MapData, K, V
 /// # Errors
 /// A pin exists but cannot be removed.
 pub fn detach(pins: &Pins) -> Result<Vec<PathBuf>> {
+    let links = PROGRAMS
+        .into_iter()
+        .flat_map(|p| std::iter::once(link_name(p)).chain(legacy_link_names(p)));
+    let maps = MAPS.into_iter().map(|(name, _, _)| name.to_owned());
+    let removed = remove_pins(pins, links.chain(maps))?;
+    // Leave the directory if something else is pinned there.
+    let _ = std::fs::remove_dir(pins.dir());
+    Ok(removed)
+}
+
+/// Removes the named pins that exist; returns their paths.
+fn remove_pins(pins: &Pins, names: impl Iterator<Item = String>) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    for path in PROGRAMS.into_iter().chain(MAPS).map(|name| pins.path(name)) {
+    for path in names.map(|name| pins.path(&name)) {
         match std::fs::remove_file(&path) {
             Ok(()) => removed.push(path),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("remove pin", path, e)),
         }
     }
-    // Leave the directory if something else is pinned there.
-    let _ = std::fs::remove_dir(pins.dir());
     Ok(removed)
 }

@@ -5,16 +5,28 @@
 //! program, pins it and its maps under a bpffs directory so that they outlive the agent, and
 //! offers a service-level API over the maps ([`ServiceTable`]).
 //!
-//! Requires Linux 5.7 or later (cgroup BPF links) and a bpffs mount.
+//! Backends are chosen at random, or by Maglev consistent hashing ([`Algorithm`]), optionally
+//! with session affinity ([`ServiceOptions`]); the "client" of affinity and Maglev at this
+//! socket layer is the connecting socket's bound source address if it has one, otherwise its
+//! network namespace (`bpf_get_netns_cookie`): one pod, or the node itself.
+//!
+//! Requires Linux 5.7 or later (cgroup BPF links, netns cookies in sock_addr programs) and a
+//! bpffs mount.
 
 mod bpffs;
 mod error;
 mod loader;
+pub mod maglev;
 pub mod maps;
+mod selection;
 mod service;
 mod table;
 
 pub use error::{Error, Result};
 pub use loader::{AttachOutcome, Pins, attach, detach, open};
+pub use selection::{
+    Algorithm, DEFAULT_AFFINITY_TIMEOUT_SECS, SelectionMaps, SelectionStore, ServiceOptions,
+    SummedPerCpu, UnknownAlgorithm,
+};
 pub use service::{Frontend, ParseError, Protocol};
-pub use table::{ServiceTable, Services};
+pub use table::{ServiceInfo, ServiceTable, Services};

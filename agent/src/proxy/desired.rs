@@ -1,14 +1,63 @@
 //! What the load balancer should hold for one Service: its frontends (cluster IP, port,
-//! protocol) and, for each, the ready endpoints of its EndpointSlices.
+//! protocol), for each the endpoints of its EndpointSlices that take new connections, and how
+//! backends are chosen.
+//!
+//! Endpoints that are ready and not terminating take new connections. When a port has none,
+//! endpoints that are terminating but still serving do (as kube-proxy falls back to them), so
+//! a Service whose pods are all shutting down keeps answering until they stop. Connections
+//! already made are never moved: the socket load balancer chose their backend at connect time.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::Service,
+    discovery::v1::{Endpoint, EndpointSlice},
+};
+use kube::ResourceExt as _;
 
-use crate::lb::{Frontend, Protocol};
+use crate::lb::{Algorithm, DEFAULT_AFFINITY_TIMEOUT_SECS, Frontend, Protocol, ServiceOptions};
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Annotation choosing a Service's load-balancing algorithm: `random` or `maglev`.
+pub const LB_ALGORITHM_ANNOTATION: &str = "keelson.dev/lb-algorithm";
+
+/// How the backends of `svc` are chosen: its `keelson.dev/lb-algorithm` annotation, else
+/// `default`; `sessionAffinity: ClientIP` with its timeout (Kubernetes' default 10800 s).
+pub fn options(svc: &Service, default: Algorithm) -> ServiceOptions {
+    let algorithm = match svc.annotations().get(LB_ALGORITHM_ANNOTATION) {
+        None => default,
+        Some(value) => value.parse().unwrap_or_else(|e| {
+            tracing::warn!(service = %svc.name_any(), error = %e, "ignoring annotation");
+            default
+        }),
+    };
+    let spec = svc.spec.as_ref();
+    let affinity = spec.and_then(|s| s.session_affinity.as_deref()) == Some("ClientIP");
+    let timeout = spec
+        .and_then(|s| s.session_affinity_config.as_ref())
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds)
+        .and_then(|t| u32::try_from(t).ok())
+        .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_SECS);
+    ServiceOptions {
+        algorithm,
+        affinity_timeout_secs: affinity.then_some(timeout),
+    }
+}
+
+/// Ready and not terminating. An absent `ready` counts as ready, as in Kubernetes.
+fn takes_new_connections(e: &Endpoint) -> bool {
+    let c = e.conditions.as_ref();
+    c.and_then(|c| c.ready) != Some(false) && c.and_then(|c| c.terminating) != Some(true)
+}
+
+/// Terminating but still serving: the fallback when nothing else is ready.
+fn terminating_but_serving(e: &Endpoint) -> bool {
+    let c = e.conditions.as_ref();
+    c.and_then(|c| c.terminating) == Some(true) && c.and_then(|c| c.serving) == Some(true)
+}
 
 fn protocol(p: Option<&str>) -> Option<Protocol> {
     match p.unwrap_or("TCP") {
@@ -39,26 +88,31 @@ pub fn frontends(svc: &Service, slices: &[&EndpointSlice]) -> Vec<(Frontend, Vec
         let Ok(service_port) = u16::try_from(port.port) else {
             continue;
         };
-        let mut backends: Vec<SocketAddrV4> = slices
-            .iter()
-            .filter(|s| s.address_type == "IPv4")
-            .flat_map(|slice| {
-                // The slice's port for this service port: same name and protocol.
-                let target = slice.ports.iter().flatten().find(|p| {
-                    p.name == port.name && protocol(p.protocol.as_deref()) == Some(proto)
-                });
-                let target = target
-                    .and_then(|p| p.port)
-                    .and_then(|p| u16::try_from(p).ok());
-                slice
-                    .endpoints
-                    .iter()
-                    // An endpoint with no `ready` condition counts as ready, as in Kubernetes.
-                    .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
-                    .flat_map(|e| e.addresses.iter())
-                    .filter_map(move |a| Some(SocketAddrV4::new(a.parse().ok()?, target?)))
-            })
-            .collect();
+        let endpoints_of = |wanted: fn(&Endpoint) -> bool| -> Vec<SocketAddrV4> {
+            slices
+                .iter()
+                .filter(|s| s.address_type == "IPv4")
+                .flat_map(|slice| {
+                    // The slice's port for this service port: same name and protocol.
+                    let target = slice.ports.iter().flatten().find(|p| {
+                        p.name == port.name && protocol(p.protocol.as_deref()) == Some(proto)
+                    });
+                    let target = target
+                        .and_then(|p| p.port)
+                        .and_then(|p| u16::try_from(p).ok());
+                    slice
+                        .endpoints
+                        .iter()
+                        .filter(move |e| wanted(e))
+                        .flat_map(|e| e.addresses.iter())
+                        .filter_map(move |a| Some(SocketAddrV4::new(a.parse().ok()?, target?)))
+                })
+                .collect()
+        };
+        let mut backends = endpoints_of(takes_new_connections);
+        if backends.is_empty() {
+            backends = endpoints_of(terminating_but_serving);
+        }
         backends.sort();
         backends.dedup();
         out.push((
@@ -137,6 +191,62 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn terminating_endpoints_get_no_new_connections_unless_nothing_else_serves() {
+        let http: Frontend = "10.96.0.20:80/tcp".parse().unwrap();
+        let backends = |endpoints| {
+            let s = slice("a", endpoints);
+            let got = frontends(&svc(), &[&s]);
+            got.into_iter().find(|(f, _)| *f == http).unwrap().1
+        };
+        let terminating = json!({"addresses": ["10.244.0.3"],
+            "conditions": {"ready": false, "serving": true, "terminating": true}});
+        let stopped = json!({"addresses": ["10.244.0.4"],
+            "conditions": {"ready": false, "serving": false, "terminating": true}});
+        let ready = json!({"addresses": ["10.244.0.2"], "conditions": {"ready": true}});
+        assert_eq!(
+            backends(json!([ready, terminating, stopped])),
+            vec!["10.244.0.2:8080".parse::<SocketAddrV4>().unwrap()]
+        );
+        // Only terminating endpoints left: the serving ones take connections.
+        assert_eq!(
+            backends(json!([terminating, stopped])),
+            vec!["10.244.0.3:8080".parse::<SocketAddrV4>().unwrap()]
+        );
+        assert!(backends(json!([stopped])).is_empty());
+    }
+
+    #[test]
+    fn options_come_from_affinity_and_the_annotation() {
+        let mut s = svc();
+        assert_eq!(options(&s, Algorithm::Random), ServiceOptions::default());
+        assert_eq!(options(&s, Algorithm::Maglev).algorithm, Algorithm::Maglev);
+        let spec = s.spec.as_mut().unwrap();
+        spec.session_affinity = Some("ClientIP".into());
+        assert_eq!(
+            options(&s, Algorithm::Random).affinity_timeout_secs,
+            Some(DEFAULT_AFFINITY_TIMEOUT_SECS)
+        );
+        s = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "default",
+                         "annotations": {LB_ALGORITHM_ANNOTATION: "maglev"}},
+            "spec": {"clusterIP": "10.96.0.20", "sessionAffinity": "ClientIP",
+                     "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}}
+        }))
+        .unwrap();
+        assert_eq!(
+            options(&s, Algorithm::Random),
+            ServiceOptions {
+                algorithm: Algorithm::Maglev,
+                affinity_timeout_secs: Some(60)
+            }
+        );
+        // An unknown value falls back to the default.
+        s.annotations_mut()
+            .insert(LB_ALGORITHM_ANNOTATION.into(), "ring".into());
+        assert_eq!(options(&s, Algorithm::Random).algorithm, Algorithm::Random);
     }
 
     #[test]

@@ -4,9 +4,11 @@
 //! Each change to a Service or one of its EndpointSlices recomputes only that Service's
 //! frontends ([`desired`]) and writes only their map entries; after a (re)list the maps are
 //! pruned of Services that no longer exist, so an agent restarted while Services were deleted
-//! converges. Only ready endpoints become backends.
+//! converges. Only ready endpoints (or, when a port has none, terminating but serving ones)
+//! become backends. [`metrics`] serves the per-service counters.
 
 pub mod desired;
+pub mod metrics;
 mod sync;
 
-pub use sync::{SyncError, run};
+pub use sync::{Settings, SyncError, run, run_with};

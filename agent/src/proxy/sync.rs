@@ -6,8 +6,11 @@ use futures::StreamExt as _;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{Client, ResourceExt as _, runtime::watcher};
 
-use super::desired::frontends;
-use crate::lb::{self, Frontend, ServiceTable, maps::KvMap};
+use super::{
+    desired::{frontends, options},
+    metrics::ServiceNames,
+};
+use crate::lb::{self, Algorithm, Frontend, ServiceTable, maps::KvMap};
 use crate::svcwatch::{self, Change, Key, Relist, slice_key};
 use keelson_ebpf_common::{Backend, BackendKey, ServiceEntry, ServiceKey};
 
@@ -25,9 +28,19 @@ pub enum SyncError {
     Lb(#[from] lb::Error),
 }
 
+/// How the proxy programs Services beyond what the API says.
+#[derive(Clone, Debug, Default)]
+pub struct Settings {
+    /// Algorithm of Services without a `keelson.dev/lb-algorithm` annotation.
+    pub default_algorithm: Algorithm,
+    /// Filled with the Service of every programmed frontend, for the metrics endpoint.
+    pub names: ServiceNames,
+}
+
 /// A Service, by namespace and name.
 struct State<S, B, V> {
     table: ServiceTable<S, B, V>,
+    settings: Settings,
     services: HashMap<Key, Service>,
     slices: HashMap<Key, HashMap<String, EndpointSlice>>,
     programmed: HashMap<Key, Vec<Frontend>>,
@@ -51,23 +64,28 @@ where
 
     /// Writes one Service's frontends; only its own entries change.
     fn reconcile(&mut self, key: &Key) -> Result<(), lb::Error> {
-        let desired = match self.services.get(key) {
+        let (desired, opts) = match self.services.get(key) {
             Some(svc) => {
                 let slices: Vec<&EndpointSlice> = self
                     .slices
                     .get(key)
                     .map(|m| m.values().collect())
                     .unwrap_or_default();
-                frontends(svc, &slices)
+                (
+                    frontends(svc, &slices),
+                    options(svc, self.settings.default_algorithm),
+                )
             }
-            None => Vec::new(),
+            None => (Vec::new(), lb::ServiceOptions::default()),
         };
         let old = self.programmed.remove(key).unwrap_or_default();
         for (frontend, backends) in &desired {
-            self.table.upsert(*frontend, backends)?;
+            self.table.upsert_with(*frontend, backends, opts)?;
+            self.settings.names.set(*frontend, &key.0, &key.1);
         }
         for gone in old.iter().filter(|f| !desired.iter().any(|(d, _)| d == *f)) {
             self.table.remove(*gone)?;
+            self.settings.names.remove(gone);
         }
         if !desired.is_empty() {
             self.programmed
@@ -92,6 +110,7 @@ where
         for (frontend, _) in self.table.list()? {
             if !wanted.contains(&frontend) {
                 self.table.remove(frontend)?;
+                self.settings.names.remove(&frontend);
             }
         }
         tracing::info!(
@@ -186,9 +205,8 @@ where
     }
 }
 
-/// Keeps `table` in step with the cluster's Services and EndpointSlices until `shutdown`.
-/// Nothing is written until both have been listed, so a restarted agent never briefly
-/// empties a Service whose endpoints it has not read yet.
+/// Keeps `table` in step with the cluster's Services and EndpointSlices until `shutdown`,
+/// with the default [`Settings`].
 ///
 /// # Errors
 /// A map write fails, or a watch ends for good.
@@ -202,9 +220,30 @@ where
     B: KvMap<BackendKey, Backend>,
     V: KvMap<u32, u32>,
 {
+    run_with(client, table, Settings::default(), shutdown).await
+}
+
+/// Keeps `table` in step with the cluster's Services and EndpointSlices until `shutdown`.
+/// Nothing is written until both have been listed, so a restarted agent never briefly
+/// empties a Service whose endpoints it has not read yet.
+///
+/// # Errors
+/// A map write fails, or a watch ends for good.
+pub async fn run_with<S, B, V>(
+    client: Client,
+    table: ServiceTable<S, B, V>,
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), SyncError>
+where
+    S: KvMap<ServiceKey, ServiceEntry>,
+    B: KvMap<BackendKey, Backend>,
+    V: KvMap<u32, u32>,
+{
     let mut changes = std::pin::pin!(svcwatch::changes(client));
     let mut state = State {
         table,
+        settings,
         services: HashMap::new(),
         slices: HashMap::new(),
         programmed: HashMap::new(),

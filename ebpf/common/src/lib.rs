@@ -140,3 +140,203 @@ mod tests {
         assert_eq!(size_of::<RevNatValue>(), 8);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Backend selection options: session affinity, Maglev, per-service counters.
+//
+// - [`SVC_CONFIG_MAP`]: backend-set id ([`ServiceEntry::id`]) → [`ServiceConfig`] (algorithm,
+//   affinity, the service's stable counter id). Written under the fresh id before the service
+//   entry is published, so it switches atomically with the backend set. A service without an
+//   entry (written by an older agent) is balanced at random without affinity or counters.
+// - [`MAGLEV_MAP`]: [`MaglevKey`] (backend-set id, table index) → backend slot; only services
+//   using Maglev have entries, [`MAGLEV_SIZE`] each.
+// - [`AFFINITY_MAP`]: [`AffinityKey`] (stable id, client) → [`AffinityValue`] (backend, last
+//   use), an LRU map.
+// - [`STATS_MAP`]: stable id → [`ServiceStats`], per CPU; id [`UNEXPOSED_STATS_ID`] counts
+//   connects refused because no service has that port on a known virtual IP.
+
+/// Name (and pin name) of the per-backend-set configuration map.
+pub const SVC_CONFIG_MAP: &str = "SVC_CONFIG";
+/// Name (and pin name) of the Maglev lookup-table map.
+pub const MAGLEV_MAP: &str = "MAGLEV";
+/// Name (and pin name) of the session-affinity map.
+pub const AFFINITY_MAP: &str = "AFFINITY";
+/// Name (and pin name) of the per-service counters map.
+pub const STATS_MAP: &str = "LB_STATS";
+
+/// Size of every service's Maglev lookup table: a prime, so that each backend's permutation
+/// visits every entry. 1021 keeps the disruption of a backend change near the ideal 1/N for up
+/// to about 100 backends per service while a table stays 1021 map entries.
+pub const MAGLEV_SIZE: u32 = 1021;
+/// Capacity of the Maglev map: room for this many Maglev services' tables (allocated on use).
+pub const MAX_MAGLEV_SERVICES: u32 = 1024;
+/// Capacity of the session-affinity LRU map.
+pub const MAX_AFFINITY: u32 = 65_536;
+/// `BPF_F_NO_PREALLOC`: entries are allocated on insert, so unused capacity costs nothing.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
+/// The counter id under which refusals of unexposed ports on known virtual IPs are counted.
+pub const UNEXPOSED_STATS_ID: u32 = 0;
+
+/// [`ServiceConfig::flags`]: pick backends with the Maglev table instead of at random.
+pub const FLAG_MAGLEV: u32 = 1;
+/// [`ServiceConfig::flags`]: `sessionAffinity: ClientIP`.
+pub const FLAG_AFFINITY: u32 = 2;
+
+/// How one backend set of a service is balanced.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceConfig {
+    /// Stable id of the service frontend: key of its counters and affinity entries. Unlike
+    /// [`ServiceEntry::id`] it survives backend changes. Never [`UNEXPOSED_STATS_ID`].
+    pub stats_id: u32,
+    /// [`FLAG_MAGLEV`] and [`FLAG_AFFINITY`].
+    pub flags: u32,
+    /// Session affinity timeout since last use, seconds.
+    pub affinity_timeout_secs: u32,
+    /// Explicit padding; always zero.
+    pub pad: u32,
+}
+
+/// One entry of a service's Maglev lookup table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MaglevKey {
+    /// The backend-set id ([`ServiceEntry::id`]).
+    pub service_id: u32,
+    /// Table index, `0..MAGLEV_SIZE`.
+    pub index: u32,
+}
+
+/// [`AffinityKey::kind`]: the client is a network namespace (`bpf_get_netns_cookie`).
+pub const CLIENT_NETNS: u32 = 0;
+/// [`AffinityKey::kind`]: the client is the socket's bound IPv4 source address.
+pub const CLIENT_ADDR: u32 = 1;
+
+/// A client of a service, for session affinity.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    /// The service's [`ServiceConfig::stats_id`].
+    pub stats_id: u32,
+    /// [`CLIENT_NETNS`] or [`CLIENT_ADDR`].
+    pub kind: u32,
+    /// The netns cookie, or the IPv4 source address (network byte order) widened.
+    pub client: u64,
+}
+
+/// The backend a client was last sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffinityValue {
+    /// `bpf_ktime_get_ns` of the last connection.
+    pub last_used_ns: u64,
+    /// The backend's slot in the set it was chosen from.
+    pub slot: u32,
+    /// Backend IPv4 address, network byte order; reused only while this slot still holds it.
+    pub addr: u32,
+    /// Backend port, network byte order.
+    pub port: u16,
+    /// Explicit padding; always zero.
+    pub pad: [u8; 6],
+}
+
+/// Counters of one service frontend (per CPU in the kernel map; user space sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceStats {
+    /// Balanced connects and unconnected UDP sends.
+    pub connections: u64,
+    /// Connects refused: no ready backend (or, under [`UNEXPOSED_STATS_ID`], no such port).
+    pub refused: u64,
+    /// Connections that went to the client's previous backend through session affinity.
+    pub affinity_hits: u64,
+}
+
+impl ServiceStats {
+    /// The element-wise sum, wrapping like the kernel counters.
+    #[must_use]
+    pub fn wrapping_sum(self, other: ServiceStats) -> ServiceStats {
+        ServiceStats {
+            connections: self.connections.wrapping_add(other.connections),
+            refused: self.refused.wrapping_add(other.refused),
+            affinity_hits: self.affinity_hits.wrapping_add(other.affinity_hits),
+        }
+    }
+}
+
+/// A 64-bit finalizer (splitmix64): cheap, branch-free and the same on every node, so the
+/// kernel's flow hash and user space's Maglev permutations agree across the cluster.
+#[must_use]
+#[inline(always)]
+pub const fn mix64(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Hash of a flow for Maglev: the socket load balancer passes (client identity, frontend);
+/// a packet path passes the 5-tuple packed into the same two words (addresses in `a`, ports
+/// and protocol in `b`). Only the ordering of the inputs matters, not their meaning.
+#[must_use]
+#[inline(always)]
+pub const fn flow_hash(a: u64, b: u64) -> u32 {
+    (mix64(a ^ mix64(b)) >> 32) as u32
+}
+
+/// Packs an IPv4 5-tuple (all fields in network byte order, as in packet headers) into the
+/// two words [`flow_hash`] takes.
+#[must_use]
+#[inline(always)]
+pub const fn five_tuple_words(
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+) -> (u64, u64) {
+    (
+        ((saddr as u64) << 32) | daddr as u64,
+        ((sport as u64) << 32) | ((dport as u64) << 16) | proto as u64,
+    )
+}
+
+#[cfg(feature = "user")]
+mod pod_selection {
+    // SAFETY: as in `pod`: `#[repr(C)]`, `Copy`, integers only, explicit padding.
+    unsafe impl aya::Pod for super::ServiceConfig {}
+    unsafe impl aya::Pod for super::MaglevKey {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityValue {}
+    unsafe impl aya::Pod for super::ServiceStats {}
+}
+
+#[cfg(test)]
+mod selection_tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn selection_layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<ServiceConfig>(), 16);
+        assert_eq!(size_of::<MaglevKey>(), 8);
+        assert_eq!(size_of::<AffinityKey>(), 16);
+        assert_eq!(size_of::<AffinityValue>(), 24);
+        assert_eq!(size_of::<ServiceStats>(), 24);
+    }
+
+    #[test]
+    fn flow_hash_is_deterministic_and_spreads() {
+        assert_eq!(flow_hash(1, 2), flow_hash(1, 2));
+        assert_ne!(flow_hash(1, 2), flow_hash(2, 1));
+        let (a, b) = five_tuple_words(1, 2, 3, 4, 6);
+        assert_ne!(flow_hash(a, b), flow_hash(a, b ^ 1));
+        // Over many clients every bucket of a small table is hit.
+        let mut hit = [false; 7];
+        for c in 0..200u64 {
+            hit[(flow_hash(c, 99) % 7) as usize] = true;
+        }
+        assert!(hit.iter().all(|h| *h));
+    }
+}

@@ -2,7 +2,8 @@
 //!
 //! - `cgroup/connect4` (TCP connects, connected UDP) and `cgroup/sendmsg4` (unconnected UDP):
 //!   if the destination is a service frontend in [`SERVICES`], rewrite it to one of the
-//!   service's backends, picked at random, before the kernel routes anything — no per-packet
+//!   service's backends, chosen by [`select`] (random, Maglev, session affinity), before the
+//!   kernel routes anything — no per-packet
 //!   NAT, no conntrack entry. The original frontend is remembered per socket in [`REVNAT`].
 //! - `cgroup/getpeername4` and `cgroup/recvmsg4`: translate the backend back into the frontend,
 //!   so the application sees the address it asked for.
@@ -12,17 +13,19 @@
 #![no_std]
 #![no_main]
 
+mod select;
+
 use aya_ebpf::{
     EbpfContext as _,
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     macros::{cgroup_sock_addr, map},
     maps::{HashMap, LruHashMap},
     programs::SockAddrContext,
 };
 use keelson_ebpf_common::{
-    Backend, BackendKey, MAX_BACKENDS, MAX_REVNAT, MAX_SERVICES, RevNatKey, RevNatValue,
-    ServiceEntry, ServiceKey,
+    Backend, BackendKey, CLIENT_ADDR, CLIENT_NETNS, MAX_BACKENDS, MAX_REVNAT, MAX_SERVICES,
+    RevNatKey, RevNatValue, ServiceEntry, ServiceKey, UNEXPOSED_STATS_ID, flow_hash,
 };
 
 /// Service frontends. Every map is pinned by name so that an agent restart keeps it.
@@ -93,26 +96,28 @@ fn balance(ctx: &SockAddrContext) -> i32 {
     let Some(service) = (unsafe { SERVICES.get(key) }) else {
         // SAFETY: as above.
         return if unsafe { VIPS.get(key.addr) }.is_some() {
+            select::count_refused(UNEXPOSED_STATS_ID);
             refuse()
         } else {
             ALLOW
         };
     };
+    let cfg = select::config(service);
     if service.count == 0 {
+        if let Some(cfg) = cfg {
+            select::count_refused(cfg.stats_id);
+        }
         return refuse();
     }
-    // SAFETY: calling a helper that takes no arguments.
-    let slot = unsafe { bpf_get_prandom_u32() } % service.count;
-    let backend_key = BackendKey {
-        service_id: service.id,
-        slot,
-    };
-    // SAFETY: as above, read-only access to a map value.
-    let Some(backend) = (unsafe { BACKENDS.get(backend_key) }) else {
+    let client = client(ctx, sa);
+    let frontend = (u64::from(key.addr) << 32) | (u64::from(key.port) << 8) | u64::from(key.proto);
+    let hash = flow_hash(client.id ^ (u64::from(client.kind) << 63), frontend);
+    let Some(choice) = select::choose(service, cfg, client, hash) else {
         // A slot past the end: user space is shrinking the service; refuse rather than let
         // the connect go to the virtual address.
         return refuse();
     };
+    let backend = choice.backend;
     // SAFETY: the context is a socket-address context, which the helper accepts.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let rev_key = RevNatKey {
@@ -131,6 +136,31 @@ fn balance(ctx: &SockAddrContext) -> i32 {
     sa.user_ip4 = backend.addr;
     sa.user_port = u32::from(backend.port);
     ALLOW
+}
+
+/// The client for affinity and Maglev: the socket's source address if it was bound to one,
+/// otherwise its network namespace (a pod, or the node itself).
+#[inline(always)]
+fn client(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> select::Client {
+    // SAFETY: `sk` is the kernel's socket pointer for this call; the verifier checks the load.
+    let sk = unsafe { sa.__bindgen_anon_1.sk };
+    // SAFETY: reading `src_ip4` of the program's own socket, a field sock_addr programs may read.
+    let bound = if sk.is_null() {
+        0
+    } else {
+        unsafe { (*sk).src_ip4 }
+    };
+    if bound != 0 {
+        return select::Client {
+            kind: CLIENT_ADDR,
+            id: u64::from(bound),
+        };
+    }
+    select::Client {
+        kind: CLIENT_NETNS,
+        // SAFETY: sock_addr programs may call this helper with their context.
+        id: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+    }
 }
 
 /// Shows the frontend instead of the backend this socket was balanced to.
