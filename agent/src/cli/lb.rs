@@ -104,6 +104,7 @@ impl LbCommand {
                     };
                     println!("{frontend} -> {list}");
                 }
+                dump_nodeport(&pins.pins())?;
             }
             LbCommand::Detach { pins } => {
                 let removed = lb::detach(&pins.pins())?;
@@ -117,4 +118,30 @@ impl LbCommand {
         }
         Ok(())
     }
+}
+
+/// The NodePort path: its frontends for traffic from outside, the interfaces it is attached
+/// to and the number of tracked flows.
+fn dump_nodeport(pins: &Pins) -> anyhow::Result<()> {
+    let Some(flows) = lb::conntrack_flows(pins)? else {
+        return Ok(());
+    };
+    let interfaces = lb::tc_interfaces(pins)?;
+    let on = if interfaces.is_empty() {
+        "not attached to any interface".to_owned()
+    } else {
+        format!("on {}", interfaces.join(", "))
+    };
+    println!("nodePort/externalIP frontends for traffic from outside ({on}):");
+    for (frontend, backends) in lb::open_tc(pins)?.table.list()? {
+        let list: Vec<String> = backends.iter().map(ToString::to_string).collect();
+        let list = if list.is_empty() {
+            "(no backends here: dropped)".to_owned()
+        } else {
+            list.join(" ")
+        };
+        println!("  {frontend} -> {list}");
+    }
+    println!("conntrack: {flows} flow(s)");
+    Ok(())
 }

@@ -2,12 +2,12 @@
 //! with the cluster's Services and EndpointSlices until stopped. The programs and maps stay
 //! pinned when it exits, so traffic keeps flowing while it restarts.
 
-use std::path::PathBuf;
+use std::{net::Ipv4Addr, path::PathBuf};
 
 use anyhow::Context as _;
 use keelson_agent::{
     lb::{self, Pins},
-    proxy,
+    proxy::{self, ExternalFrontends, PacketMaps, desired::NodeAddrs},
 };
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
@@ -23,6 +23,18 @@ pub struct ProxyArgs {
     cgroup: PathBuf,
     #[command(flatten)]
     pins: PinArgs,
+    /// This Node's name: its own endpoints (EndpointSlice `nodeName`) serve
+    /// `externalTrafficPolicy: Local` and need no SNAT.
+    #[arg(long)]
+    node_name: Option<String>,
+    /// An address of this node on which Services' nodePorts are served (repeatable).
+    #[arg(long = "node-ip")]
+    node_ips: Vec<Ipv4Addr>,
+    /// An interface whose traffic from outside reaches nodePorts and externalIPs (tc
+    /// programs on its ingress and egress; repeatable). Without one, only the node's own
+    /// sockets and its pods' reach them.
+    #[arg(long = "nodeport-interface")]
+    nodeport_interfaces: Vec<String>,
 }
 
 pub(super) async fn client(path: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
@@ -62,6 +74,26 @@ impl ProxyArgs {
         lb::attach(&self.cgroup, &pins)
             .with_context(|| format!("attaching to {}", self.cgroup.display()))?;
         let table = lb::open(&pins)?;
+        let packet = if self.nodeport_interfaces.is_empty() {
+            None
+        } else {
+            lb::attach_tc(&pins, &self.nodeport_interfaces).with_context(|| {
+                format!(
+                    "attaching the NodePort programs to {}",
+                    self.nodeport_interfaces.join(", ")
+                )
+            })?;
+            let maps = lb::open_tc(&pins)?;
+            Some(PacketMaps {
+                table: maps.table,
+                local: maps.local,
+            })
+        };
+        let node = NodeAddrs {
+            name: self.node_name.clone(),
+            ips: self.node_ips.clone(),
+        };
+        let external = ExternalFrontends::new(node, packet);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -73,7 +105,7 @@ impl ProxyArgs {
                 "service proxy: load balancer on {}, following Services and EndpointSlices",
                 self.cgroup.display()
             );
-            proxy::run(client, table, stop_signal()).await?;
+            proxy::run(client, table, external, stop_signal()).await?;
             println!("service proxy stopped; the load balancer stays attached");
             Ok(())
         })

@@ -25,7 +25,8 @@ use super::{
 };
 
 /// The eBPF object built from `ebpf/programs` by the build script.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keelson-ebpf"));
+pub(super) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keelson-ebpf"));
 
 /// The programs of the object, each attached to the cgroup and pinned under its own name.
 const PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
@@ -148,7 +149,7 @@ pub fn open(pins: &Pins) -> Result<KernelServiceTable> {
     )
 }
 
-fn open_hash_map<K: Pod, V: Pod>(path: &Path) -> Result<BpfHashMap<MapData, K, V>> {
+pub(super) fn open_hash_map<K: Pod, V: Pod>(path: &Path) -> Result<BpfHashMap<MapData, K, V>> {
     let open_err = |source| Error::OpenPin {
         path: path.into(),
         source,
@@ -171,6 +172,7 @@ pub fn detach(pins: &Pins) -> Result<Vec<PathBuf>> {
             Err(e) => return Err(io_err("remove pin", path, e)),
         }
     }
+    removed.extend(super::tc::detach_tc(pins)?);
     // Leave the directory if something else is pinned there.
     let _ = std::fs::remove_dir(pins.dir());
     Ok(removed)

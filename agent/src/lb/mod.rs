@@ -3,7 +3,9 @@
 //! The kernel side (`ebpf/programs`) rewrites `connect(2)` to a service frontend into a connect
 //! to one of its backends, at the `cgroup/connect4` hook. This module loads and attaches that
 //! program, pins it and its maps under a bpffs directory so that they outlive the agent, and
-//! offers a service-level API over the maps ([`ServiceTable`]).
+//! offers a service-level API over the maps ([`ServiceTable`]). NodePort and externalIP
+//! traffic from outside the node goes through tc programs on the node's interfaces
+//! ([`attach_tc`]).
 //!
 //! Requires Linux 5.7 or later (cgroup BPF links) and a bpffs mount.
 
@@ -13,8 +15,10 @@ mod loader;
 pub mod maps;
 mod service;
 mod table;
+mod tc;
 
 pub use error::{Error, Result};
 pub use loader::{AttachOutcome, Pins, attach, detach, open};
 pub use service::{Frontend, ParseError, Protocol};
 pub use table::{ServiceTable, Services};
+pub use tc::{PacketMapsPinned, attach_tc, conntrack_flows, open_tc, tc_interfaces};

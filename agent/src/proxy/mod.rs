@@ -7,6 +7,8 @@
 //! converges. Only ready endpoints become backends.
 
 pub mod desired;
+mod external;
 mod sync;
 
+pub use external::{ExternalFrontends, PacketMaps};
 pub use sync::{SyncError, run};

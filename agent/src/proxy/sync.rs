@@ -6,7 +6,10 @@ use futures::StreamExt as _;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{Client, ResourceExt as _, runtime::watcher};
 
-use super::desired::frontends;
+use super::{
+    desired::{external, frontends},
+    external::ExternalFrontends,
+};
 use crate::lb::{self, Frontend, ServiceTable, maps::KvMap};
 use crate::svcwatch::{self, Change, Key, Relist, slice_key};
 use keelson_ebpf_common::{Backend, BackendKey, ServiceEntry, ServiceKey};
@@ -31,6 +34,7 @@ struct State<S, B, V> {
     services: HashMap<Key, Service>,
     slices: HashMap<Key, HashMap<String, EndpointSlice>>,
     programmed: HashMap<Key, Vec<Frontend>>,
+    external: ExternalFrontends<S, B, V>,
     service_list: Relist<Key>,
     slice_list: Relist<(Key, String)>,
 }
@@ -51,17 +55,22 @@ where
 
     /// Writes one Service's frontends; only its own entries change.
     fn reconcile(&mut self, key: &Key) -> Result<(), lb::Error> {
-        let desired = match self.services.get(key) {
+        let (desired, desired_external) = match self.services.get(key) {
             Some(svc) => {
                 let slices: Vec<&EndpointSlice> = self
                     .slices
                     .get(key)
                     .map(|m| m.values().collect())
                     .unwrap_or_default();
-                frontends(svc, &slices)
+                (
+                    frontends(svc, &slices),
+                    Some(external(svc, &slices, self.external.node())),
+                )
             }
-            None => Vec::new(),
+            None => (Vec::new(), None),
         };
+        self.external
+            .reconcile(&mut self.table, key, desired_external)?;
         let old = self.programmed.remove(key).unwrap_or_default();
         for (frontend, backends) in &desired {
             self.table.upsert(*frontend, backends)?;
@@ -90,10 +99,11 @@ where
         }
         let wanted: HashSet<Frontend> = self.programmed.values().flatten().copied().collect();
         for (frontend, _) in self.table.list()? {
-            if !wanted.contains(&frontend) {
+            if !wanted.contains(&frontend) && !self.external.owns(&frontend) {
                 self.table.remove(frontend)?;
             }
         }
+        self.external.prune()?;
         tracing::info!(
             services = self.programmed.len(),
             "load balancer in sync with the API"
@@ -186,7 +196,8 @@ where
     }
 }
 
-/// Keeps `table` in step with the cluster's Services and EndpointSlices until `shutdown`.
+/// Keeps `table` (and the `external` frontends: nodePorts, externalIPs) in step with the
+/// cluster's Services and EndpointSlices until `shutdown`.
 /// Nothing is written until both have been listed, so a restarted agent never briefly
 /// empties a Service whose endpoints it has not read yet.
 ///
@@ -195,6 +206,7 @@ where
 pub async fn run<S, B, V>(
     client: Client,
     table: ServiceTable<S, B, V>,
+    external: ExternalFrontends<S, B, V>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), SyncError>
 where
@@ -208,6 +220,7 @@ where
         services: HashMap::new(),
         slices: HashMap::new(),
         programmed: HashMap::new(),
+        external,
         service_list: Relist::default(),
         slice_list: Relist::default(),
     };
