@@ -9,7 +9,9 @@
 //! - an externalIP routed to a node reaches the Service;
 //! - from the node itself (its cgroup), a connect to its own address and nodePort is
 //!   balanced at the socket;
-//! - `keelson-agent lb dump` shows the NodePort frontends and tracked flows.
+//! - `keelson-agent lb dump` shows the NodePort frontends and tracked flows;
+//! - a flow through a node survives a `kill -9` and restart of its proxy, and `lb detach`
+//!   removes the tc programs too.
 //!
 //! The backends are small servers the test runs inside the pods' network namespaces that
 //! answer `<pod> peer=<source address>`.
@@ -17,7 +19,7 @@
 use std::{
     collections::BTreeSet,
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::Path,
     process::Command,
@@ -224,7 +226,7 @@ fn eventually_answers(ask: impl Fn() -> Result<Answer>, what: &str) -> Result<An
     loop {
         match ask() {
             Ok(a) => return Ok(a),
-            Err(e) if Instant::now() > deadline => return Err(e.context(format!("{what}"))),
+            Err(e) if Instant::now() > deadline => return Err(e.context(what.to_owned())),
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
     }
@@ -284,27 +286,31 @@ fn lb_dump(pins: &Path) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The proxy of `node`: in its namespace, on its cgroup, pins under `<bpffs>/<node name>`,
+/// nodePorts on its address and `eth0`.
+fn start_proxy(lab: &Lab, node: &LabNode, bpffs: &Bpffs, kubeconfig: &Path) -> Result<Proxy> {
+    ProxyBuilder::new(
+        kubeconfig,
+        node.env().cgroup2_dir(),
+        &bpffs.path().join(node.name()),
+    )
+    .with_node(node.name(), &[node.ip()])
+    .with_nodeport_interface("eth0")
+    .with_log(&lab.cp().dir().join(format!("proxy-{}.log", node.name())))
+    .start_in(node.env().netns())
+}
+
 #[test]
 fn node_ports_and_external_ips_reach_ready_backends() -> Result<()> {
     let started = Instant::now();
     let lab = LabBuilder::new(2).with_busybox(IMAGE).build()?;
     let bpffs = Bpffs::mount()?;
     let kubeconfig = lab.cp().kubeconfig_via(Ipv4Addr::new(172, 29, 0, 1))?;
-    let mut proxies: Vec<Proxy> = Vec::new();
+    let mut proxies = Vec::new();
     for node in lab.nodes() {
-        proxies.push(
-            ProxyBuilder::new(
-                &kubeconfig,
-                node.env().cgroup2_dir(),
-                &bpffs.path().join(node.name()),
-            )
-            .with_node(node.name(), &[node.ip()])
-            .with_nodeport_interface("eth0")
-            .with_log(&lab.cp().dir().join(format!("proxy-{}.log", node.name())))
-            .start_in(node.env().netns())?,
-        );
+        proxies.push(Some(start_proxy(&lab, node, &bpffs, &kubeconfig)?));
     }
-    let result = run(&lab, &bpffs);
+    let result = run(&lab, &bpffs, &kubeconfig, &mut proxies);
     if result.is_err() {
         for node in lab.nodes() {
             let path = lab.cp().dir().join(format!("proxy-{}.log", node.name()));
@@ -317,7 +323,7 @@ fn node_ports_and_external_ips_reach_ready_backends() -> Result<()> {
     result
 }
 
-fn run(lab: &Lab, bpffs: &Bpffs) -> Result<()> {
+fn run(lab: &Lab, bpffs: &Bpffs, kubeconfig: &Path, proxies: &mut [Option<Proxy>]) -> Result<()> {
     lab.cp().apply(&manifest())?;
     let names = lab.eventually("two np pods", T, || {
         let pods = lab.get_json(&["pods", "-l", "app=np"])?;
@@ -449,5 +455,46 @@ fn run(lab: &Lab, bpffs: &Bpffs) -> Result<()> {
         .and_then(|l| l.split_whitespace().next()?.parse().ok())
         .with_context(|| format!("no conntrack line in:\n{dump}"))?;
     ensure!(flows > 0, "no tracked flows:\n{dump}");
+
+    // A flow through node-0 outlives a `kill -9` and restart of its proxy: programs, maps
+    // and conntrack stay pinned, and the restarted proxy keeps the pinned tc links.
+    let front = SocketAddr::from((lab.node(0).ip(), NODE_PORT));
+    let mut open = in_ns(cns, move || {
+        Ok(TcpStream::connect_timeout(&front, Duration::from_secs(2))?)
+    })?;
+    if let Some(p) = proxies[0].take() {
+        p.kill9();
+    }
+    eventually_answers(|| tcp_ask(cns, front), "node-0 with its proxy killed")?;
+    proxies[0] = Some(start_proxy(lab, lab.node(0), bpffs, kubeconfig)?);
+    eventually_answers(|| tcp_ask(cns, front), "node-0 with its proxy restarted")?;
+    open.set_read_timeout(Some(Duration::from_secs(3)))?;
+    open.write_all(b"who")?;
+    open.shutdown(std::net::Shutdown::Write)?;
+    let mut reply = String::new();
+    open.read_to_string(&mut reply)
+        .context("the flow opened before the proxy restart")?;
+    parse_answer(&reply)?;
+
+    // `lb detach` removes the tc links with the rest: node-0 no longer serves nodePorts.
+    if let Some(p) = proxies[0].take() {
+        p.kill9();
+    }
+    let pins = bpffs.path().join(lab.node(0).name());
+    let out = run_ok(
+        Command::new(workspace_bin("keelson-agent")?)
+            .args(["lb", "detach", "--bpffs"])
+            .arg(&pins),
+    )?;
+    let out = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.contains("tc-ingress@eth0") && out.contains("tc-egress@eth0"),
+        "lb detach:\n{out}"
+    );
+    let got = tcp_ask(cns, front);
+    ensure!(
+        got.is_err(),
+        "node-0 still serves its nodePort after detach: {got:?}"
+    );
     Ok(())
 }

@@ -24,7 +24,7 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC,
-        TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup as FibParams,
+        bpf_fib_lookup as FibParams,
     },
     helpers::{bpf_fib_lookup, bpf_get_prandom_u32, bpf_redirect_neigh},
     macros::{classifier, map},
@@ -61,6 +61,11 @@ static NP_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_NP_FLOWS, 0);
 #[map(name = "NP_REV")]
 static NP_REV: LruHashMap<CtKey, RevEntry> = LruHashMap::pinned(MAX_NP_FLOWS, 0);
 
+/// `TC_ACT_OK` (`TCX_PASS`): let the packet go on. Written out because the bindings' type
+/// for the `TC_ACT_*` constants differs between target architectures.
+const TC_PASS: i32 = 0;
+/// `TC_ACT_SHOT` (`TCX_DROP`).
+const TC_DROP: i32 = 2;
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const IP_CSUM_OFF: usize = ETH_HLEN + 10;
@@ -93,7 +98,7 @@ pub fn nodeport_ingress(ctx: TcContext) -> i32 {
     match ingress(&ctx) {
         Ok(action) => action,
         // A packet that cannot be parsed or rewritten is not ours to judge.
-        Err(()) => TC_ACT_OK as i32,
+        Err(()) => TC_PASS,
     }
 }
 
@@ -101,7 +106,7 @@ pub fn nodeport_ingress(ctx: TcContext) -> i32 {
 pub fn nodeport_egress(ctx: TcContext) -> i32 {
     // A packet that cannot be parsed or rewritten is not ours to judge.
     let _ = egress(&ctx);
-    TC_ACT_OK as i32
+    TC_PASS
 }
 
 fn parse(ctx: &TcContext) -> Result<Packet, ()> {
@@ -146,7 +151,7 @@ fn ingress(ctx: &TcContext) -> Result<i32, ()> {
     let pkt = parse(ctx)?;
     // A reply from a backend on another node to a flow SNATed here.
     // SAFETY: map values are only read; entries are replaced whole.
-    if let Some(rev) = unsafe { NP_REV.get(&pkt.tuple) }
+    if let Some(rev) = unsafe { NP_REV.get(pkt.tuple) }
         && rev.snat == 1
     {
         let rev = *rev;
@@ -158,7 +163,7 @@ fn ingress(ctx: &TcContext) -> Result<i32, ()> {
     }
     // SAFETY: read-only lookup; most packets stop here.
     if unsafe { NP_ADDRS.get(pkt.tuple.daddr) }.is_none() {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_PASS);
     }
     let front = ServiceKey {
         addr: pkt.tuple.daddr,
@@ -167,11 +172,11 @@ fn ingress(ctx: &TcContext) -> Result<i32, ()> {
         pad: 0,
     };
     // SAFETY: as above.
-    let Some(service) = (unsafe { NP_SERVICES.get(&front) }).copied() else {
-        return Ok(TC_ACT_OK as i32);
+    let Some(service) = (unsafe { NP_SERVICES.get(front) }).copied() else {
+        return Ok(TC_PASS);
     };
     // SAFETY: as above.
-    let known = unsafe { NP_CT.get(&pkt.tuple) }.copied();
+    let known = unsafe { NP_CT.get(pkt.tuple) }.copied();
     let flow = match known {
         // A flow keeps its backend; only a new connection (a SYN, or any UDP datagram) after
         // the backend set changed picks again, so removed backends stop receiving new flows.
@@ -185,14 +190,14 @@ fn ingress(ctx: &TcContext) -> Result<i32, ()> {
             Some(flow) => flow,
             // No backend: under `externalTrafficPolicy: Local` a node without a local
             // endpoint drops the traffic, as kube-proxy does.
-            None => return Ok(TC_ACT_SHOT as i32),
+            None => return Ok(TC_DROP),
         },
     };
     set_daddr(ctx, &pkt, pkt.tuple.daddr, flow.backend_addr)?;
     set_dport(ctx, &pkt, pkt.tuple.dport, flow.backend_port)?;
     if flow.snat_addr == 0 {
         // A local backend: the stack routes the packet to the pod.
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_PASS);
     }
     set_saddr(ctx, &pkt, pkt.tuple.saddr, flow.snat_addr)?;
     set_sport(ctx, &pkt, pkt.tuple.sport, flow.snat_port)?;
@@ -216,7 +221,7 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, service: &ServiceEntry) -> Result<Opt
         slot,
     };
     // SAFETY: read-only access to a map value.
-    let Some(backend) = (unsafe { NP_BACKENDS.get(&key) }).copied() else {
+    let Some(backend) = (unsafe { NP_BACKENDS.get(key) }).copied() else {
         // User space is shrinking the service.
         return Ok(None);
     };
@@ -228,7 +233,7 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, service: &ServiceEntry) -> Result<Opt
         snat_port: 0,
     };
     // SAFETY: read-only lookup.
-    let local = unsafe { NP_LOCAL.get(&backend.addr) }.is_some();
+    let local = unsafe { NP_LOCAL.get(backend.addr) }.is_some();
     let mut reply = CtKey {
         saddr: backend.addr,
         daddr: pkt.tuple.saddr,
@@ -252,8 +257,8 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, service: &ServiceEntry) -> Result<Opt
         snat: u8::from(!local),
         pad: [0; 3],
     };
-    NP_REV.insert(&reply, &rev, 0).map_err(drop)?;
-    NP_CT.insert(&pkt.tuple, &flow, 0).map_err(drop)?;
+    NP_REV.insert(reply, rev, 0).map_err(drop)?;
+    NP_CT.insert(pkt.tuple, flow, 0).map_err(drop)?;
     Ok(Some(flow))
 }
 
@@ -266,7 +271,7 @@ fn snat_port(reply: &mut CtKey, addr: u32) -> Result<u16, ()> {
         let n = (unsafe { bpf_get_prandom_u32() } % u32::from(SNAT_PORT_COUNT)) as u16;
         reply.dport = (SNAT_PORT_MIN + n).to_be();
         // SAFETY: read-only lookup.
-        if unsafe { NP_REV.get(&*reply) }.is_none() {
+        if unsafe { NP_REV.get(*reply) }.is_none() {
             return Ok(reply.dport);
         }
     }
@@ -312,7 +317,7 @@ fn forward(ctx: &TcContext, dst: u32, src: u32) -> i32 {
         Some((ifindex, _)) => unsafe {
             bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
         },
-        None => TC_ACT_SHOT as i32,
+        None => TC_DROP,
     }
 }
 
@@ -320,7 +325,7 @@ fn egress(ctx: &TcContext) -> Result<(), ()> {
     let pkt = parse(ctx)?;
     // A reply from a local backend to a client whose address was kept.
     // SAFETY: read-only access to a map value.
-    let Some(rev) = (unsafe { NP_REV.get(&pkt.tuple) }).copied() else {
+    let Some(rev) = (unsafe { NP_REV.get(pkt.tuple) }).copied() else {
         return Ok(());
     };
     if rev.snat != 0 {
