@@ -7,8 +7,8 @@
 //! - with `externalTrafficPolicy: Local` only the node's own pod answers, and it sees the
 //!   client's address; a node without a local endpoint does not answer at all;
 //! - an externalIP routed to a node reaches the Service;
-//! - from the node itself (its cgroup), a connect to its own address and nodePort is
-//!   balanced at the socket;
+//! - from the node itself (its cgroup), a connect to its own or another node's address and
+//!   nodePort is balanced at the socket;
 //! - `keelson-agent lb dump` shows the NodePort frontends and tracked flows;
 //! - a flow through a node survives a `kill -9` and restart of its proxy, and `lb detach`
 //!   removes the tc programs too.
@@ -440,6 +440,23 @@ fn run(lab: &Lab, bpffs: &Bpffs, kubeconfig: &Path, proxies: &mut [Option<Proxy>
         &pods,
         "node-0's own nodePort",
     )?;
+
+    // And node-1's address and nodePort, also balanced at node-0's sockets (from the Nodes
+    // in the API): node-0's own pod is reached directly, not through node-1 (whose tc path
+    // would have SNATed it to node-1's address).
+    let other = SocketAddr::from((lab.node(1).ip(), NODE_PORT));
+    let seen = lab.eventually("node-1's nodePort balanced at node-0's sockets", T, || {
+        let seen = both_answer(
+            || probe_from_node(lab.node(0), other),
+            &pods,
+            "node-1's nodePort",
+        )?;
+        Ok(seen
+            .iter()
+            .all(|a| a.pod != pods[0].name || a.peer != lab.node(1).ip().to_string())
+            .then_some(seen))
+    })?;
+    eprintln!("node-0 to {other}: {seen:?}");
 
     let dump = lb_dump(&bpffs.path().join(lab.node(0).name()))?;
     eprintln!("lb dump on node-0:\n{dump}");

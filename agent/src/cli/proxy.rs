@@ -92,6 +92,8 @@ impl ProxyArgs {
         let node = NodeAddrs {
             name: self.node_name.clone(),
             ips: self.node_ips.clone(),
+            // Filled in from the Nodes in the API.
+            cluster_ips: Default::default(),
         };
         let external = ExternalFrontends::new(node, packet);
         let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -2,7 +2,10 @@
 //! protocol) and, for each, the ready endpoints of its EndpointSlices; and its external
 //! frontends (nodePorts on this node's addresses, externalIPs) for the NodePort path.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+};
 
 use k8s_openapi::api::{
     core::v1::{Service, ServicePort},
@@ -98,8 +101,11 @@ fn ready_backends(
 pub struct NodeAddrs {
     /// The Node's name, as in EndpointSlice `nodeName`.
     pub name: Option<String>,
-    /// Its addresses.
+    /// Its addresses: nodePorts on them are served to traffic from outside too.
     pub ips: Vec<Ipv4Addr>,
+    /// Every Node's addresses (from the API): nodePorts on them are balanced at the socket
+    /// for this node and its pods.
+    pub cluster_ips: BTreeSet<Ipv4Addr>,
 }
 
 /// A Service's frontends reachable from outside the cluster network: `<node IP>:<nodePort>`
@@ -155,14 +161,16 @@ pub fn external(svc: &Service, slices: &[&EndpointSlice], node: &NodeAddrs) -> E
             None => Vec::new(),
         };
         let for_packets = if local_only { &local } else { &all };
-        let mut add = |addr: Ipv4Addr, port: u16| {
+        let mut add = |addr: Ipv4Addr, port: u16, from_outside: bool| {
             let frontend = Frontend {
                 addr,
                 port,
                 protocol: proto,
             };
             out.socket.push((frontend, all.clone()));
-            out.packet.push((frontend, for_packets.clone()));
+            if from_outside {
+                out.packet.push((frontend, for_packets.clone()));
+            }
         };
         if let Some(node_port) = port
             .node_port
@@ -170,12 +178,15 @@ pub fn external(svc: &Service, slices: &[&EndpointSlice], node: &NodeAddrs) -> E
             .and_then(|p| u16::try_from(p).ok())
         {
             for ip in &node.ips {
-                add(*ip, node_port);
+                add(*ip, node_port, true);
+            }
+            for ip in node.cluster_ips.iter().filter(|ip| !node.ips.contains(ip)) {
+                add(*ip, node_port, false);
             }
         }
         if let Ok(service_port) = u16::try_from(port.port) {
             for ip in &extra {
-                add(*ip, service_port);
+                add(*ip, service_port, true);
             }
         }
         out.local.extend(local.iter().map(|b| *b.ip()));
@@ -280,6 +291,7 @@ mod tests {
                 "172.29.0.10".parse().unwrap(),
                 "192.0.2.10".parse().unwrap(),
             ],
+            cluster_ips: ["172.29.0.10".parse().unwrap()].into(),
         };
         let f = |s: &str| s.parse::<Frontend>().unwrap();
         let all: Vec<SocketAddrV4> = vec![
@@ -308,6 +320,16 @@ mod tests {
         assert_eq!(local_policy.socket, expect_all);
         let expect_local: Vec<_> = fronts.iter().map(|f| (*f, local.clone())).collect();
         assert_eq!(local_policy.packet, expect_local);
+
+        // Another node's address: balanced at the socket only (its own tc path serves
+        // traffic from outside).
+        let mut with_other = node.clone();
+        with_other
+            .cluster_ips
+            .insert("172.29.0.11".parse().unwrap());
+        let got = external(&node_port_svc("Local"), &[&a], &with_other);
+        assert!(got.socket.contains(&(f("172.29.0.11:30080"), all.clone())));
+        assert_eq!(got.packet, expect_local);
 
         // A ClusterIP Service has no nodePort frontends, only its externalIPs.
         let mut plain = node_port_svc("Cluster");

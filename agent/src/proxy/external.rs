@@ -9,7 +9,7 @@
 //! Like the cluster IPs, one Service's change writes only that Service's entries.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     net::Ipv4Addr,
 };
 
@@ -68,6 +68,16 @@ where
     /// The node this runs for.
     pub fn node(&self) -> &NodeAddrs {
         &self.node
+    }
+
+    /// Takes every Node's addresses; returns whether they changed (then every Service's
+    /// external frontends need writing again: rare, and only on Node address changes).
+    pub(crate) fn set_cluster_ips(&mut self, ips: BTreeSet<Ipv4Addr>) -> bool {
+        if self.node.cluster_ips == ips {
+            return false;
+        }
+        self.node.cluster_ips = ips;
+        true
     }
 
     /// Writes one Service's external frontends (`None`: the Service is gone).

@@ -8,6 +8,7 @@
 
 pub mod desired;
 mod external;
+mod nodes;
 mod sync;
 
 pub use external::{ExternalFrontends, PacketMaps};

@@ -1,6 +1,9 @@
 //! The watch loop: Services and EndpointSlices from the API, into the service table.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    net::Ipv4Addr,
+};
 
 use futures::StreamExt as _;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -9,6 +12,7 @@ use kube::{Client, ResourceExt as _, runtime::watcher};
 use super::{
     desired::{external, frontends},
     external::ExternalFrontends,
+    nodes,
 };
 use crate::lb::{self, Frontend, ServiceTable, maps::KvMap};
 use crate::svcwatch::{self, Change, Key, Relist, slice_key};
@@ -108,6 +112,17 @@ where
             services = self.programmed.len(),
             "load balancer in sync with the API"
         );
+        Ok(())
+    }
+
+    /// Every Node's addresses changed: nodePorts on them are written again.
+    fn on_node_ips(&mut self, ips: BTreeSet<Ipv4Addr>) -> Result<(), lb::Error> {
+        if self.external.set_cluster_ips(ips) && self.live() {
+            let keys: Vec<Key> = self.services.keys().cloned().collect();
+            for key in &keys {
+                self.reconcile(key)?;
+            }
+        }
         Ok(())
     }
 
@@ -214,7 +229,8 @@ where
     B: KvMap<BackendKey, Backend>,
     V: KvMap<u32, u32>,
 {
-    let mut changes = std::pin::pin!(svcwatch::changes(client));
+    let mut changes = std::pin::pin!(svcwatch::changes(client.clone()));
+    let mut node_ips = std::pin::pin!(nodes::addresses(client));
     let mut state = State {
         table,
         services: HashMap::new(),
@@ -229,6 +245,10 @@ where
         let change = tokio::select! {
             () = &mut shutdown => return Ok(()),
             change = changes.next() => change,
+            Some(ips) = node_ips.next() => {
+                state.on_node_ips(ips)?;
+                continue;
+            }
         };
         match change {
             None => {
