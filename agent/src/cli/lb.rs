@@ -127,13 +127,18 @@ fn dump_nodeport(pins: &Pins) -> anyhow::Result<()> {
         return Ok(());
     };
     let interfaces = lb::tc_interfaces(pins)?;
+    let frontends = lb::open_tc(pins)?.table.list()?;
+    // Nothing to say when the NodePort path was never set up.
+    if interfaces.is_empty() && frontends.is_empty() && flows == 0 {
+        return Ok(());
+    }
     let on = if interfaces.is_empty() {
         "not attached to any interface".to_owned()
     } else {
         format!("on {}", interfaces.join(", "))
     };
     println!("nodePort/externalIP frontends for traffic from outside ({on}):");
-    for (frontend, backends) in lb::open_tc(pins)?.table.list()? {
+    for (frontend, backends) in frontends {
         let list: Vec<String> = backends.iter().map(ToString::to_string).collect();
         let list = if list.is_empty() {
             "(no backends here: dropped)".to_owned()
