@@ -121,12 +121,17 @@ impl Backend {
             while !flag.load(Ordering::Relaxed) {
                 match tcp.accept() {
                     Ok((mut conn, peer)) => {
-                        let _ = conn.set_nonblocking(false);
-                        let _ = conn.set_read_timeout(Some(Duration::from_secs(3)));
-                        let mut request = Vec::new();
-                        if conn.read_to_end(&mut request).is_ok() {
-                            let _ = write!(conn, "{name} peer={}", peer.ip());
-                        }
+                        // A thread per connection: one flow is held open across a proxy
+                        // restart while others come and go.
+                        let name = name.clone();
+                        std::thread::spawn(move || {
+                            let _ = conn.set_nonblocking(false);
+                            let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+                            let mut request = Vec::new();
+                            if conn.read_to_end(&mut request).is_ok() {
+                                let _ = write!(conn, "{name} peer={}", peer.ip());
+                            }
+                        });
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
