@@ -102,9 +102,16 @@ where
         Ok(())
     }
 
-    /// Whether `frontend` is one of the socket entries kept here.
-    pub(crate) fn owns(&self, frontend: &Frontend) -> bool {
-        self.socket.values().flatten().any(|f| f == frontend)
+    /// The socket entries kept here (for pruning the main table after a relist).
+    pub(crate) fn socket_frontends(&self) -> HashSet<Frontend> {
+        self.socket.values().flatten().copied().collect()
+    }
+
+    /// The Services with external frontends.
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &Key> {
+        self.socket
+            .keys()
+            .chain(self.packet.iter().flat_map(|p| p.programmed.keys()))
     }
 
     /// After a full reconcile: removes the tc path's entries of Services that no longer
@@ -286,7 +293,10 @@ mod tests {
         assert_eq!(packet.maps.table.list().unwrap().len(), 2);
         // Node addresses are not virtual IPs in the main table.
         assert_eq!(main.list().unwrap().len(), 2);
-        assert!(ext.owns(&"172.29.0.10:30080".parse().unwrap()));
+        assert!(
+            ext.socket_frontends()
+                .contains(&"172.29.0.10:30080".parse().unwrap())
+        );
 
         ext.reconcile(&mut main, &a, None).unwrap();
         assert_eq!(

@@ -96,14 +96,16 @@ where
             .services
             .keys()
             .chain(self.programmed.keys())
+            .chain(self.external.keys())
             .cloned()
             .collect();
         for key in &keys {
             self.reconcile(key)?;
         }
-        let wanted: HashSet<Frontend> = self.programmed.values().flatten().copied().collect();
+        let mut wanted: HashSet<Frontend> = self.programmed.values().flatten().copied().collect();
+        wanted.extend(self.external.socket_frontends());
         for (frontend, _) in self.table.list()? {
-            if !wanted.contains(&frontend) && !self.external.owns(&frontend) {
+            if !wanted.contains(&frontend) {
                 self.table.remove(frontend)?;
             }
         }
