@@ -43,9 +43,47 @@ const PROGRAMS: [(&str, TcAttachType, &str); 2] = [
     ("nodeport_egress", TcAttachType::Egress, "egress"),
 ];
 
-fn link_pin(pins: &Pins, direction: &str, interface: &str) -> PathBuf {
+/// `tc-<direction>@<interface>:<ifindex>`: with the index, a pin left from an interface that
+/// has since been deleted and made again (whose link died with it) is told from a live one.
+fn link_pin(pins: &Pins, direction: &str, interface: &str, ifindex: u32) -> PathBuf {
     pins.dir()
-        .join(format!("{LINK_PREFIX}{direction}@{interface}"))
+        .join(format!("{LINK_PREFIX}{direction}@{interface}:{ifindex}"))
+}
+
+/// The interface a link pin's file name names.
+fn pin_interface(file_name: &str) -> Option<&str> {
+    let (_, rest) = file_name.strip_prefix(LINK_PREFIX)?.split_once('@')?;
+    Some(
+        rest.rsplit_once(':')
+            .map_or(rest, |(interface, _)| interface),
+    )
+}
+
+/// The interface's index in the caller's network namespace.
+fn ifindex(interface: &str) -> Result<u32> {
+    nix::net::if_::if_nametoindex(interface).map_err(|e| {
+        io_err(
+            "find the interface",
+            PathBuf::from(format!("/sys/class/net/{interface}")),
+            e.into(),
+        )
+    })
+}
+
+/// Removes pins of `interface` made for another index of it: their links went with the
+/// interface they were attached to.
+fn remove_stale_pins(pins: &Pins, interface: &str, keep: &[PathBuf]) -> Result<()> {
+    for path in link_pins(pins)? {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if pin_interface(name) == Some(interface) && !keep.contains(&path) {
+            std::fs::remove_file(&path).map_err(|e| io_err("remove stale pin", path.clone(), e))?;
+            tracing::info!(pin = %path.display(), "removed the pin of a link on a vanished interface");
+        }
+    }
+    Ok(())
 }
 
 /// Attaches the NodePort programs to the ingress and egress of each of `interfaces` (in the
@@ -59,11 +97,17 @@ fn link_pin(pins: &Pins, direction: &str, interface: &str) -> PathBuf {
 /// to load or attach a program.
 pub fn attach_tc(pins: &Pins, interfaces: &[String]) -> Result<()> {
     ensure_dir(pins.dir())?;
-    let missing: Vec<(&str, TcAttachType, &str, &String)> = interfaces
-        .iter()
-        .flat_map(|i| PROGRAMS.map(|(prog, at, dir)| (prog, at, dir, i)))
-        .filter(|(_, _, dir, i)| !link_pin(pins, dir, i).exists())
-        .collect();
+    let mut missing = Vec::new();
+    for interface in interfaces {
+        let index = ifindex(interface)?;
+        let wanted = PROGRAMS.map(|(_, _, dir)| link_pin(pins, dir, interface, index));
+        remove_stale_pins(pins, interface, &wanted)?;
+        for ((program, attach_type, _), pin) in PROGRAMS.into_iter().zip(wanted) {
+            if !pin.exists() {
+                missing.push((program, attach_type, interface, pin));
+            }
+        }
+    }
     if missing.is_empty() {
         return Ok(());
     }
@@ -71,7 +115,7 @@ pub fn attach_tc(pins: &Pins, interfaces: &[String]) -> Result<()> {
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pins.dir())
         .load(OBJECT)?;
-    for (name, attach_type, direction, interface) in missing {
+    for (name, attach_type, interface, pin) in missing {
         let program_err = |op| {
             move |source| Error::Program {
                 program: name,
@@ -101,7 +145,6 @@ pub fn attach_tc(pins: &Pins, interfaces: &[String]) -> Result<()> {
             program: name,
             source,
         })?;
-        let pin = link_pin(pins, direction, interface);
         link.pin(&pin)
             .map_err(|source| Error::Pin { path: pin, source })?;
         tracing::info!(program = name, interface, "NodePort program attached");
@@ -116,8 +159,7 @@ pub fn attach_tc(pins: &Pins, interfaces: &[String]) -> Result<()> {
 pub fn tc_interfaces(pins: &Pins) -> Result<Vec<String>> {
     let mut out: Vec<String> = link_pins(pins)?
         .iter()
-        .filter_map(|p| p.file_name()?.to_str()?.split_once('@'))
-        .map(|(_, interface)| interface.to_owned())
+        .filter_map(|p| pin_interface(p.file_name()?.to_str()?).map(str::to_owned))
         .collect();
     out.sort();
     out.dedup();
@@ -214,8 +256,27 @@ mod tests {
     fn link_pins_name_direction_and_interface() {
         let pins = Pins::new("/sys/fs/bpf/keelson");
         assert_eq!(
-            link_pin(&pins, "ingress", "eth0"),
-            Path::new("/sys/fs/bpf/keelson/tc-ingress@eth0")
+            link_pin(&pins, "ingress", "eth0", 2),
+            Path::new("/sys/fs/bpf/keelson/tc-ingress@eth0:2")
         );
+        assert_eq!(pin_interface("tc-ingress@eth0:2"), Some("eth0"));
+        assert_eq!(pin_interface("tc-egress@bond0.100:7"), Some("bond0.100"));
+        assert_eq!(pin_interface("SERVICES"), None);
+    }
+
+    #[test]
+    fn pins_of_a_recreated_interface_are_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let pins = Pins::new(dir.path());
+        let old = link_pin(&pins, "ingress", "eth0", 3);
+        let other = link_pin(&pins, "ingress", "eth1", 3);
+        for p in [&old, &other] {
+            std::fs::write(p, "").unwrap();
+        }
+        let current = link_pin(&pins, "ingress", "eth0", 9);
+        remove_stale_pins(&pins, "eth0", std::slice::from_ref(&current)).unwrap();
+        assert!(!old.exists());
+        assert!(other.exists(), "another interface's pin is kept");
+        assert_eq!(tc_interfaces(&pins).unwrap(), vec!["eth1".to_owned()]);
     }
 }
