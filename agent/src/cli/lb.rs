@@ -130,6 +130,7 @@ impl LbCommand {
                     "refused (port not exposed on a service IP): {}",
                     table.unexposed_refused()?
                 );
+                dump_nodeport(&pins.pins())?;
             }
             LbCommand::Detach { pins } => {
                 let removed = lb::detach(&pins.pins())?;
@@ -143,4 +144,35 @@ impl LbCommand {
         }
         Ok(())
     }
+}
+
+/// The NodePort path: its frontends for traffic from outside, the interfaces it is attached
+/// to and the number of tracked flows.
+fn dump_nodeport(pins: &Pins) -> anyhow::Result<()> {
+    let Some(flows) = lb::conntrack_flows(pins)? else {
+        return Ok(());
+    };
+    let interfaces = lb::tc_interfaces(pins)?;
+    let frontends = lb::open_tc(pins)?.table.list()?;
+    // Nothing to say when the NodePort path was never set up.
+    if interfaces.is_empty() && frontends.is_empty() && flows == 0 {
+        return Ok(());
+    }
+    let on = if interfaces.is_empty() {
+        "not attached to any interface".to_owned()
+    } else {
+        format!("on {}", interfaces.join(", "))
+    };
+    println!("nodePort/externalIP frontends for traffic from outside ({on}):");
+    for (frontend, backends) in frontends {
+        let list: Vec<String> = backends.iter().map(ToString::to_string).collect();
+        let list = if list.is_empty() {
+            "(no backends here: dropped)".to_owned()
+        } else {
+            list.join(" ")
+        };
+        println!("  {frontend} -> {list}");
+    }
+    println!("conntrack: {flows} flow(s)");
+    Ok(())
 }

@@ -2,12 +2,17 @@
 //! with the cluster's Services and EndpointSlices until stopped. The programs and maps stay
 //! pinned when it exits, so traffic keeps flowing while it restarts.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+};
 
 use anyhow::Context as _;
 use keelson_agent::{
     lb::{self, Algorithm, Pins},
-    proxy::{self, Settings, metrics::ServiceNames},
+    proxy::{
+        self, ExternalFrontends, PacketMaps, Settings, desired::NodeAddrs, metrics::ServiceNames,
+    },
 };
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
@@ -31,6 +36,18 @@ pub struct ProxyArgs {
     /// (Prometheus text format).
     #[arg(long, value_name = "ADDR:PORT")]
     metrics_listen: Option<SocketAddr>,
+    /// This Node's name: its own endpoints (EndpointSlice `nodeName`) serve
+    /// `externalTrafficPolicy: Local` and need no SNAT.
+    #[arg(long)]
+    node_name: Option<String>,
+    /// An address of this node on which Services' nodePorts are served (repeatable).
+    #[arg(long = "node-ip")]
+    node_ips: Vec<Ipv4Addr>,
+    /// An interface whose traffic from outside reaches nodePorts and externalIPs (tc
+    /// programs on its ingress and egress; repeatable). Without one, only the node's own
+    /// sockets and its pods' reach them.
+    #[arg(long = "nodeport-interface")]
+    nodeport_interfaces: Vec<String>,
 }
 
 pub(super) async fn client(path: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
@@ -70,6 +87,28 @@ impl ProxyArgs {
         lb::attach(&self.cgroup, &pins)
             .with_context(|| format!("attaching to {}", self.cgroup.display()))?;
         let table = lb::open(&pins)?;
+        let packet = if self.nodeport_interfaces.is_empty() {
+            None
+        } else {
+            lb::attach_tc(&pins, &self.nodeport_interfaces).with_context(|| {
+                format!(
+                    "attaching the NodePort programs to {}",
+                    self.nodeport_interfaces.join(", ")
+                )
+            })?;
+            let maps = lb::open_tc(&pins)?;
+            Some(PacketMaps {
+                table: maps.table,
+                local: maps.local,
+            })
+        };
+        let node = NodeAddrs {
+            name: self.node_name.clone(),
+            ips: self.node_ips.clone(),
+            // Filled in from the Nodes in the API.
+            cluster_ips: Default::default(),
+        };
+        let external = ExternalFrontends::new(node, packet);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -106,7 +145,7 @@ impl ProxyArgs {
                 default_algorithm: self.lb_algorithm,
                 names,
             };
-            let result = proxy::run_with(client, table, settings, stop_signal()).await;
+            let result = proxy::run_with(client, table, external, settings, stop_signal()).await;
             drop(stop_tx);
             if let Some(server) = metrics {
                 server

@@ -35,7 +35,8 @@ use super::{
 };
 
 /// The eBPF object built from `ebpf/programs` by the build script.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keelson-ebpf"));
+pub(super) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keelson-ebpf"));
 
 /// The programs of the object, each attached to the cgroup and pinned as `<name>_v<version>` (bpffs refuses dots).
 const PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
@@ -247,7 +248,7 @@ fn open_map(path: &Path) -> Result<Map> {
     Map::from_map_data(data).map_err(open_err)
 }
 
-fn open_hash_map<K: Pod, V: Pod>(path: &Path) -> Result<BpfHashMap<MapData, K, V>> {
+pub(super) fn open_hash_map<K: Pod, V: Pod>(path: &Path) -> Result<BpfHashMap<MapData, K, V>> {
     BpfHashMap::try_from(open_map(path)?).map_err(|source| Error::OpenPin {
         path: path.into(),
         source,
@@ -271,7 +272,8 @@ pub fn detach(pins: &Pins) -> Result<Vec<PathBuf>> {
         .into_iter()
         .flat_map(|p| std::iter::once(link_name(p)).chain(legacy_link_names(p)));
     let maps = MAPS.into_iter().map(|(name, _, _)| name.to_owned());
-    let removed = remove_pins(pins, links.chain(maps))?;
+    let mut removed = remove_pins(pins, links.chain(maps))?;
+    removed.extend(super::tc::detach_tc(pins)?);
     // Leave the directory if something else is pinned there.
     let _ = std::fs::remove_dir(pins.dir());
     Ok(removed)

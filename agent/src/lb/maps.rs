@@ -43,7 +43,8 @@ impl<K: Pod, V: Pod> KvMap<K, V> for BpfHashMap<MapData, K, V> {
     }
 }
 
-#[cfg(test)]
+/// In memory: for tests, and for state no program reads (the NodePort table's selection
+/// options).
 impl<K: Clone + Eq + std::hash::Hash, V: Clone> KvMap<K, V> for std::collections::HashMap<K, V> {
     fn get(&self, key: &K) -> Result<Option<V>, MapError> {
         Ok(std::collections::HashMap::get(self, key).cloned())

@@ -3,7 +3,9 @@
 //! The kernel side (`ebpf/programs`) rewrites `connect(2)` to a service frontend into a connect
 //! to one of its backends, at the `cgroup/connect4` hook. This module loads and attaches that
 //! program, pins it and its maps under a bpffs directory so that they outlive the agent, and
-//! offers a service-level API over the maps ([`ServiceTable`]).
+//! offers a service-level API over the maps ([`ServiceTable`]). NodePort and externalIP
+//! traffic from outside the node goes through tc programs on the node's interfaces
+//! ([`attach_tc`]).
 //!
 //! Backends are chosen at random, or by Maglev consistent hashing ([`Algorithm`]), optionally
 //! with session affinity ([`ServiceOptions`]); the "client" of affinity and Maglev at this
@@ -21,12 +23,14 @@ pub mod maps;
 mod selection;
 mod service;
 mod table;
+mod tc;
 
 pub use error::{Error, Result};
 pub use loader::{AttachOutcome, Pins, attach, detach, open};
 pub use selection::{
     Algorithm, DEFAULT_AFFINITY_TIMEOUT_SECS, SelectionMaps, SelectionStore, ServiceOptions,
-    SummedPerCpu, UnknownAlgorithm,
+    SummedPerCpu, UnknownAlgorithm, in_memory as in_memory_selection,
 };
 pub use service::{Frontend, ParseError, Protocol};
 pub use table::{ServiceInfo, ServiceTable, Services};
+pub use tc::{PacketMapsPinned, attach_tc, conntrack_flows, open_tc, tc_interfaces};

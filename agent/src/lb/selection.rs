@@ -207,6 +207,16 @@ where
     }
 }
 
+/// Selection maps kept in memory, for a service table whose programs choose backends at
+/// random without reading them (the NodePort tc path).
+pub fn in_memory() -> Box<dyn SelectionStore> {
+    Box::new(SelectionMaps {
+        config: std::collections::HashMap::<u32, ServiceConfig>::new(),
+        maglev: std::collections::HashMap::<MaglevKey, u32>::new(),
+        stats: std::collections::HashMap::<u32, ServiceStats>::new(),
+    })
+}
+
 /// A per-CPU kernel hash map seen as one value per key: reads sum the CPUs' values, writes put
 /// the value on the first CPU and zero on the others.
 pub struct SummedPerCpu<K: Pod, V: Pod>(pub PerCpuHashMap<MapData, K, V>);

@@ -138,6 +138,32 @@ where
         backends: &[SocketAddrV4],
         options: ServiceOptions,
     ) -> Result<()> {
+        self.upsert_counted(frontend, backends, options, true)
+    }
+
+    /// Like [`ServiceTable::upsert_with`] for a frontend on an address that is not a virtual
+    /// IP (a node address with a nodePort, an externalIP): its other ports are left alone
+    /// rather than refused, so it is not counted among the virtual IPs. Remove it with
+    /// [`ServiceTable::remove_external`].
+    ///
+    /// # Errors
+    /// As [`ServiceTable::upsert`].
+    pub fn upsert_external(
+        &mut self,
+        frontend: Frontend,
+        backends: &[SocketAddrV4],
+        options: ServiceOptions,
+    ) -> Result<()> {
+        self.upsert_counted(frontend, backends, options, false)
+    }
+
+    fn upsert_counted(
+        &mut self,
+        frontend: Frontend,
+        backends: &[SocketAddrV4],
+        options: ServiceOptions,
+        vip: bool,
+    ) -> Result<()> {
         if backends.len() > MAX_BACKENDS_PER_SERVICE as usize {
             return Err(Error::TooManyBackends {
                 frontend,
@@ -193,7 +219,8 @@ where
         }
         match old {
             Some(old) => self.release(old, old_cfg)?,
-            None => self.count_vip(key.addr, 1)?,
+            None if vip => self.count_vip(key.addr, 1)?,
+            None => {}
         }
         Ok(())
     }
@@ -247,6 +274,19 @@ where
     /// # Errors
     /// A map operation failed.
     pub fn remove(&mut self, frontend: Frontend) -> Result<bool> {
+        self.remove_counted(frontend, true)
+    }
+
+    /// Removes a frontend made by [`ServiceTable::upsert_external`]; returns whether it
+    /// existed.
+    ///
+    /// # Errors
+    /// A map operation failed.
+    pub fn remove_external(&mut self, frontend: Frontend) -> Result<bool> {
+        self.remove_counted(frontend, false)
+    }
+
+    fn remove_counted(&mut self, frontend: Frontend, vip: bool) -> Result<bool> {
         let key = frontend.key();
         let Some(old) = self
             .services
@@ -266,7 +306,9 @@ where
                 .map_err(map_err("delete", STATS_MAP))?;
             self.used_stats.remove(&cfg.stats_id);
         }
-        self.count_vip(key.addr, -1)?;
+        if vip {
+            self.count_vip(key.addr, -1)?;
+        }
         Ok(true)
     }
 
@@ -604,6 +646,31 @@ mod tests {
         assert_eq!(t.maps().2[&vip], 1);
         t.remove(https).unwrap();
         assert!(t.maps().2.is_empty());
+    }
+
+    #[test]
+    fn external_frontends_are_not_virtual_ips() {
+        let mut t = table();
+        let node_port: Frontend = "172.29.0.10:30080".parse().unwrap();
+        t.upsert_external(
+            node_port,
+            &addrs(&["10.244.0.2:8080"]),
+            ServiceOptions::default(),
+        )
+        .unwrap();
+        t.upsert_external(
+            node_port,
+            &addrs(&["10.244.0.3:8080"]),
+            ServiceOptions::default(),
+        )
+        .unwrap();
+        assert!(t.maps().2.is_empty());
+        assert_eq!(
+            t.list().unwrap(),
+            vec![(node_port, addrs(&["10.244.0.3:8080"]))]
+        );
+        assert!(t.remove_external(node_port).unwrap());
+        assert!(t.maps().0.is_empty() && t.maps().1.is_empty() && t.maps().2.is_empty());
     }
 
     #[test]

@@ -1,16 +1,20 @@
 //! What the load balancer should hold for one Service: its frontends (cluster IP, port,
 //! protocol), for each the endpoints of its EndpointSlices that take new connections, and how
-//! backends are chosen.
+//! backends are chosen; and its external frontends (nodePorts on this node's addresses,
+//! externalIPs) for the NodePort path.
 //!
 //! Endpoints that are ready and not terminating take new connections. When a port has none,
 //! endpoints that are terminating but still serving do (as kube-proxy falls back to them), so
 //! a Service whose pods are all shutting down keeps answering until they stop. Connections
 //! already made are never moved: the socket load balancer chose their backend at connect time.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+};
 
 use k8s_openapi::api::{
-    core::v1::Service,
+    core::v1::{Service, ServicePort},
     discovery::v1::{Endpoint, EndpointSlice},
 };
 use kube::ResourceExt as _;
@@ -88,33 +92,7 @@ pub fn frontends(svc: &Service, slices: &[&EndpointSlice]) -> Vec<(Frontend, Vec
         let Ok(service_port) = u16::try_from(port.port) else {
             continue;
         };
-        let endpoints_of = |wanted: fn(&Endpoint) -> bool| -> Vec<SocketAddrV4> {
-            slices
-                .iter()
-                .filter(|s| s.address_type == "IPv4")
-                .flat_map(|slice| {
-                    // The slice's port for this service port: same name and protocol.
-                    let target = slice.ports.iter().flatten().find(|p| {
-                        p.name == port.name && protocol(p.protocol.as_deref()) == Some(proto)
-                    });
-                    let target = target
-                        .and_then(|p| p.port)
-                        .and_then(|p| u16::try_from(p).ok());
-                    slice
-                        .endpoints
-                        .iter()
-                        .filter(move |e| wanted(e))
-                        .flat_map(|e| e.addresses.iter())
-                        .filter_map(move |a| Some(SocketAddrV4::new(a.parse().ok()?, target?)))
-                })
-                .collect()
-        };
-        let mut backends = endpoints_of(takes_new_connections);
-        if backends.is_empty() {
-            backends = endpoints_of(terminating_but_serving);
-        }
-        backends.sort();
-        backends.dedup();
+        let backends = ready_backends(port, proto, slices, None);
         out.push((
             Frontend {
                 addr: ip,
@@ -125,6 +103,150 @@ pub fn frontends(svc: &Service, slices: &[&EndpointSlice]) -> Vec<(Frontend, Vec
         ));
     }
     out.sort();
+    out
+}
+
+/// The ready endpoints of `slices` for service port `port`, sorted; with `node`, only those
+/// on that node (EndpointSlice `nodeName`).
+fn ready_backends(
+    port: &ServicePort,
+    proto: Protocol,
+    slices: &[&EndpointSlice],
+    node: Option<&str>,
+) -> Vec<SocketAddrV4> {
+    let endpoints_of = |wanted: fn(&Endpoint) -> bool| -> Vec<SocketAddrV4> {
+        slices
+            .iter()
+            .filter(|s| s.address_type == "IPv4")
+            .flat_map(|slice| {
+                // The slice's port for this service port: same name and protocol.
+                let target = slice.ports.iter().flatten().find(|p| {
+                    p.name == port.name && protocol(p.protocol.as_deref()) == Some(proto)
+                });
+                let target = target
+                    .and_then(|p| p.port)
+                    .and_then(|p| u16::try_from(p).ok());
+                slice
+                    .endpoints
+                    .iter()
+                    .filter(move |e| wanted(e))
+                    .filter(move |e| node.is_none_or(|n| e.node_name.as_deref() == Some(n)))
+                    .flat_map(|e| e.addresses.iter())
+                    .filter_map(move |a| Some(SocketAddrV4::new(a.parse().ok()?, target?)))
+            })
+            .collect()
+    };
+    let mut backends = endpoints_of(takes_new_connections);
+    if backends.is_empty() {
+        backends = endpoints_of(terminating_but_serving);
+    }
+    backends.sort();
+    backends.dedup();
+    backends
+}
+
+/// The node a service proxy runs for: its name (to tell its own endpoints) and the
+/// addresses on which it serves nodePorts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeAddrs {
+    /// The Node's name, as in EndpointSlice `nodeName`.
+    pub name: Option<String>,
+    /// Its addresses: nodePorts on them are served to traffic from outside too.
+    pub ips: Vec<Ipv4Addr>,
+    /// Every Node's addresses (from the API): nodePorts on them are balanced at the socket
+    /// for this node and its pods.
+    pub cluster_ips: BTreeSet<Ipv4Addr>,
+}
+
+/// A Service's frontends reachable from outside the cluster network: `<node IP>:<nodePort>`
+/// and `<externalIP>:<port>` (and load-balancer ingress IPs).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct External {
+    /// For sockets of the node and its pods: every ready endpoint, whatever the traffic
+    /// policy (as kube-proxy treats traffic from the node itself).
+    pub socket: Vec<(Frontend, Vec<SocketAddrV4>)>,
+    /// For packets arriving from outside: only this node's ready endpoints under
+    /// `externalTrafficPolicy: Local`, every ready endpoint otherwise.
+    pub packet: Vec<(Frontend, Vec<SocketAddrV4>)>,
+    /// Ready endpoint addresses of the Service on this node.
+    pub local: Vec<Ipv4Addr>,
+}
+
+/// The external frontends of `svc` on the node `node`.
+pub fn external(svc: &Service, slices: &[&EndpointSlice], node: &NodeAddrs) -> External {
+    let mut out = External::default();
+    let Some(spec) = &svc.spec else {
+        return out;
+    };
+    // A headless Service has no virtual address to expose either.
+    if spec.cluster_ip.as_deref() == Some("None") {
+        return out;
+    }
+    let node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+    let local_only = spec.external_traffic_policy.as_deref() == Some("Local");
+    let mut extra: Vec<Ipv4Addr> = spec
+        .external_ips
+        .iter()
+        .flatten()
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    let lb_ips = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    extra.extend(
+        lb_ips
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i.ip.as_deref()?.parse::<Ipv4Addr>().ok()),
+    );
+    for port in spec.ports.iter().flatten() {
+        let Some(proto) = protocol(port.protocol.as_deref()) else {
+            continue;
+        };
+        let all = ready_backends(port, proto, slices, None);
+        let local = match &node.name {
+            Some(name) => ready_backends(port, proto, slices, Some(name)),
+            None => Vec::new(),
+        };
+        let for_packets = if local_only { &local } else { &all };
+        let mut add = |addr: Ipv4Addr, port: u16, from_outside: bool| {
+            let frontend = Frontend {
+                addr,
+                port,
+                protocol: proto,
+            };
+            out.socket.push((frontend, all.clone()));
+            if from_outside {
+                out.packet.push((frontend, for_packets.clone()));
+            }
+        };
+        if let Some(node_port) = port
+            .node_port
+            .filter(|_| node_ports)
+            .and_then(|p| u16::try_from(p).ok())
+        {
+            for ip in &node.ips {
+                add(*ip, node_port, true);
+            }
+            for ip in node.cluster_ips.iter().filter(|ip| !node.ips.contains(ip)) {
+                add(*ip, node_port, false);
+            }
+        }
+        if let Ok(service_port) = u16::try_from(port.port) {
+            for ip in &extra {
+                add(*ip, service_port, true);
+            }
+        }
+        out.local.extend(local.iter().map(|b| *b.ip()));
+    }
+    for list in [&mut out.socket, &mut out.packet] {
+        list.sort();
+        list.dedup_by(|a, b| a.0 == b.0);
+    }
+    out.local.sort();
+    out.local.dedup();
     out
 }
 
@@ -191,6 +313,79 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    fn node_port_svc(policy: &str) -> Service {
+        serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.20", "type": "NodePort",
+                     "externalTrafficPolicy": policy, "externalIPs": ["198.51.100.7"],
+                     "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn node_ports_and_external_ips_follow_the_traffic_policy() {
+        let a = slice(
+            "a",
+            json!([
+                {"addresses": ["10.244.0.2"], "nodeName": "n0"},
+                {"addresses": ["10.244.0.3"], "nodeName": "n0", "conditions": {"ready": false}},
+                {"addresses": ["10.244.1.2"], "nodeName": "n1"}
+            ]),
+        );
+        let node = NodeAddrs {
+            name: Some("n0".into()),
+            ips: vec![
+                "172.29.0.10".parse().unwrap(),
+                "192.0.2.10".parse().unwrap(),
+            ],
+            cluster_ips: ["172.29.0.10".parse().unwrap()].into(),
+        };
+        let f = |s: &str| s.parse::<Frontend>().unwrap();
+        let all: Vec<SocketAddrV4> = vec![
+            "10.244.0.2:8080".parse().unwrap(),
+            "10.244.1.2:8080".parse().unwrap(),
+        ];
+        let local: Vec<SocketAddrV4> = vec!["10.244.0.2:8080".parse().unwrap()];
+        let fronts = [
+            f("172.29.0.10:30080"),
+            f("192.0.2.10:30080"),
+            f("198.51.100.7:80"),
+        ];
+
+        let cluster = external(&node_port_svc("Cluster"), &[&a], &node);
+        let expect_all: Vec<_> = fronts.iter().map(|f| (*f, all.clone())).collect();
+        assert_eq!(cluster.socket, expect_all);
+        assert_eq!(cluster.packet, expect_all);
+        assert_eq!(
+            cluster.local,
+            vec!["10.244.0.2".parse::<Ipv4Addr>().unwrap()]
+        );
+
+        // Local: packets from outside go to this node's endpoints only; the node's own
+        // sockets still reach every endpoint.
+        let local_policy = external(&node_port_svc("Local"), &[&a], &node);
+        assert_eq!(local_policy.socket, expect_all);
+        let expect_local: Vec<_> = fronts.iter().map(|f| (*f, local.clone())).collect();
+        assert_eq!(local_policy.packet, expect_local);
+
+        // Another node's address: balanced at the socket only (its own tc path serves
+        // traffic from outside).
+        let mut with_other = node.clone();
+        with_other
+            .cluster_ips
+            .insert("172.29.0.11".parse().unwrap());
+        let got = external(&node_port_svc("Local"), &[&a], &with_other);
+        assert!(got.socket.contains(&(f("172.29.0.11:30080"), all.clone())));
+        assert_eq!(got.packet, expect_local);
+
+        // A ClusterIP Service has no nodePort frontends, only its externalIPs.
+        let mut plain = node_port_svc("Cluster");
+        plain.spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
+        let got = external(&plain, &[&a], &node);
+        assert_eq!(got.socket, vec![(f("198.51.100.7:80"), all.clone())]);
     }
 
     #[test]

@@ -8,7 +8,10 @@
 //! become backends. [`metrics`] serves the per-service counters.
 
 pub mod desired;
+mod external;
 pub mod metrics;
+mod nodes;
 mod sync;
 
+pub use external::{ExternalFrontends, PacketMaps};
 pub use sync::{Settings, SyncError, run, run_with};

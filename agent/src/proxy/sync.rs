@@ -1,14 +1,19 @@
 //! The watch loop: Services and EndpointSlices from the API, into the service table.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    net::Ipv4Addr,
+};
 
 use futures::StreamExt as _;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{Client, ResourceExt as _, runtime::watcher};
 
 use super::{
-    desired::{frontends, options},
+    desired::{external, frontends, options},
+    external::ExternalFrontends,
     metrics::ServiceNames,
+    nodes,
 };
 use crate::lb::{self, Algorithm, Frontend, ServiceTable, maps::KvMap};
 use crate::svcwatch::{self, Change, Key, Relist, slice_key};
@@ -44,6 +49,7 @@ struct State<S, B, V> {
     services: HashMap<Key, Service>,
     slices: HashMap<Key, HashMap<String, EndpointSlice>>,
     programmed: HashMap<Key, Vec<Frontend>>,
+    external: ExternalFrontends<S, B, V>,
     service_list: Relist<Key>,
     slice_list: Relist<(Key, String)>,
 }
@@ -64,7 +70,7 @@ where
 
     /// Writes one Service's frontends; only its own entries change.
     fn reconcile(&mut self, key: &Key) -> Result<(), lb::Error> {
-        let (desired, opts) = match self.services.get(key) {
+        let (desired, desired_external, opts) = match self.services.get(key) {
             Some(svc) => {
                 let slices: Vec<&EndpointSlice> = self
                     .slices
@@ -73,11 +79,14 @@ where
                     .unwrap_or_default();
                 (
                     frontends(svc, &slices),
+                    Some(external(svc, &slices, self.external.node())),
                     options(svc, self.settings.default_algorithm),
                 )
             }
-            None => (Vec::new(), lb::ServiceOptions::default()),
+            None => (Vec::new(), None, lb::ServiceOptions::default()),
         };
+        self.external
+            .reconcile(&mut self.table, key, desired_external, opts)?;
         let old = self.programmed.remove(key).unwrap_or_default();
         for (frontend, backends) in &desired {
             self.table.upsert_with(*frontend, backends, opts)?;
@@ -101,22 +110,36 @@ where
             .services
             .keys()
             .chain(self.programmed.keys())
+            .chain(self.external.keys())
             .cloned()
             .collect();
         for key in &keys {
             self.reconcile(key)?;
         }
-        let wanted: HashSet<Frontend> = self.programmed.values().flatten().copied().collect();
+        let mut wanted: HashSet<Frontend> = self.programmed.values().flatten().copied().collect();
+        wanted.extend(self.external.socket_frontends());
         for (frontend, _) in self.table.list()? {
             if !wanted.contains(&frontend) {
                 self.table.remove(frontend)?;
                 self.settings.names.remove(&frontend);
             }
         }
+        self.external.prune()?;
         tracing::info!(
             services = self.programmed.len(),
             "load balancer in sync with the API"
         );
+        Ok(())
+    }
+
+    /// Every Node's addresses changed: nodePorts on them are written again.
+    fn on_node_ips(&mut self, ips: BTreeSet<Ipv4Addr>) -> Result<(), lb::Error> {
+        if self.external.set_cluster_ips(ips) && self.live() {
+            let keys: Vec<Key> = self.services.keys().cloned().collect();
+            for key in &keys {
+                self.reconcile(key)?;
+            }
+        }
         Ok(())
     }
 
@@ -205,14 +228,15 @@ where
     }
 }
 
-/// Keeps `table` in step with the cluster's Services and EndpointSlices until `shutdown`,
-/// with the default [`Settings`].
+/// Keeps `table` (and the `external` frontends: nodePorts, externalIPs) in step with the
+/// cluster's Services and EndpointSlices until `shutdown`, with the default [`Settings`].
 ///
 /// # Errors
 /// A map write fails, or a watch ends for good.
 pub async fn run<S, B, V>(
     client: Client,
     table: ServiceTable<S, B, V>,
+    external: ExternalFrontends<S, B, V>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), SyncError>
 where
@@ -220,10 +244,11 @@ where
     B: KvMap<BackendKey, Backend>,
     V: KvMap<u32, u32>,
 {
-    run_with(client, table, Settings::default(), shutdown).await
+    run_with(client, table, external, Settings::default(), shutdown).await
 }
 
-/// Keeps `table` in step with the cluster's Services and EndpointSlices until `shutdown`.
+/// Keeps `table` (and the `external` frontends: nodePorts, externalIPs) in step with the
+/// cluster's Services and EndpointSlices until `shutdown`.
 /// Nothing is written until both have been listed, so a restarted agent never briefly
 /// empties a Service whose endpoints it has not read yet.
 ///
@@ -232,6 +257,7 @@ where
 pub async fn run_with<S, B, V>(
     client: Client,
     table: ServiceTable<S, B, V>,
+    external: ExternalFrontends<S, B, V>,
     settings: Settings,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), SyncError>
@@ -240,13 +266,15 @@ where
     B: KvMap<BackendKey, Backend>,
     V: KvMap<u32, u32>,
 {
-    let mut changes = std::pin::pin!(svcwatch::changes(client));
+    let mut changes = std::pin::pin!(svcwatch::changes(client.clone()));
+    let mut node_ips = std::pin::pin!(nodes::addresses(client));
     let mut state = State {
         table,
         settings,
         services: HashMap::new(),
         slices: HashMap::new(),
         programmed: HashMap::new(),
+        external,
         service_list: Relist::default(),
         slice_list: Relist::default(),
     };
@@ -255,6 +283,10 @@ where
         let change = tokio::select! {
             () = &mut shutdown => return Ok(()),
             change = changes.next() => change,
+            Some(ips) = node_ips.next() => {
+                state.on_node_ips(ips)?;
+                continue;
+            }
         };
         match change {
             None => {

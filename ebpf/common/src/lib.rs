@@ -340,3 +340,123 @@ mod selection_tests {
         assert!(hit.iter().all(|h| *h));
     }
 }
+
+// NodePort and externalIPs for traffic arriving from outside the node (tc programs).
+//
+// - [`NP_SERVICES_MAP`] / [`NP_BACKENDS_MAP`] / [`NP_ADDRS_MAP`]: the same layout as
+//   `SERVICES`/`BACKENDS`/`VIPS`, holding the frontends reachable from outside (`<node IP>:
+//   <nodePort>`, `<externalIP>:<port>`) with the backends the tc path may use (only this
+//   node's endpoints under `externalTrafficPolicy: Local`).
+// - [`NP_LOCAL_MAP`]: endpoint addresses on this node → number of services using them; a
+//   flow to a backend not in it is SNATed to the node's address so replies come back here.
+// - [`NP_CT_MAP`]: flow as it arrives ([`CtKey`]) → its translation ([`CtEntry`]), so every
+//   packet of a flow goes to the same backend.
+// - [`NP_REV_MAP`]: reply tuple ([`CtKey`]) → what to restore ([`RevEntry`]).
+// Both conntrack maps are LRU maps: they never fill up, the oldest flows go first.
+// ---------------------------------------------------------------------------------------------
+
+/// Name (and pin name) of the external frontends map.
+pub const NP_SERVICES_MAP: &str = "NP_SERVICES";
+/// Name (and pin name) of the external frontends' backend slots.
+pub const NP_BACKENDS_MAP: &str = "NP_BACKENDS";
+/// Name (and pin name) of the map of addresses with external frontends.
+pub const NP_ADDRS_MAP: &str = "NP_ADDRS";
+/// Name (and pin name) of the map of this node's endpoint addresses.
+pub const NP_LOCAL_MAP: &str = "NP_LOCAL";
+/// Name (and pin name) of the forward conntrack map.
+pub const NP_CT_MAP: &str = "NP_CT";
+/// Name (and pin name) of the reply conntrack map.
+pub const NP_REV_MAP: &str = "NP_REV";
+/// Capacity of the external frontends map.
+pub const MAX_NP_SERVICES: u32 = 16_384;
+/// Capacity of the external backends map.
+pub const MAX_NP_BACKENDS: u32 = 65_536;
+/// Capacity of the local endpoints map.
+pub const MAX_NP_LOCAL: u32 = 16_384;
+/// Capacity of each conntrack LRU map.
+pub const MAX_NP_FLOWS: u32 = 131_072;
+/// First source port used when SNATing a flow to a backend on another node; above Linux's
+/// default ephemeral range (32768–60999) so that the node's own sockets rarely collide.
+pub const SNAT_PORT_MIN: u16 = 61_000;
+/// Number of SNAT source ports (`SNAT_PORT_MIN..=65535`).
+pub const SNAT_PORT_COUNT: u16 = 4_536;
+
+/// A flow's 5-tuple, addresses and ports in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    /// Source IPv4 address.
+    pub saddr: u32,
+    /// Destination IPv4 address.
+    pub daddr: u32,
+    /// Source port.
+    pub sport: u16,
+    /// Destination port.
+    pub dport: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Explicit padding; always zero.
+    pub pad: [u8; 3],
+}
+
+/// How a flow arriving from outside is translated.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtEntry {
+    /// Backend IPv4 address (the new destination).
+    pub backend_addr: u32,
+    /// SNAT source address, or 0 when the client's address is kept.
+    pub snat_addr: u32,
+    /// The [`ServiceEntry::id`] the backend was picked from; a different id now means the
+    /// backend set changed since.
+    pub service_id: u32,
+    /// Backend port (the new destination port).
+    pub backend_port: u16,
+    /// SNAT source port (meaningful with `snat_addr`).
+    pub snat_port: u16,
+}
+
+/// What a reply gets back: the frontend as its source and, for SNATed flows, the client as its
+/// destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RevEntry {
+    /// Frontend address (the reply's new source).
+    pub front_addr: u32,
+    /// Client address (the reply's new destination when SNATed).
+    pub client_addr: u32,
+    /// Frontend port.
+    pub front_port: u16,
+    /// Client port.
+    pub client_port: u16,
+    /// 1 when the flow was SNATed (replies arrive on ingress), 0 otherwise (replies leave on
+    /// egress).
+    pub snat: u8,
+    /// Explicit padding; always zero.
+    pub pad: [u8; 3],
+}
+
+#[cfg(feature = "user")]
+mod nodeport_pod {
+    // SAFETY: `#[repr(C)]`, `Copy`, integers only, every padding byte an explicit field.
+    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtEntry {}
+    unsafe impl aya::Pod for super::RevEntry {}
+}
+
+#[cfg(test)]
+mod nodeport_layout_tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn conntrack_layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<CtKey>(), 16);
+        assert_eq!(size_of::<CtEntry>(), 16);
+        assert_eq!(size_of::<RevEntry>(), 16);
+        assert_eq!(
+            u32::from(SNAT_PORT_MIN) + u32::from(SNAT_PORT_COUNT),
+            65_536
+        );
+    }
+}

@@ -7,12 +7,14 @@
 //!   NAT, no conntrack entry. The original frontend is remembered per socket in [`REVNAT`].
 //! - `cgroup/getpeername4` and `cgroup/recvmsg4`: translate the backend back into the frontend,
 //!   so the application sees the address it asked for.
+//! - `nodeport` (tc, on the node's interfaces): NodePort and externalIPs from outside.
 //!
 //! A service with no ready backend, or a port that no service exposes on a known virtual IP,
 //! is refused with `ECONNREFUSED`, as kube-proxy does.
 #![no_std]
 #![no_main]
 
+mod nodeport;
 mod select;
 
 use aya_ebpf::{

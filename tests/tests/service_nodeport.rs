@@ -1,0 +1,531 @@
+//! NodePort and externalIPs end to end, in a two-node lab (see `keelson_e2e::lab`) with one
+//! `keelson-agent proxy` per node, inside the node's namespace, on its cgroup, its own pins
+//! and its `eth0`:
+//! - a client outside the nodes reaches a NodePort Service on each node's address, TCP and
+//!   UDP, and both pods (one per node) answer; a pod on the other node sees the node's
+//!   address (SNAT), the local one the client's;
+//! - with `externalTrafficPolicy: Local` only the node's own pod answers, and it sees the
+//!   client's address; a node without a local endpoint does not answer at all;
+//! - an externalIP routed to a node reaches the Service;
+//! - from the node itself (its cgroup), a connect to its own or another node's address and
+//!   nodePort is balanced at the socket;
+//! - `keelson-agent lb dump` shows the NodePort frontends and tracked flows;
+//! - a flow through a node survives a `kill -9` and restart of its proxy, and `lb detach`
+//!   removes the tc programs too.
+//!
+//! The backends are small servers the test runs inside the pods' network namespaces that
+//! answer `<pod> peer=<source address>`.
+
+use std::{
+    collections::BTreeSet,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::Path,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use keelson_e2e::{
+    Bpffs, Netns,
+    lab::{Lab, LabBuilder, LabNode, PodInfo, in_netns_file, run_in, tcp_exchange},
+    proxy::{Proxy, ProxyBuilder},
+    run_ok, workspace_bin,
+};
+
+const IMAGE: &str = "keelson.test/busybox:1";
+const T: Duration = Duration::from_secs(40);
+const TCP_PORT: u16 = 9000;
+const UDP_PORT: u16 = 9001;
+const NODE_PORT: u16 = 30900;
+const NODE_PORT_UDP: u16 = 30901;
+const NODE_PORT_LOCAL: u16 = 30910;
+const NODE_PORT_ONE: u16 = 30920;
+const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+
+fn manifest() -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: np, namespace: default}}
+spec:
+  replicas: 2
+  selector: {{matchLabels: {{app: np}}}}
+  template:
+    metadata: {{labels: {{app: np}}}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      affinity:
+        podAntiAffinity:
+          requiredDuringSchedulingIgnoredDuringExecution:
+          - {{labelSelector: {{matchLabels: {{app: np}}}}, topologyKey: kubernetes.io/hostname}}
+      containers:
+      - {{name: main, image: {IMAGE}, command: [sleep, '3600']}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: np-cluster, namespace: default}}
+spec:
+  type: NodePort
+  selector: {{app: np}}
+  externalIPs: [{EXTERNAL_IP}]
+  ports:
+  - {{name: tcp, port: {TCP_PORT}, targetPort: {TCP_PORT}, nodePort: {NODE_PORT}}}
+  - {{name: udp, port: {UDP_PORT}, targetPort: {UDP_PORT}, nodePort: {NODE_PORT_UDP}, protocol: UDP}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: np-local, namespace: default}}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  selector: {{app: np}}
+  ports: [{{name: tcp, port: {TCP_PORT}, targetPort: {TCP_PORT}, nodePort: {NODE_PORT_LOCAL}}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: np-one, namespace: default}}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  selector: {{app: np, np-one: "yes"}}
+  ports: [{{name: tcp, port: {TCP_PORT}, targetPort: {TCP_PORT}, nodePort: {NODE_PORT_ONE}}}]
+"#
+    )
+}
+
+/// Answers `<name> peer=<source address>` over TCP (after the client half-closes) and UDP,
+/// from a thread of the test inside a pod's network namespace. Stopped on drop.
+struct Backend {
+    stop: Arc<AtomicBool>,
+}
+
+impl Backend {
+    fn start(lab: &Lab, pod: &PodInfo) -> Result<Self> {
+        let ip = pod.ip;
+        let (tcp, udp) = in_netns_file(&lab.pod_netns(pod), move || {
+            let tcp = TcpListener::bind((ip, TCP_PORT)).context("binding the TCP backend")?;
+            let udp = UdpSocket::bind((ip, UDP_PORT)).context("binding the UDP backend")?;
+            Ok((tcp, udp))
+        })?;
+        tcp.set_nonblocking(true)?;
+        udp.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (flag, name) = (Arc::clone(&stop), pod.name.clone());
+        std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match tcp.accept() {
+                    Ok((mut conn, peer)) => {
+                        // A thread per connection: one flow is held open across a proxy
+                        // restart while others come and go.
+                        let name = name.clone();
+                        std::thread::spawn(move || {
+                            let _ = conn.set_nonblocking(false);
+                            let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+                            let mut request = Vec::new();
+                            if conn.read_to_end(&mut request).is_ok() {
+                                let _ = write!(conn, "{name} peer={}", peer.ip());
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        let (flag, name) = (Arc::clone(&stop), pod.name.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                    let _ = udp.send_to(format!("{name} peer={}", peer.ip()).as_bytes(), peer);
+                }
+            }
+        });
+        Ok(Backend { stop })
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// One answer: which pod, and the source address it saw.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Answer {
+    pod: String,
+    peer: String,
+}
+
+fn parse_answer(text: &str) -> Result<Answer> {
+    let (pod, peer) = text
+        .trim()
+        .split_once(" peer=")
+        .with_context(|| format!("unexpected answer {text:?}"))?;
+    Ok(Answer {
+        pod: pod.to_owned(),
+        peer: peer.to_owned(),
+    })
+}
+
+/// Runs `f` on a thread inside `netns`.
+fn in_ns<T: Send + 'static>(
+    netns: &Netns,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let ns = netns.try_clone()?;
+    std::thread::spawn(move || {
+        ns.enter_current_thread()?;
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+}
+
+fn tcp_ask(netns: &Netns, addr: SocketAddr) -> Result<Answer> {
+    in_ns(netns, move || parse_answer(&tcp_exchange(addr, "who")?))
+}
+
+/// A UDP request from an unconnected socket; the reply must come from `addr` itself (the
+/// frontend, not the backend), or the client would not take it as the answer.
+fn udp_ask(netns: &Netns, addr: SocketAddr) -> Result<Answer> {
+    in_ns(netns, move || {
+        let sock = UdpSocket::bind("0.0.0.0:0")?;
+        sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+        sock.send_to(b"who", addr)?;
+        let mut buf = [0u8; 512];
+        let (n, from) = sock
+            .recv_from(&mut buf)
+            .context("waiting for the UDP answer")?;
+        ensure!(from == addr, "UDP answer came from {from}, not {addr}");
+        parse_answer(&String::from_utf8_lossy(&buf[..n]))
+    })
+}
+
+/// Asks `addr` until both pods have answered (every request must succeed).
+fn both_answer(
+    ask: impl Fn() -> Result<Answer>,
+    pods: &[PodInfo],
+    what: &str,
+) -> Result<BTreeSet<Answer>> {
+    let mut seen = BTreeSet::new();
+    for _ in 0..40 {
+        seen.insert(ask().with_context(|| format!("a request to {what}"))?);
+        let names: BTreeSet<&str> = seen.iter().map(|a| a.pod.as_str()).collect();
+        if pods.iter().all(|p| names.contains(p.name.as_str())) {
+            return Ok(seen);
+        }
+    }
+    bail!("{what}: not every pod answered in 40 requests: {seen:?}")
+}
+
+/// Retries `ask` until it succeeds (the proxies may still be syncing).
+fn eventually_answers(ask: impl Fn() -> Result<Answer>, what: &str) -> Result<Answer> {
+    let deadline = Instant::now() + T;
+    loop {
+        match ask() {
+            Ok(a) => return Ok(a),
+            Err(e) if Instant::now() > deadline => return Err(e.context(what.to_owned())),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// `netprobe` from inside node `node`'s network namespace and cgroup (where its proxy's
+/// socket programs apply).
+fn probe_from_node(node: &LabNode, addr: SocketAddr) -> Result<Answer> {
+    let procs = std::fs::OpenOptions::new()
+        .write(true)
+        .open(node.env().cgroup2_dir().join("cgroup.procs"))?;
+    let ns = ns_file(node.env().netns())?;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_netprobe"));
+    cmd.args(["tcp", &addr.to_string(), "who"]);
+    let (procs_fd, ns_fd) = (procs.as_raw_fd(), ns.as_raw_fd());
+    // SAFETY: between fork and exec only async-signal-safe syscalls on descriptors that stay
+    // open until the command has run.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::write(procs_fd, b"0\n".as_ptr().cast(), 2) < 0
+                || libc::setns(ns_fd, libc::CLONE_NEWNET) < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output()?;
+    drop((procs, ns));
+    ensure!(
+        out.status.success(),
+        "netprobe to {addr} from {}: {}",
+        node.name(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let reply = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("reply: "))
+        .unwrap_or_default();
+    parse_answer(reply)
+}
+
+/// A descriptor of `netns`, opened from a thread inside it.
+fn ns_file(netns: &Netns) -> Result<std::fs::File> {
+    in_ns(netns, || {
+        std::fs::File::open("/proc/thread-self/ns/net").context("opening the node's netns")
+    })
+}
+
+fn lb_dump(pins: &Path) -> Result<String> {
+    let out = run_ok(
+        Command::new(workspace_bin("keelson-agent")?)
+            .args(["lb", "dump", "--bpffs"])
+            .arg(pins),
+    )?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The proxy of `node`: in its namespace, on its cgroup, pins under `<bpffs>/<node name>`,
+/// nodePorts on its address and `eth0`.
+fn start_proxy(lab: &Lab, node: &LabNode, bpffs: &Bpffs, kubeconfig: &Path) -> Result<Proxy> {
+    ProxyBuilder::new(
+        kubeconfig,
+        node.env().cgroup2_dir(),
+        &bpffs.path().join(node.name()),
+    )
+    .with_node(node.name(), &[node.ip()])
+    .with_nodeport_interface("eth0")
+    .with_log(&lab.cp().dir().join(format!("proxy-{}.log", node.name())))
+    .start_in(node.env().netns())
+}
+
+#[test]
+fn node_ports_and_external_ips_reach_ready_backends() -> Result<()> {
+    let started = Instant::now();
+    let lab = LabBuilder::new(2).with_busybox(IMAGE).build()?;
+    let bpffs = Bpffs::mount()?;
+    let kubeconfig = lab.cp().kubeconfig_via(Ipv4Addr::new(172, 29, 0, 1))?;
+    let mut proxies = Vec::new();
+    for node in lab.nodes() {
+        proxies.push(Some(start_proxy(&lab, node, &bpffs, &kubeconfig)?));
+    }
+    let result = run(&lab, &bpffs, &kubeconfig, &mut proxies);
+    if result.is_err() {
+        for node in lab.nodes() {
+            let path = lab.cp().dir().join(format!("proxy-{}.log", node.name()));
+            let log = std::fs::read_to_string(&path).unwrap_or_default();
+            eprintln!("--- {} ---\n{log}", path.display());
+        }
+    }
+    drop(proxies);
+    eprintln!("NodePort test took {:?}", started.elapsed());
+    result
+}
+
+fn run(lab: &Lab, bpffs: &Bpffs, kubeconfig: &Path, proxies: &mut [Option<Proxy>]) -> Result<()> {
+    lab.cp().apply(&manifest())?;
+    let names = lab.eventually("two np pods", T, || {
+        let pods = lab.get_json(&["pods", "-l", "app=np"])?;
+        let names: Vec<String> = pods
+            .as_ref()
+            .and_then(|p| p["items"].as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.pointer("/metadata/name")?.as_str().map(str::to_owned))
+            .collect();
+        Ok((names.len() == 2).then_some(names))
+    })?;
+    let mut pods = Vec::new();
+    for name in &names {
+        pods.push(lab.wait_pod(name, T)?);
+    }
+    pods.sort_by_key(|p| p.node);
+    ensure!(
+        pods[0].node == 0 && pods[1].node == 1,
+        "the pods are not spread over both nodes: {pods:?}"
+    );
+    let _backends: Vec<Backend> = pods
+        .iter()
+        .map(|p| Backend::start(lab, p))
+        .collect::<Result<_>>()?;
+    // Only the pod on node-1 backs `np-one`.
+    lab.cp()
+        .kubectl(&["label", "pod", &pods[1].name, "np-one=yes"])?;
+
+    let client = lab.add_host(0)?;
+    let cns = client.netns();
+    let client_ip = client.ip().to_string();
+
+    // Cluster policy, TCP: both pods answer through either node; the remote pod sees the
+    // node's address (SNAT), the local one the client's.
+    for (i, node) in lab.nodes().iter().enumerate() {
+        let front = SocketAddr::from((node.ip(), NODE_PORT));
+        eventually_answers(
+            || tcp_ask(cns, front),
+            &format!("first answer from {front}"),
+        )?;
+        let seen = both_answer(|| tcp_ask(cns, front), &pods, &front.to_string())?;
+        eprintln!("via {front}: {seen:?}");
+        for answer in &seen {
+            let local = answer.pod == pods[i].name;
+            let expect = if local {
+                client_ip.clone()
+            } else {
+                node.ip().to_string()
+            };
+            ensure!(
+                answer.peer == expect,
+                "via {front}: {answer:?}, expected peer {expect}"
+            );
+        }
+    }
+
+    // UDP, through each node; the answer comes back from the frontend.
+    for node in lab.nodes() {
+        let front = SocketAddr::from((node.ip(), NODE_PORT_UDP));
+        eventually_answers(|| udp_ask(cns, front), &format!("UDP via {front}"))?;
+        both_answer(|| udp_ask(cns, front), &pods, &format!("UDP {front}"))?;
+    }
+
+    // Local policy: only the node's own pod, which sees the client.
+    for (i, node) in lab.nodes().iter().enumerate() {
+        let front = SocketAddr::from((node.ip(), NODE_PORT_LOCAL));
+        eventually_answers(|| tcp_ask(cns, front), &format!("local policy via {front}"))?;
+        for _ in 0..10 {
+            let answer = tcp_ask(cns, front)?;
+            ensure!(
+                answer
+                    == Answer {
+                        pod: pods[i].name.clone(),
+                        peer: client_ip.clone()
+                    },
+                "local policy via {front}: {answer:?}"
+            );
+        }
+    }
+
+    // Local policy, endpoint only on node-1: node-1 answers, node-0 drops.
+    let one = SocketAddr::from((lab.node(1).ip(), NODE_PORT_ONE));
+    let answer = eventually_answers(|| tcp_ask(cns, one), "np-one via node-1")?;
+    ensure!(answer.pod == pods[1].name, "{answer:?}");
+    let silent = SocketAddr::from((lab.node(0).ip(), NODE_PORT_ONE));
+    for _ in 0..3 {
+        let got = tcp_ask(cns, silent);
+        ensure!(
+            got.is_err(),
+            "node-0 has no np-one endpoint but answered: {got:?}"
+        );
+    }
+
+    // An externalIP routed to node-0.
+    run_in(
+        cns,
+        Command::new("ip").args([
+            "route",
+            "add",
+            &format!("{EXTERNAL_IP}/32"),
+            "via",
+            &lab.node(0).ip().to_string(),
+        ]),
+    )?;
+    let ext = SocketAddr::from((EXTERNAL_IP, TCP_PORT));
+    eventually_answers(|| tcp_ask(cns, ext), "the externalIP")?;
+    both_answer(|| tcp_ask(cns, ext), &pods, "the externalIP")?;
+
+    // From node-0 itself: its own address and nodePort, balanced at the socket.
+    let own = SocketAddr::from((lab.node(0).ip(), NODE_PORT));
+    both_answer(
+        || probe_from_node(lab.node(0), own),
+        &pods,
+        "node-0's own nodePort",
+    )?;
+
+    // And node-1's address and nodePort, also balanced at node-0's sockets (from the Nodes
+    // in the API): node-0's own pod is reached directly, not through node-1 (whose tc path
+    // would have SNATed it to node-1's address).
+    let other = SocketAddr::from((lab.node(1).ip(), NODE_PORT));
+    let seen = lab.eventually("node-1's nodePort balanced at node-0's sockets", T, || {
+        let seen = both_answer(
+            || probe_from_node(lab.node(0), other),
+            &pods,
+            "node-1's nodePort",
+        )?;
+        Ok(seen
+            .iter()
+            .all(|a| a.pod != pods[0].name || a.peer != lab.node(1).ip().to_string())
+            .then_some(seen))
+    })?;
+    eprintln!("node-0 to {other}: {seen:?}");
+
+    let dump = lb_dump(&bpffs.path().join(lab.node(0).name()))?;
+    eprintln!("lb dump on node-0:\n{dump}");
+    ensure!(
+        dump.contains(&format!("{}:{NODE_PORT}/tcp ->", lab.node(0).ip()))
+            && dump.contains("on eth0")
+            && dump.contains(&format!("{EXTERNAL_IP}:{TCP_PORT}/tcp ->")),
+        "lb dump:\n{dump}"
+    );
+    let flows: usize = dump
+        .lines()
+        .find_map(|l| l.strip_prefix("conntrack: "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no conntrack line in:\n{dump}"))?;
+    ensure!(flows > 0, "no tracked flows:\n{dump}");
+
+    // A flow through node-0 outlives a `kill -9` and restart of its proxy: programs, maps
+    // and conntrack stay pinned, and the restarted proxy keeps the pinned tc links.
+    let front = SocketAddr::from((lab.node(0).ip(), NODE_PORT));
+    let mut open = in_ns(cns, move || {
+        Ok(TcpStream::connect_timeout(&front, Duration::from_secs(2))?)
+    })?;
+    if let Some(p) = proxies[0].take() {
+        p.kill9();
+    }
+    eventually_answers(|| tcp_ask(cns, front), "node-0 with its proxy killed")?;
+    proxies[0] = Some(start_proxy(lab, lab.node(0), bpffs, kubeconfig)?);
+    eventually_answers(|| tcp_ask(cns, front), "node-0 with its proxy restarted")?;
+    open.set_read_timeout(Some(Duration::from_secs(3)))?;
+    open.write_all(b"who")?;
+    open.shutdown(std::net::Shutdown::Write)?;
+    let mut reply = String::new();
+    open.read_to_string(&mut reply)
+        .context("the flow opened before the proxy restart")?;
+    parse_answer(&reply)?;
+
+    // `lb detach` removes the tc links with the rest: node-0 no longer serves nodePorts.
+    if let Some(p) = proxies[0].take() {
+        p.kill9();
+    }
+    let pins = bpffs.path().join(lab.node(0).name());
+    let out = run_ok(
+        Command::new(workspace_bin("keelson-agent")?)
+            .args(["lb", "detach", "--bpffs"])
+            .arg(&pins),
+    )?;
+    let out = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.contains("tc-ingress@eth0") && out.contains("tc-egress@eth0"),
+        "lb detach:\n{out}"
+    );
+    // The kernel frees an unpinned link after an RCU grace period: soon, not at once.
+    let detached = Instant::now();
+    let deadline = detached + Duration::from_secs(10);
+    while let Ok(answer) = tcp_ask(cns, front) {
+        ensure!(
+            Instant::now() < deadline,
+            "node-0 still serves its nodePort 10 s after detach: {answer:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "node-0 stopped serving {:?} after detach",
+        detached.elapsed()
+    );
+    Ok(())
+}
