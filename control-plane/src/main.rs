@@ -29,6 +29,12 @@ use keelson_server::{
 };
 use tokio::net::TcpListener;
 
+/// mimalloc rather than glibc's allocator: the API server allocates and frees many small JSON
+/// trees per request, and under load glibc's malloc/free (with consolidation of freed chunks)
+/// took as much CPU as the server's own code (perf, scheduler benchmark).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Run one member of Keelson's replicated control-plane store.
 #[derive(Debug, Parser)]
 #[command(name = "keelson-server", version)]

@@ -39,6 +39,10 @@ use kube::{
 use serde_json::json;
 use tokio::time::Instant;
 
+/// The same allocator as `keelson-server`, where the scheduler runs in production.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Args {
     server: Option<PathBuf>,
     nodes: Vec<usize>,
