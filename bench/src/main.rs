@@ -48,6 +48,7 @@ async fn main() -> std::process::ExitCode {
     let result = tokio::select! {
         result = run => result,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        _ = sigterm() => Err(anyhow::anyhow!("terminated")),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -55,5 +56,15 @@ async fn main() -> std::process::ExitCode {
             eprintln!("keelson-bench: error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Resolves on SIGTERM (e.g. from `timeout`), so that guards clean up as on Ctrl-C.
+async fn sigterm() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending().await,
     }
 }

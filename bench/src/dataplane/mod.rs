@@ -51,10 +51,10 @@ pub struct DataplaneArgs {
     #[arg(long, default_value_t = 300)]
     warmup: usize,
     /// Sequential connections timed per point for latency (over all rounds).
-    #[arg(long, default_value_t = 3000)]
+    #[arg(long, default_value_t = 6000)]
     samples: usize,
     /// Seconds of the short-connection throughput run per point (over all rounds).
-    #[arg(long, default_value_t = 4.0)]
+    #[arg(long, default_value_t = 6.0)]
     seconds: f64,
     /// Concurrent connection loops in the throughput run.
     #[arg(long, default_value_t = 2)]
