@@ -239,6 +239,15 @@ impl NodeEnv {
         self.cgroup.path()
     }
 
+    /// Makes `cmd` start on the node itself: in its network namespace and its cgroup2
+    /// directory, so that the node's socket programs (the service proxy) see it.
+    ///
+    /// # Errors
+    /// The cgroup cannot be opened.
+    pub fn place_on_node(&self, cmd: &mut Command) -> Result<crate::PlacedFds> {
+        place(cmd, &self.netns, Some(&self.cgroup))
+    }
+
     /// The node's network namespace.
     pub fn netns(&self) -> &Netns {
         &self.netns

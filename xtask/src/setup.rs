@@ -38,6 +38,14 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "containerd",
         "a test drives keelson-runtime through containerd's runc shim",
     ),
+    (
+        "iptables",
+        "`cargo xtask bench dataplane` compares with kube-proxy's iptables layout",
+    ),
+    (
+        "ipvsadm",
+        "`cargo xtask bench dataplane` compares with IPVS (where the kernel has it)",
+    ),
     ("curl", "provisioner tests fetch over HTTP and TFTP"),
     (
         "isc-dhcp-client",

@@ -4,6 +4,7 @@
 //! Adding a suite: a variant in [`Suite`] and one match arm in [`run`].
 
 mod api;
+mod dataplane;
 mod runtime;
 mod scheduler;
 mod store;
@@ -36,6 +37,9 @@ enum Suite {
     Runtime,
     /// The scheduler: pods bound/s and p99 create→bound latency at 500 and 5000 nodes.
     Scheduler,
+    /// Service load balancing at 100/1,000/10,000 services: the eBPF socket LB against
+    /// kube-proxy's iptables layout, IPVS and direct-to-pod connects (latency, conn/s, updates).
+    Dataplane,
 }
 
 /// Runs the chosen suite.
@@ -48,6 +52,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Suite::Api => api::run(&args.extra),
         Suite::Runtime => runtime::run(&args.extra),
         Suite::Scheduler => scheduler::run(&args.extra),
+        Suite::Dataplane => dataplane::run(&args.extra),
     }
 }
 
