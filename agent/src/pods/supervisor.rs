@@ -21,7 +21,7 @@ use crate::logs::cri;
 use crate::logs::rotate::{Limits, RotatingLog};
 
 /// What a supervisor runs.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SuperviseSpec {
     /// The runtime's state root.
     pub runtime_root: PathBuf,
@@ -35,6 +35,25 @@ pub struct SuperviseSpec {
     pub log_limits: Limits,
     /// The container's cgroup path.
     pub cgroup_path: String,
+    /// Gets one byte once the container runs (the agent's wake-up); closed when we exit.
+    pub started: Option<OwnedFd>,
+}
+
+/// Moves what standard output is (the agent's start pipe) to a close-on-exec descriptor of
+/// its own, which the container does not inherit, and points standard output at /dev/null.
+pub fn take_stdout() -> Option<OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: duplicating our own standard output; the copy is owned by no one else.
+    let fd = unsafe { libc::fcntl(1, libc::F_DUPFD_CLOEXEC, 3) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: just made above.
+    let taken = unsafe { OwnedFd::from_raw_fd(fd) };
+    if let Ok(null) = File::options().write(true).open("/dev/null") {
+        dup2(null.as_raw_fd(), 1);
+    }
+    Some(taken)
 }
 
 /// Errors before the container runs (recorded as a start error).
@@ -251,6 +270,9 @@ fn run(spec: &SuperviseSpec) -> Result<ExitRecord, SuperviseError> {
     }
     let started_at = now_rfc3339();
     let _ = fs::write(spec.bundle.join(STARTED_FILE), &started_at);
+    if let Some(fd) = &spec.started {
+        let _ = nix::unistd::write(fd, b"s");
+    }
     // Held until the container ends, unless stdinOnce lets it go after the first attach.
     let _stdin_keeper = match stdin_keeper {
         Some(k) if spec.bundle.join(STDIN_ONCE).exists() => {
