@@ -1107,6 +1107,15 @@ impl PodManager {
                 fs::write(adir.join(super::supervisor::STDIN_ONCE), b"").map_err(io)?;
             }
         }
+        if c.tty == Some(true) {
+            // The supervisor keeps the terminal; attach sends window sizes through the FIFO.
+            fs::write(adir.join(super::console::TTY_FILE), b"").map_err(io)?;
+            let fifo = adir.join(super::console::RESIZE_FIFO);
+            if !fifo.exists() {
+                nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+                    .map_err(|e| io(e.into()))?;
+            }
+        }
         fs::write(
             adir.join("image"),
             format!("{}\n{}", image_ref, image.digest),
