@@ -48,9 +48,11 @@ struct Terminal {
 }
 
 impl Terminal {
-    fn attach(cp: &ControlPlane, pod: &str) -> Result<Self> {
+    /// kubectl's terminal is `columns`×`rows`: kubectl sends that size to the container.
+    fn attach(cp: &ControlPlane, pod: &str, columns: u16, rows: u16) -> Result<Self> {
         let line = format!(
-            "{KUBECTL} --kubeconfig '{}' attach -it {pod} -c main",
+            "stty cols {columns} rows {rows}; \
+             {KUBECTL} --kubeconfig '{}' attach -it {pod} -c main",
             cp.kubeconfig().display()
         );
         let mut child = Command::new("script")
@@ -183,13 +185,15 @@ fn run(cp: &ControlPlane, node: &str) -> Result<()> {
     }
 
     // On a terminal: the typed command runs in the container's shell (its result, not the
-    // echoed command line, shows it ran there), and `exit` ends the shell and the attach.
-    let mut term = Terminal::attach(cp, "shell")?;
+    // echoed command line, shows it ran there), the container's terminal has the size of
+    // kubectl's, and `exit` ends the shell and the attach.
+    let mut term = Terminal::attach(cp, "shell", 111, 33)?;
     term.run_until(
         "echo tty-$((6*7)) $([ -t 0 ] && echo term-$((1+1)))",
         "tty-42 term-2",
         t,
     )?;
+    term.run_until("echo size-$(stty size | tr ' ' x)", "size-33x111", t)?;
     term.type_line("exit")?;
     term.wait_exit(t)?;
     wait_for("the shell pod to succeed", t, || {
@@ -197,7 +201,7 @@ fn run(cp: &ControlPlane, node: &str) -> Result<()> {
     })?;
     let logs = cp.kubectl(&["logs", "shell"])?;
     ensure!(
-        logs.contains("tty-42 term-2"),
+        logs.contains("tty-42 term-2\r\n") && logs.contains("size-33x111"),
         "kubectl logs of the terminal: {logs:?}"
     );
 
