@@ -187,7 +187,7 @@ mod tests {
     #[test]
     fn terminal_output_becomes_full_and_partial_entries() {
         let text = String::from_utf8(entries(b"one\r\ntwo\r\n/ # ")).expect("utf-8");
-        let parsed: Vec<_> = text.lines().filter_map(cri::parse_line).collect();
+        let parsed: Vec<_> = text.split('\n').filter_map(cri::parse_line).collect();
         let got: Vec<_> = parsed
             .iter()
             .map(|e| (e.stream, e.partial, e.content))
