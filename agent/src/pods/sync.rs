@@ -447,6 +447,11 @@ impl PodManager {
         mut self,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<()> {
+        // Image references are parsed with a regular expression compiled on first use, which
+        // took over a second in a debug build: compile it now, not when the first pod comes.
+        tokio::task::spawn_blocking(|| {
+            let _ = crate::image::parse_reference("keelson.invalid/warm-up:1");
+        });
         let api: Api<Pod> = Api::all(self.client.clone());
         let (reader, writer) = reflector::store();
         let config =
