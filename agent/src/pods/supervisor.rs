@@ -294,6 +294,9 @@ fn run(spec: &SuperviseSpec) -> Result<ExitRecord, SuperviseError> {
         },
         None => None,
     };
+    // The socket was only needed for the hand-over: remove it now, so that a supervisor
+    // killed later leaves no directory behind.
+    drop(console);
     let stdin_keeper = match (stdin, &terminal) {
         (Some((read, write)), Some(master)) => {
             let master = master
