@@ -140,7 +140,7 @@ async fn script(
     let inventory = cfg.inventory.current();
     match inventory.target_for(mac, uuid.as_ref()) {
         Some(t) => {
-            info!(%mac, ?uuid, machine = %t.id, "serving iPXE script");
+            info!(%mac, machine = %t.id, ?uuid, "serving iPXE script");
             cfg.inventory.saw(Sighting::Script(mac, uuid));
             text(boot::ipxe_script(&cfg.http_base, &t))
         }

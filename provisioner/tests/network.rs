@@ -711,7 +711,7 @@ fn binary_serves_dhcp_tftp_and_http_and_stops_on_sigterm() {
     );
     assert!(
         String::from_utf8_lossy(&check.stdout)
-            .contains("node-1\t52:54:00:12:34:56\t192.0.2.10\tworker")
+            .contains("node-1\t52:54:00:12:34:56\t-\t192.0.2.10\tworker")
     );
 
     let server = ChildGuard::spawn(
