@@ -351,10 +351,10 @@ async fn unreachable_node_goes_not_ready_and_its_pods_move() {
             .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some("node-0"))
             .count()
     };
-    assert_eq!(
-        on_dead(&live_pods(&c.client, "default", "app=move").await),
-        1
-    );
+    // Spread one per node, unless the scheduler placed pods before it saw every new Node
+    // (the Nodes are created just before the Deployment): at least one is on node-0.
+    let before = on_dead(&live_pods(&c.client, "default", "app=move").await);
+    assert!(before >= 1, "{before} pods on node-0");
     c.kill_node("node-0");
     let nodes: Api<Node> = Api::all(c.client.clone());
     wait_for("node-0 Ready=Unknown and tainted unreachable", T, || {
