@@ -332,13 +332,7 @@ impl NodeEnv {
             "--container-log-max-files",
             "2",
         ])
-        // KEELSON_E2E_AGENT_LOG overrides the agent's log filter (e.g. the pod startup
-        // driver's timings at `keelson_agent::pods=debug`).
-        .env(
-            "RUST_LOG",
-            std::env::var("KEELSON_E2E_AGENT_LOG")
-                .unwrap_or_else(|_| "info,keelson_agent::logs=debug".to_owned()),
-        )
+        .env("RUST_LOG", "info,keelson_agent::logs=debug")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);

@@ -3,7 +3,6 @@
 //! back-off; deletion stops containers gracefully; status goes back through `pods/status`.
 
 pub mod bundle;
-pub mod console;
 pub mod events;
 pub mod layout;
 pub mod probe;
