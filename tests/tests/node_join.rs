@@ -385,6 +385,26 @@ fn lab(server: &Netns, client: &Netns, mac: &str) -> Result<String> {
     Ok(format!("{s_if} {c_if}"))
 }
 
+/// `dhclient` once on `iface` in `ns` with config `conf`, configuring nothing (`-sf
+/// /bin/true`); its lease file is `<dir>/<name>.leases`. Killed on drop.
+fn start_dhclient(ns: &Netns, iface: &str, conf: &Path, dir: &Path, name: &str) -> Result<Kill> {
+    let mut dh = Command::new("dhclient");
+    dh.args(["-d", "-1", "-sf", "/bin/true", "-cf"])
+        .arg(conf)
+        .arg("-lf")
+        .arg(dir.join(format!("{name}.leases")))
+        .arg("-pf")
+        .arg(dir.join(format!("{name}.pid")))
+        .arg(iface)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let fds = place(&mut dh, ns, None)?;
+    let child = Kill(dh.spawn().context("starting dhclient")?);
+    drop(fds);
+    Ok(child)
+}
+
 fn require_tools(tools: &[(&str, &str)]) -> Result<()> {
     for (tool, package) in tools {
         let found = std::env::var_os("PATH")
@@ -457,20 +477,7 @@ fn provisioner_in_api_mode_records_unknown_macs_and_hands_out_join_tokens() -> R
     // An unknown client asks for an address.
     let conf = dir.path().join("dhclient.conf");
     std::fs::write(&conf, "timeout 20;\n")?;
-    let mut dh = Command::new("dhclient");
-    dh.args(["-d", "-1", "-sf", "/bin/true", "-cf"])
-        .arg(&conf)
-        .arg("-lf")
-        .arg(dir.path().join("client.leases"))
-        .arg("-pf")
-        .arg(dir.path().join("dhclient.pid"))
-        .arg(c_if)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let fds = place(&mut dh, &client_ns, None)?;
-    let dhclient = Kill(dh.spawn().context("starting dhclient")?);
-    drop(fds);
+    let dhclient = start_dhclient(&client_ns, c_if, &conf, dir.path(), "client")?;
     let machine = wait_for("the Discovered machine", Duration::from_secs(40), || {
         Ok(get_json(&cp, &["machine", MACHINE])?.filter(|m| m["status"]["state"] == "Discovered"))
     })
@@ -578,20 +585,7 @@ fn provisioner_in_api_mode_records_unknown_macs_and_hands_out_join_tokens() -> R
         ),
     )?;
     let leases = dir.path().join("client2.leases");
-    let mut dh = Command::new("dhclient");
-    dh.args(["-d", "-1", "-sf", "/bin/true", "-cf"])
-        .arg(&conf)
-        .arg("-lf")
-        .arg(&leases)
-        .arg("-pf")
-        .arg(dir.path().join("dhclient2.pid"))
-        .arg(c_if)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let fds = place(&mut dh, &client_ns, None)?;
-    let dhclient = Kill(dh.spawn().context("starting dhclient")?);
-    drop(fds);
+    let dhclient = start_dhclient(&client_ns, c_if, &conf, dir.path(), "client2")?;
     wait_for("the UUID machine's lease", Duration::from_secs(40), || {
         Ok(std::fs::read_to_string(&leases)
             .unwrap_or_default()
