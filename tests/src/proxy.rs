@@ -4,7 +4,7 @@
 //! the NodePort flags. Killed on drop.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
 };
@@ -62,6 +62,7 @@ pub struct ProxyBuilder {
     node_name: Option<String>,
     node_ips: Vec<Ipv4Addr>,
     interfaces: Vec<String>,
+    metrics: Option<SocketAddr>,
     log: Option<PathBuf>,
 }
 
@@ -76,6 +77,7 @@ impl ProxyBuilder {
             node_name: None,
             node_ips: Vec::new(),
             interfaces: Vec::new(),
+            metrics: None,
             log: None,
         }
     }
@@ -90,6 +92,12 @@ impl ProxyBuilder {
     /// `--nodeport-interface` (repeatable).
     pub fn with_nodeport_interface(mut self, interface: &str) -> Self {
         self.interfaces.push(interface.to_owned());
+        self
+    }
+
+    /// `--metrics-listen` (an address inside the proxy's namespace).
+    pub fn with_metrics_listen(mut self, addr: SocketAddr) -> Self {
+        self.metrics = Some(addr);
         self
     }
 
@@ -120,6 +128,9 @@ impl ProxyBuilder {
         }
         for interface in &self.interfaces {
             cmd.args(["--nodeport-interface", interface]);
+        }
+        if let Some(addr) = self.metrics {
+            cmd.args(["--metrics-listen", &addr.to_string()]);
         }
         match &self.log {
             Some(path) => {

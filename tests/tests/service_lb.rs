@@ -596,7 +596,7 @@ fn an_upgrade_replaces_older_programs_and_maps_of_another_layout() -> Result<()>
     // them; the services in the shared maps keep answering throughout.
     let programs = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
     for p in programs {
-        std::fs::rename(pins.join(format!("{p}_v2")), pins.join(p))
+        std::fs::rename(pins.join(format!("{p}_v3")), pins.join(p))
             .with_context(|| format!("renaming the {p} link pin"))?;
     }
     assert_eq!(backend(&netns, &cgroup, vip)?, "backend-a");
@@ -607,7 +607,7 @@ fn an_upgrade_replaces_older_programs_and_maps_of_another_layout() -> Result<()>
     );
     for p in programs {
         ensure!(!pins.join(p).exists(), "old link {p} still pinned");
-        ensure!(pins.join(format!("{p}_v2")).exists(), "{p}_v2 not pinned");
+        ensure!(pins.join(format!("{p}_v3")).exists(), "{p}_v3 not pinned");
     }
     assert_eq!(backend(&netns, &cgroup, vip)?, "backend-a");
     Ok(())

@@ -9,7 +9,12 @@
 //! - an externalIP routed to a node reaches the Service;
 //! - from the node itself (its cgroup), a connect to its own or another node's address and
 //!   nodePort is balanced at the socket;
-//! - `keelson-agent lb dump` shows the NodePort frontends and tracked flows;
+//! - on the tc path, a Maglev Service reached through either node sends a client flow (same
+//!   source address and port) to the same backend; `sessionAffinity: ClientIP` keeps a
+//!   client on one backend over many connections (the random Service above spreads them);
+//!   the proxies' `/metrics` count packets and new flows per frontend, and drops on a node
+//!   without a local endpoint under `externalTrafficPolicy: Local`;
+//! - `keelson-agent lb dump` shows the NodePort frontends, their counters and tracked flows;
 //! - a flow through a node survives a `kill -9` and restart of its proxy, and `lb detach`
 //!   removes the tc programs too.
 //!
@@ -19,7 +24,7 @@
 use std::{
     collections::BTreeSet,
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::Path,
     process::Command,
@@ -33,7 +38,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use keelson_e2e::{
     Bpffs, Netns,
-    lab::{Lab, LabBuilder, LabNode, PodInfo, in_netns_file, run_in, tcp_exchange},
+    lab::{Lab, LabBuilder, LabHost, LabNode, PodInfo, in_netns_file, run_in, tcp_exchange},
     proxy::{Proxy, ProxyBuilder},
     run_ok, workspace_bin,
 };
@@ -46,7 +51,13 @@ const NODE_PORT: u16 = 30900;
 const NODE_PORT_UDP: u16 = 30901;
 const NODE_PORT_LOCAL: u16 = 30910;
 const NODE_PORT_ONE: u16 = 30920;
+const NODE_PORT_MAGLEV: u16 = 30930;
+const NODE_PORT_STICKY: u16 = 30940;
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+/// Each proxy's metrics endpoint, on the loopback of its node's namespace.
+const METRICS: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9464);
+/// Source ports of the client flows sent through both nodes to the Maglev Service.
+const MAGLEV_PORTS: std::ops::Range<u16> = 42_000..42_016;
 
 fn manifest() -> String {
     format!(
@@ -95,6 +106,27 @@ spec:
   externalTrafficPolicy: Local
   selector: {{app: np, np-one: "yes"}}
   ports: [{{name: tcp, port: {TCP_PORT}, targetPort: {TCP_PORT}, nodePort: {NODE_PORT_ONE}}}]
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: np-maglev
+  namespace: default
+  annotations: {{keelson.dev/lb-algorithm: maglev}}
+spec:
+  type: NodePort
+  selector: {{app: np}}
+  ports: [{{name: tcp, port: {TCP_PORT}, targetPort: {TCP_PORT}, nodePort: {NODE_PORT_MAGLEV}}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: np-sticky, namespace: default}}
+spec:
+  type: NodePort
+  selector: {{app: np}}
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 600}}}}
+  ports: [{{name: tcp, port: {TCP_PORT}, targetPort: {TCP_PORT}, nodePort: {NODE_PORT_STICKY}}}]
 "#
     )
 }
@@ -192,6 +224,42 @@ fn tcp_ask(netns: &Netns, addr: SocketAddr) -> Result<Answer> {
     in_ns(netns, move || parse_answer(&tcp_exchange(addr, "who")?))
 }
 
+/// A TCP request from the client's `src` address and port (reused: `SO_REUSEADDR`), so the
+/// same flow can be sent through either node.
+fn tcp_ask_from(netns: &Netns, src: SocketAddrV4, addr: SocketAddr) -> Result<Answer> {
+    use nix::sys::{
+        socket::{
+            AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket,
+            sockopt,
+        },
+        time::TimeVal,
+    };
+    let SocketAddr::V4(dst) = addr else {
+        bail!("{addr} is not IPv4");
+    };
+    in_ns(netns, move || {
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+        // Linux bounds a blocking connect by the send timeout.
+        setsockopt(&fd, sockopt::SendTimeout, &TimeVal::new(2, 0))?;
+        bind(fd.as_raw_fd(), &SockaddrIn::from(src)).with_context(|| format!("binding {src}"))?;
+        connect(fd.as_raw_fd(), &SockaddrIn::from(dst))
+            .with_context(|| format!("connecting from {src} to {dst}"))?;
+        let mut conn = TcpStream::from(fd);
+        conn.set_read_timeout(Some(Duration::from_secs(3)))?;
+        conn.write_all(b"who")?;
+        conn.shutdown(std::net::Shutdown::Write)?;
+        let mut reply = String::new();
+        conn.read_to_string(&mut reply)?;
+        parse_answer(&reply)
+    })
+}
+
 /// A UDP request from an unconnected socket; the reply must come from `addr` itself (the
 /// frontend, not the backend), or the client would not take it as the answer.
 fn udp_ask(netns: &Netns, addr: SocketAddr) -> Result<Answer> {
@@ -282,6 +350,40 @@ fn ns_file(netns: &Netns) -> Result<std::fs::File> {
     })
 }
 
+/// The value of counter `name` on `node`'s metrics endpoint for the tc path's frontend of
+/// Service default/`service` on the node's address and `port`.
+fn tc_counter(node: &LabNode, name: &str, service: &str, port: u16) -> Result<u64> {
+    // Without a half-close, which the server may take for the client going away.
+    let body = in_ns(node.env().netns(), || {
+        let mut conn = TcpStream::connect_timeout(&METRICS, Duration::from_secs(2))?;
+        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+        conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n")?;
+        let mut response = String::new();
+        conn.read_to_string(&mut response)?;
+        Ok(response)
+    })?;
+    ensure!(
+        body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"),
+        "/metrics on {}:\n{body}",
+        node.name()
+    );
+    let labels = [
+        "namespace=\"default\"".to_owned(),
+        format!("service=\"{service}\""),
+        format!("address=\"{}\"", node.ip()),
+        format!("port=\"{port}\""),
+        "path=\"tc\"".to_owned(),
+    ];
+    let line = body
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|x| l.contains(x)))
+        .with_context(|| format!("no {name} for {service} on {}:\n{body}", node.name()))?;
+    let value = line.rsplit(' ').next().unwrap_or_default();
+    value
+        .parse()
+        .with_context(|| format!("bad counter value in {line:?}"))
+}
+
 fn lb_dump(pins: &Path) -> Result<String> {
     let out = run_ok(
         Command::new(workspace_bin("keelson-agent")?)
@@ -301,6 +403,7 @@ fn start_proxy(lab: &Lab, node: &LabNode, bpffs: &Bpffs, kubeconfig: &Path) -> R
     )
     .with_node(node.name(), &[node.ip()])
     .with_nodeport_interface("eth0")
+    .with_metrics_listen(METRICS)
     .with_log(&lab.cp().dir().join(format!("proxy-{}.log", node.name())))
     .start_in(node.env().netns())
 }
@@ -423,6 +526,8 @@ fn run(lab: &Lab, bpffs: &Bpffs, kubeconfig: &Path, proxies: &mut [Option<Proxy>
         );
     }
 
+    selection_and_counters(lab, &client, &pods)?;
+
     // An externalIP routed to node-0.
     run_in(
         cns,
@@ -468,8 +573,15 @@ fn run(lab: &Lab, bpffs: &Bpffs, kubeconfig: &Path, proxies: &mut [Option<Proxy>
     ensure!(
         dump.contains(&format!("{}:{NODE_PORT}/tcp ->", lab.node(0).ip()))
             && dump.contains("on eth0")
-            && dump.contains(&format!("{EXTERNAL_IP}:{TCP_PORT}/tcp ->")),
+            && dump.contains(&format!("{EXTERNAL_IP}:{TCP_PORT}/tcp ->"))
+            && dump.contains("maglev; connections ")
+            && dump.contains("random, affinity 600s; connections "),
         "lb dump:\n{dump}"
+    );
+    ensure!(
+        dump.lines()
+            .any(|l| l.contains("packets ") && !l.contains("packets 0,")),
+        "no tc frontend with packets in lb dump:\n{dump}"
     );
     let flows: usize = dump
         .lines()
@@ -510,7 +622,7 @@ fn run(lab: &Lab, bpffs: &Bpffs, kubeconfig: &Path, proxies: &mut [Option<Proxy>
     )?;
     let out = String::from_utf8_lossy(&out.stdout);
     ensure!(
-        out.contains("tc-ingress@eth0") && out.contains("tc-egress@eth0"),
+        out.contains("tc-ingress_v") && out.contains("tc-egress_v") && out.contains("@eth0"),
         "lb detach:\n{out}"
     );
     // The kernel frees an unpinned link after an RCU grace period: soon, not at once.
@@ -526,6 +638,126 @@ fn run(lab: &Lab, bpffs: &Bpffs, kubeconfig: &Path, proxies: &mut [Option<Proxy>
     eprintln!(
         "node-0 stopped serving {:?} after detach",
         detached.elapsed()
+    );
+    Ok(())
+}
+
+/// The tc path's backend selection and counters, through both nodes from the outside client.
+fn selection_and_counters(lab: &Lab, client: &LabHost, pods: &[PodInfo]) -> Result<()> {
+    let cns = client.netns();
+    let (node0, node1) = (lab.node(0), lab.node(1));
+
+    // Maglev: the same client flow (address and source port) lands on the same backend
+    // whichever node it enters through; over several flows both backends serve.
+    for node in lab.nodes() {
+        let front = SocketAddr::from((node.ip(), NODE_PORT_MAGLEV));
+        eventually_answers(|| tcp_ask(cns, front), &format!("Maglev via {front}"))?;
+    }
+    let flows_before = tc_counter(
+        node0,
+        "keelson_lb_connections_total",
+        "np-maglev",
+        NODE_PORT_MAGLEV,
+    )?;
+    let packets_before = tc_counter(
+        node0,
+        "keelson_lb_packets_total",
+        "np-maglev",
+        NODE_PORT_MAGLEV,
+    )?;
+    let mut chosen = BTreeSet::new();
+    for port in MAGLEV_PORTS {
+        let src = SocketAddrV4::new(client.ip(), port);
+        let via0 = tcp_ask_from(cns, src, SocketAddr::from((node0.ip(), NODE_PORT_MAGLEV)))?;
+        let via1 = tcp_ask_from(cns, src, SocketAddr::from((node1.ip(), NODE_PORT_MAGLEV)))?;
+        ensure!(
+            via0.pod == via1.pod,
+            "flow from {src}: {via0:?} through node-0 but {via1:?} through node-1"
+        );
+        chosen.insert(via0.pod);
+    }
+    eprintln!(
+        "Maglev backends of {} flows: {chosen:?}",
+        MAGLEV_PORTS.len()
+    );
+    ensure!(
+        chosen.len() == pods.len(),
+        "Maglev sent every flow to {chosen:?}"
+    );
+    let flows = u64::from(MAGLEV_PORTS.end - MAGLEV_PORTS.start);
+    let flows_after = tc_counter(
+        node0,
+        "keelson_lb_connections_total",
+        "np-maglev",
+        NODE_PORT_MAGLEV,
+    )?;
+    let packets_after = tc_counter(
+        node0,
+        "keelson_lb_packets_total",
+        "np-maglev",
+        NODE_PORT_MAGLEV,
+    )?;
+    eprintln!(
+        "node-0 np-maglev: {} new flows, {} packets",
+        flows_after - flows_before,
+        packets_after - packets_before
+    );
+    ensure!(
+        flows_after - flows_before == flows,
+        "node-0 counted {} new flows for {flows}",
+        flows_after - flows_before
+    );
+    // Each exchange is several packets each way (handshake, request, answer, close).
+    ensure!(
+        packets_after - packets_before >= 4 * flows,
+        "node-0 counted {} packets for {flows} flows",
+        packets_after - packets_before
+    );
+
+    // ClientIP affinity: every connection of the client through a node goes to one backend
+    // (the random np-cluster Service above spread the same client over both).
+    for node in lab.nodes() {
+        let front = SocketAddr::from((node.ip(), NODE_PORT_STICKY));
+        let first = eventually_answers(|| tcp_ask(cns, front), &format!("affinity via {front}"))?;
+        let hits_before = tc_counter(
+            node,
+            "keelson_lb_affinity_hits_total",
+            "np-sticky",
+            NODE_PORT_STICKY,
+        )?;
+        for _ in 0..20 {
+            let answer = tcp_ask(cns, front)?;
+            ensure!(
+                answer.pod == first.pod,
+                "affinity via {front}: {answer:?} after {first:?}"
+            );
+        }
+        let hits = tc_counter(
+            node,
+            "keelson_lb_affinity_hits_total",
+            "np-sticky",
+            NODE_PORT_STICKY,
+        )?;
+        ensure!(
+            hits - hits_before == 20,
+            "{}: {} affinity hits for 20 connections",
+            node.name(),
+            hits - hits_before
+        );
+    }
+
+    // Drops: node-0 has no endpoint of the Local-policy np-one, so its SYNs are dropped.
+    let silent = SocketAddr::from((node0.ip(), NODE_PORT_ONE));
+    let drops_before = tc_counter(node0, "keelson_lb_drops_total", "np-one", NODE_PORT_ONE)?;
+    for _ in 0..2 {
+        ensure!(tcp_ask(cns, silent).is_err(), "node-0 answered np-one");
+    }
+    let drops = tc_counter(node0, "keelson_lb_drops_total", "np-one", NODE_PORT_ONE)?;
+    eprintln!("node-0 np-one: {} drops", drops - drops_before);
+    ensure!(
+        drops - drops_before >= 2,
+        "node-0 counted {} drops for two refused connects",
+        drops - drops_before
     );
     Ok(())
 }

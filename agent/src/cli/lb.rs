@@ -122,8 +122,12 @@ impl LbCommand {
                     println!("{} -> {list}", info.frontend);
                     let stats = info.stats.unwrap_or_default();
                     println!(
-                        "    {}; connections {}, refused {}, affinity hits {}",
-                        info.options, stats.connections, stats.refused, stats.affinity_hits
+                        "    {}; connections {}, refused {}, affinity hits {}, drops {}",
+                        info.options,
+                        stats.connections,
+                        stats.refused,
+                        stats.affinity_hits,
+                        stats.drops
                     );
                 }
                 println!(
@@ -153,7 +157,7 @@ fn dump_nodeport(pins: &Pins) -> anyhow::Result<()> {
         return Ok(());
     };
     let interfaces = lb::tc_interfaces(pins)?;
-    let frontends = lb::open_tc(pins)?.table.list()?;
+    let frontends = lb::open_tc(pins)?.table.details()?;
     // Nothing to say when the NodePort path was never set up.
     if interfaces.is_empty() && frontends.is_empty() && flows == 0 {
         return Ok(());
@@ -164,14 +168,19 @@ fn dump_nodeport(pins: &Pins) -> anyhow::Result<()> {
         format!("on {}", interfaces.join(", "))
     };
     println!("nodePort/externalIP frontends for traffic from outside ({on}):");
-    for (frontend, backends) in frontends {
-        let list: Vec<String> = backends.iter().map(ToString::to_string).collect();
+    for info in frontends {
+        let list: Vec<String> = info.backends.iter().map(ToString::to_string).collect();
         let list = if list.is_empty() {
             "(no backends here: dropped)".to_owned()
         } else {
             list.join(" ")
         };
-        println!("  {frontend} -> {list}");
+        println!("  {} -> {list}", info.frontend);
+        let stats = info.stats.unwrap_or_default();
+        println!(
+            "      {}; connections {}, affinity hits {}, packets {}, drops {}",
+            info.options, stats.connections, stats.affinity_hits, stats.packets, stats.drops
+        );
     }
     println!("conntrack: {flows} flow(s)");
     Ok(())

@@ -42,8 +42,9 @@ pub(super) static OBJECT: &[u8] =
 const PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
 /// Version of the programs' link pins; raise it whenever the programs change behaviour or
 /// start using other maps, so that an upgraded agent replaces the attached programs.
-/// Version 1 pinned links under the bare program name.
-pub const LINK_VERSION: u32 = 2;
+/// Version 1 pinned links under the bare program name; version 3 counts refusals as drops
+/// in a larger counters value.
+pub const LINK_VERSION: u32 = 3;
 /// The maps of the object, pinned by name, with their key and value sizes.
 const MAPS: [(&str, usize, usize); 8] = [
     (
@@ -164,9 +165,10 @@ pub fn attach(cgroup: &Path, pins: &Pins) -> Result<AttachOutcome> {
     Ok(AttachOutcome::Attached)
 }
 
-/// Unpins maps whose key or value size is not this build's, so the loader creates them anew.
-fn replace_mismatched_maps(pins: &Pins) -> Result<()> {
-    for (name, key_size, value_size) in MAPS {
+/// Unpins maps of the object (socket and tc paths) whose key or value size is not this
+/// build's, so the loader creates them anew instead of failing on them.
+pub(super) fn replace_mismatched_maps(pins: &Pins) -> Result<()> {
+    for (name, key_size, value_size) in MAPS.into_iter().chain(super::tc::MAPS) {
         let path = pins.path(name);
         if !path.exists() {
             continue;
@@ -255,7 +257,9 @@ pub(super) fn open_hash_map<K: Pod, V: Pod>(path: &Path) -> Result<BpfHashMap<Ma
     })
 }
 
-fn open_per_cpu_hash_map<K: Pod, V: Pod>(path: &Path) -> Result<PerCpuHashMap<MapData, K, V>> {
+pub(super) fn open_per_cpu_hash_map<K: Pod, V: Pod>(
+    path: &Path,
+) -> Result<PerCpuHashMap<MapData, K, V>> {
     PerCpuHashMap::try_from(open_map(path)?).map_err(|source| Error::OpenPin {
         path: path.into(),
         source,

@@ -34,6 +34,7 @@ impl<K: Pod, V: Pod> KvMap<K, V> for BpfHashMap<MapData, K, V> {
     fn remove(&mut self, key: &K) -> Result<(), MapError> {
         match BpfHashMap::remove(self, key) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) if is_missing_key(&e) => Ok(()),
             Err(e) => Err(e),
         }
     }
@@ -41,6 +42,12 @@ impl<K: Pod, V: Pod> KvMap<K, V> for BpfHashMap<MapData, K, V> {
     fn entries(&self) -> Result<Vec<(K, V)>, MapError> {
         self.iter().collect()
     }
+}
+
+/// Whether a failed delete failed only because the key was not there: aya reports the
+/// kernel's `ENOENT` from `bpf_map_delete_elem` as a syscall error, not as `KeyNotFound`.
+pub(crate) fn is_missing_key(e: &MapError) -> bool {
+    matches!(e, MapError::SyscallError(s) if s.io_error.kind() == std::io::ErrorKind::NotFound)
 }
 
 /// In memory: for tests, and for state no program reads (the NodePort table's selection

@@ -260,6 +260,7 @@ impl<K: Pod, V: Summable> KvMap<K, V> for SummedPerCpu<K, V> {
     fn remove(&mut self, key: &K) -> Result<(), MapError> {
         match self.0.remove(key) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) if super::maps::is_missing_key(&e) => Ok(()),
             Err(e) => Err(e),
         }
     }

@@ -227,7 +227,7 @@ where
 
     fn write_set(&mut self, id: u32, backends: &[SocketAddrV4], cfg: ServiceConfig) -> Result<()> {
         self.write_slots(id, backends)?;
-        if cfg.flags & FLAG_MAGLEV != 0 {
+        if cfg.flags & FLAG_MAGLEV != 0 && !backends.is_empty() {
             let slots: Vec<(u32, SocketAddrV4)> = (0u32..).zip(backends.iter().copied()).collect();
             for (index, slot) in (0u32..).zip(maglev::table(&slots)) {
                 self.selection
@@ -248,7 +248,8 @@ where
 
     fn remove_set(&mut self, id: u32, count: u32, cfg: Option<ServiceConfig>) -> Result<()> {
         self.remove_slots(id, count)?;
-        if cfg.is_some_and(|c| c.flags & FLAG_MAGLEV != 0) {
+        // An empty set has no table (see `write_set`).
+        if count > 0 && cfg.is_some_and(|c| c.flags & FLAG_MAGLEV != 0) {
             for index in 0..MAGLEV_SIZE {
                 self.selection
                     .remove_maglev(&MaglevKey {
@@ -783,6 +784,14 @@ mod tests {
         assert_eq!(slots(&t, web), backends[..2].to_vec());
 
         t.upsert(web, &backends).unwrap();
+        assert!(selection_maps(&t).maglev.is_empty());
+
+        // An empty set (a Service before its endpoints) has no table to write or remove.
+        t.upsert_with(web, &[], maglev).unwrap();
+        assert!(selection_maps(&t).maglev.is_empty());
+        t.upsert_with(web, &backends, maglev).unwrap();
+        assert_eq!(selection_maps(&t).maglev.len(), MAGLEV_SIZE as usize);
+        t.upsert_with(web, &[], maglev).unwrap();
         assert!(selection_maps(&t).maglev.is_empty());
     }
 }

@@ -2,11 +2,17 @@
 //! interfaces, their maps and their pins.
 //!
 //! The programs come from the same object as the socket programs and share its pinned maps.
-//! Each is attached as a TCX link (Linux 6.6 or later), pinned as `tc-ingress@<interface>` /
-//! `tc-egress@<interface>` beside the other pins: the programs stay attached while the agent
-//! restarts, attaching again keeps what is pinned, and removing the pins detaches them.
+//! Each is attached as a TCX link (Linux 6.6 or later), pinned as
+//! `tc-ingress_v<N>@<interface>:<ifindex>` / `tc-egress_v<N>@…` beside the other pins: the
+//! programs stay attached while the agent restarts, attaching again keeps what is pinned, and
+//! removing the pins detaches them.
+//!
+//! Upgrades, as on the socket path: the pins carry [`TC_LINK_VERSION`]; an agent whose
+//! programs are newer attaches its own in front of the pinned ones (TCX runs links in order,
+//! and ours end the chain, so the new ones take over at once, sharing the conntrack maps) and
+//! then unpins the old links. Pinned maps of another layout are recreated before loading.
 
-use std::path::PathBuf;
+use std::{mem::size_of, path::PathBuf};
 
 use aya::{
     EbpfLoader,
@@ -14,28 +20,58 @@ use aya::{
     programs::{LinkOrder, SchedClassifier, TcAttachType, links::FdLink, tc::TcAttachOptions},
 };
 use keelson_ebpf_common::{
-    CtEntry, CtKey, NP_ADDRS_MAP, NP_BACKENDS_MAP, NP_CT_MAP, NP_LOCAL_MAP, NP_REV_MAP,
-    NP_SERVICES_MAP,
+    AffinityKey, AffinityValue, Backend, BackendKey, CtEntry, CtKey, MaglevKey, NP_ADDRS_MAP,
+    NP_AFFINITY_MAP, NP_BACKENDS_MAP, NP_CT_MAP, NP_LOCAL_MAP, NP_MAGLEV_MAP, NP_REV_MAP,
+    NP_SERVICES_MAP, NP_STATS_MAP, NP_SVC_CONFIG_MAP, RevEntry, ServiceConfig, ServiceEntry,
+    ServiceKey, ServiceStats,
 };
 
 use super::{
     bpffs::{ensure_dir, io_err},
     error::{Error, Result},
-    loader::{KernelServiceTable, OBJECT, Pins, open_hash_map},
+    loader::{
+        KernelSelectionMaps, KernelServiceTable, OBJECT, Pins, open_hash_map,
+        open_per_cpu_hash_map, replace_mismatched_maps,
+    },
+    selection::{SelectionMaps, SummedPerCpu},
     table::ServiceTable,
 };
 
-/// The maps of the NodePort path, pinned by name.
-const MAPS: [&str; 6] = [
-    NP_SERVICES_MAP,
-    NP_BACKENDS_MAP,
-    NP_ADDRS_MAP,
-    NP_LOCAL_MAP,
-    NP_CT_MAP,
-    NP_REV_MAP,
+/// The maps of the NodePort path, pinned by name, with their key and value sizes.
+pub(super) const MAPS: [(&str, usize, usize); 10] = [
+    (
+        NP_SERVICES_MAP,
+        size_of::<ServiceKey>(),
+        size_of::<ServiceEntry>(),
+    ),
+    (
+        NP_BACKENDS_MAP,
+        size_of::<BackendKey>(),
+        size_of::<Backend>(),
+    ),
+    (NP_ADDRS_MAP, size_of::<u32>(), size_of::<u32>()),
+    (NP_LOCAL_MAP, size_of::<u32>(), size_of::<u32>()),
+    (NP_CT_MAP, size_of::<CtKey>(), size_of::<CtEntry>()),
+    (NP_REV_MAP, size_of::<CtKey>(), size_of::<RevEntry>()),
+    (
+        NP_SVC_CONFIG_MAP,
+        size_of::<u32>(),
+        size_of::<ServiceConfig>(),
+    ),
+    (NP_MAGLEV_MAP, size_of::<MaglevKey>(), size_of::<u32>()),
+    (
+        NP_AFFINITY_MAP,
+        size_of::<AffinityKey>(),
+        size_of::<AffinityValue>(),
+    ),
+    (NP_STATS_MAP, size_of::<u32>(), size_of::<ServiceStats>()),
 ];
 /// Prefix of the tc link pins.
 const LINK_PREFIX: &str = "tc-";
+/// Version of the tc programs' link pins; raise it whenever the tc programs change behaviour
+/// or start using other maps. Version 1 pinned `tc-<direction>@…`; version 2 selects backends
+/// as the socket path does and counts packets and drops.
+pub const TC_LINK_VERSION: u32 = 2;
 
 /// The two tc programs and where each is attached.
 const PROGRAMS: [(&str, TcAttachType, &str); 2] = [
@@ -43,11 +79,13 @@ const PROGRAMS: [(&str, TcAttachType, &str); 2] = [
     ("nodeport_egress", TcAttachType::Egress, "egress"),
 ];
 
-/// `tc-<direction>@<interface>:<ifindex>`: with the index, a pin left from an interface that
-/// has since been deleted and made again (whose link died with it) is told from a live one.
+/// `tc-<direction>_v<version>@<interface>:<ifindex>`: with the index, a pin left from an
+/// interface that has since been deleted and made again (whose link died with it) is told
+/// from a live one.
 fn link_pin(pins: &Pins, direction: &str, interface: &str, ifindex: u32) -> PathBuf {
-    pins.dir()
-        .join(format!("{LINK_PREFIX}{direction}@{interface}:{ifindex}"))
+    pins.dir().join(format!(
+        "{LINK_PREFIX}{direction}_v{TC_LINK_VERSION}@{interface}:{ifindex}"
+    ))
 }
 
 /// The interface a link pin's file name names.
@@ -70,8 +108,8 @@ fn ifindex(interface: &str) -> Result<u32> {
     })
 }
 
-/// Removes pins of `interface` made for another index of it: their links went with the
-/// interface they were attached to.
+/// Removes pins of `interface` other than `keep`: pins made for another index of it (their
+/// links went with the interface they were attached to) and links of older versions.
 fn remove_stale_pins(pins: &Pins, interface: &str, keep: &[PathBuf]) -> Result<()> {
     for path in link_pins(pins)? {
         let name = path
@@ -80,7 +118,7 @@ fn remove_stale_pins(pins: &Pins, interface: &str, keep: &[PathBuf]) -> Result<(
             .unwrap_or_default();
         if pin_interface(name) == Some(interface) && !keep.contains(&path) {
             std::fs::remove_file(&path).map_err(|e| io_err("remove stale pin", path.clone(), e))?;
-            tracing::info!(pin = %path.display(), "removed the pin of a link on a vanished interface");
+            tracing::info!(pin = %path.display(), "removed the pin of an older or vanished link");
         }
     }
     Ok(())
@@ -98,19 +136,35 @@ fn remove_stale_pins(pins: &Pins, interface: &str, keep: &[PathBuf]) -> Result<(
 pub fn attach_tc(pins: &Pins, interfaces: &[String]) -> Result<()> {
     ensure_dir(pins.dir())?;
     let mut missing = Vec::new();
+    let mut keep = Vec::new();
     for interface in interfaces {
         let index = ifindex(interface)?;
         let wanted = PROGRAMS.map(|(_, _, dir)| link_pin(pins, dir, interface, index));
-        remove_stale_pins(pins, interface, &wanted)?;
-        for ((program, attach_type, _), pin) in PROGRAMS.into_iter().zip(wanted) {
+        for ((program, attach_type, _), pin) in PROGRAMS.into_iter().zip(wanted.clone()) {
             if !pin.exists() {
                 missing.push((program, attach_type, interface, pin));
             }
         }
+        keep.push((interface, wanted));
     }
-    if missing.is_empty() {
-        return Ok(());
+    if !missing.is_empty() {
+        attach_missing(pins, missing)?;
     }
+    // Only now, with the new links in front: the older links and those of vanished
+    // interfaces go.
+    for (interface, wanted) in keep {
+        remove_stale_pins(pins, interface, &wanted)?;
+    }
+    Ok(())
+}
+
+/// Loads the object and attaches and pins the `missing` (program, direction, interface,
+/// pin) links, each in front of any link already on that hook.
+fn attach_missing(
+    pins: &Pins,
+    missing: Vec<(&'static str, TcAttachType, &String, PathBuf)>,
+) -> Result<()> {
+    replace_mismatched_maps(pins)?;
     // The maps are pinned in the object: shared with the socket programs.
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pins.dir())
@@ -135,7 +189,9 @@ pub fn attach_tc(pins: &Pins, interfaces: &[String]) -> Result<()> {
             .attach_with_options(
                 interface,
                 attach_type,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
+                // First: an older agent's link on this hook ends the chain for the packets
+                // it handles, so the new one must run before it until it is unpinned.
+                TcAttachOptions::TcxOrder(LinkOrder::first()),
             )
             .map_err(program_err("attach (TCX, Linux 6.6+)"))?;
         let link = program
@@ -190,7 +246,7 @@ fn link_pins(pins: &Pins) -> Result<Vec<PathBuf>> {
 /// A pin exists but cannot be removed.
 pub(super) fn detach_tc(pins: &Pins) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    let maps = MAPS.iter().map(|m| pins.dir().join(m));
+    let maps = MAPS.iter().map(|(m, _, _)| pins.dir().join(m));
     for path in link_pins(pins)?.into_iter().chain(maps) {
         match std::fs::remove_file(&path) {
             Ok(()) => removed.push(path),
@@ -215,16 +271,27 @@ pub struct PacketMapsPinned {
 /// The maps are not pinned (no program loaded yet) or cannot be opened.
 pub fn open_tc(pins: &Pins) -> Result<PacketMapsPinned> {
     let path = |name: &str| pins.dir().join(name);
+    let selection: KernelSelectionMaps = SelectionMaps {
+        config: open_hash_map(&path(NP_SVC_CONFIG_MAP))?,
+        maglev: open_hash_map(&path(NP_MAGLEV_MAP))?,
+        stats: SummedPerCpu(open_per_cpu_hash_map(&path(NP_STATS_MAP))?),
+    };
     Ok(PacketMapsPinned {
         table: ServiceTable::new(
             open_hash_map(&path(NP_SERVICES_MAP))?,
             open_hash_map(&path(NP_BACKENDS_MAP))?,
             open_hash_map(&path(NP_ADDRS_MAP))?,
-            // The tc path picks backends at random; options are not read there (yet).
-            super::in_memory_selection(),
+            Box::new(selection),
         )?,
         local: open_hash_map(&path(NP_LOCAL_MAP))?,
     })
+}
+
+/// Whether the NodePort path's maps are pinned (any agent of this version that attached the
+/// load balancer pinned them, with or without NodePort interfaces).
+pub fn tc_maps_pinned(pins: &Pins) -> bool {
+    MAPS.iter()
+        .all(|(name, _, _)| pins.dir().join(name).exists())
 }
 
 /// Number of flows in the NodePort conntrack map (`None` when it is not pinned).
@@ -259,8 +326,10 @@ mod tests {
         let pins = Pins::new("/sys/fs/bpf/keelson");
         assert_eq!(
             link_pin(&pins, "ingress", "eth0", 2),
-            Path::new("/sys/fs/bpf/keelson/tc-ingress@eth0:2")
+            Path::new("/sys/fs/bpf/keelson/tc-ingress_v2@eth0:2")
         );
+        assert_eq!(pin_interface("tc-ingress_v2@eth0:2"), Some("eth0"));
+        // Version 1's pins are still recognised, so an upgrade removes them.
         assert_eq!(pin_interface("tc-ingress@eth0:2"), Some("eth0"));
         assert_eq!(pin_interface("tc-egress@bond0.100:7"), Some("bond0.100"));
         assert_eq!(pin_interface("SERVICES"), None);
@@ -271,13 +340,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pins = Pins::new(dir.path());
         let old = link_pin(&pins, "ingress", "eth0", 3);
+        let older_version = dir.path().join("tc-ingress@eth0:9");
         let other = link_pin(&pins, "ingress", "eth1", 3);
-        for p in [&old, &other] {
+        for p in [&old, &older_version, &other] {
             std::fs::write(p, "").unwrap();
         }
         let current = link_pin(&pins, "ingress", "eth0", 9);
         remove_stale_pins(&pins, "eth0", std::slice::from_ref(&current)).unwrap();
         assert!(!old.exists());
+        assert!(!older_version.exists(), "a link of version 1 is replaced");
         assert!(other.exists(), "another interface's pin is kept");
         assert_eq!(tc_interfaces(&pins).unwrap(), vec!["eth1".to_owned()]);
     }

@@ -98,9 +98,21 @@ where
             );
         }
         if let Some(packet) = &mut self.packet {
-            packet.reconcile(key, &desired)?;
+            packet.reconcile(key, &desired, options)?;
         }
         Ok(())
+    }
+
+    /// The external frontends of one Service, on either path (for naming them in metrics).
+    pub(crate) fn frontends_of(&self, key: &Key) -> BTreeSet<Frontend> {
+        let packet = self.packet.iter().flat_map(|p| p.programmed.get(key));
+        self.socket
+            .get(key)
+            .into_iter()
+            .chain(packet)
+            .flatten()
+            .copied()
+            .collect()
     }
 
     /// The socket entries kept here (for pruning the main table after a relist).
@@ -153,7 +165,12 @@ where
     B: KvMap<BackendKey, Backend>,
     V: KvMap<u32, u32>,
 {
-    fn reconcile(&mut self, key: &Key, desired: &External) -> Result<(), lb::Error> {
+    fn reconcile(
+        &mut self,
+        key: &Key,
+        desired: &External,
+        options: lb::ServiceOptions,
+    ) -> Result<(), lb::Error> {
         // Local addresses first, so a new backend's flows are never SNATed by mistake.
         let old_local = self.local_of.remove(key).unwrap_or_default();
         for addr in desired.local.iter().filter(|a| !old_local.contains(a)) {
@@ -168,9 +185,10 @@ where
         }
         let old = self.programmed.remove(key).unwrap_or_default();
         // The tc path counts its addresses (`NP_ADDRS`): a packet to an address without
-        // external frontends skips every other lookup.
+        // external frontends skips every other lookup. It chooses backends as the Service
+        // says (Maglev, affinity by client address), like the socket path.
         for (frontend, backends) in &desired.packet {
-            self.maps.table.upsert(*frontend, backends)?;
+            self.maps.table.upsert_with(*frontend, backends, options)?;
         }
         for gone in old
             .iter()

@@ -2,12 +2,17 @@
 //! the kernel at each scrape and served in the Prometheus text format (version 0.0.4) at
 //! `/metrics`.
 //!
-//! Series (each labelled `namespace`, `service`, `port`, `protocol`):
-//! `keelson_lb_connections_total` (balanced connects and unconnected UDP sends),
-//! `keelson_lb_refused_total` (connects refused for lack of a ready backend) and
+//! Series, one per frontend and path, each labelled `namespace`, `service`, `address`,
+//! `port`, `protocol` and `path` (`socket`: the cgroup programs balancing the node's and its
+//! pods' connects; `tc`: the NodePort/externalIP programs for traffic from outside):
+//! `keelson_lb_connections_total` (balanced connects and unconnected UDP sends; new flows on
+//! the tc path), `keelson_lb_refused_total` (connects refused for lack of a ready backend),
 //! `keelson_lb_affinity_hits_total` (connections kept on a client's backend by session
-//! affinity); plus `keelson_lb_refused_unexposed_port_total`, connects refused because no
-//! service exposes the port on a known service IP.
+//! affinity), `keelson_lb_packets_total` (packets translated on the tc path, both directions)
+//! and `keelson_lb_drops_total` (refused connects on the socket path; on the tc path packets
+//! dropped for lack of a local endpoint or any backend, a free SNAT port or a route); plus
+//! `keelson_lb_refused_unexposed_port_total`, connects refused because no service exposes the
+//! port on a known service IP.
 
 use std::{
     collections::HashMap,
@@ -53,8 +58,16 @@ impl ServiceNames {
     }
 }
 
-/// Where a scrape reads the counters: every service, and the unexposed-port refusals.
-type Source = Box<dyn Fn() -> lb::Result<(Vec<ServiceInfo>, u64)> + Send + Sync>;
+/// What a scrape reads: every frontend of each path, and the unexposed-port refusals.
+#[derive(Clone, Debug, Default)]
+struct Snapshot {
+    socket: Vec<ServiceInfo>,
+    tc: Vec<ServiceInfo>,
+    unexposed: u64,
+}
+
+/// Where a scrape reads the counters.
+type Source = Box<dyn Fn() -> lb::Result<Snapshot> + Send + Sync>;
 
 /// Reads the counters (from the pinned maps, in production) whenever the registry is encoded.
 struct LbCollector {
@@ -72,27 +85,38 @@ impl std::fmt::Debug for LbCollector {
 fn pinned_source(pins: Pins) -> Source {
     Box::new(move || {
         let table = lb::open(&pins)?;
-        Ok((table.details()?, table.unexposed_refused()?))
+        let tc = if lb::tc_maps_pinned(&pins) {
+            lb::open_tc(&pins)?.table.details()?
+        } else {
+            Vec::new()
+        };
+        Ok(Snapshot {
+            socket: table.details()?,
+            tc,
+            unexposed: table.unexposed_refused()?,
+        })
     })
 }
 
 type Labels = Vec<(&'static str, String)>;
 
 impl LbCollector {
-    fn labels(&self, info: &ServiceInfo) -> Labels {
+    fn labels(&self, info: &ServiceInfo, path: &str) -> Labels {
         let (namespace, service) = self.names.get(&info.frontend);
         vec![
             ("namespace", namespace),
             ("service", service),
+            ("address", info.frontend.addr.to_string()),
             ("port", info.frontend.port.to_string()),
             ("protocol", info.frontend.protocol.to_string()),
+            ("path", path.to_owned()),
         ]
     }
 }
 
 impl Collector for LbCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let (details, unexposed) = match (self.source)() {
+        let snapshot = match (self.source)() {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(error = %e, "metrics: cannot read the load balancer's maps");
@@ -100,10 +124,11 @@ impl Collector for LbCollector {
             }
         };
         type Pick = fn(&keelson_ebpf_common::ServiceStats) -> u64;
-        let series: [(&str, &str, Pick); 3] = [
+        let series: [(&str, &str, Pick); 5] = [
             (
                 "keelson_lb_connections",
-                "Connections balanced to a backend (connects and unconnected UDP sends)",
+                "Connections balanced to a backend (connects, unconnected UDP sends, new flows \
+                 from outside)",
                 |s| s.connections,
             ),
             (
@@ -116,13 +141,27 @@ impl Collector for LbCollector {
                 "Connections sent to the client's previous backend by session affinity",
                 |s| s.affinity_hits,
             ),
+            (
+                "keelson_lb_packets",
+                "Packets translated for the service on the tc path (both directions)",
+                |s| s.packets,
+            ),
+            (
+                "keelson_lb_drops",
+                "Traffic dropped for the service: refused connects; tc path packets without a \
+                 (local) backend, SNAT port or route",
+                |s| s.drops,
+            ),
         ];
+        let paths = [("socket", &snapshot.socket), ("tc", &snapshot.tc)];
         for (name, help, pick) in series {
             let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for info in &details {
-                let value = info.stats.as_ref().map_or(0, pick);
-                let labels = self.labels(info);
-                ConstCounter::new(value).encode(metric.encode_family(&labels)?)?;
+            for (path, details) in paths {
+                for info in details {
+                    let value = info.stats.as_ref().map_or(0, pick);
+                    let labels = self.labels(info, path);
+                    ConstCounter::new(value).encode(metric.encode_family(&labels)?)?;
+                }
             }
         }
         let metric = encoder.encode_descriptor(
@@ -131,7 +170,7 @@ impl Collector for LbCollector {
             None,
             MetricType::Counter,
         )?;
-        ConstCounter::new(unexposed).encode(metric)?;
+        ConstCounter::new(snapshot.unexposed).encode(metric)?;
         Ok(())
     }
 }
@@ -191,32 +230,55 @@ mod tests {
             options: lb::ServiceOptions::default(),
             stats,
         };
-        let services = vec![
-            info(
-                web,
+        let node_port: Frontend = "172.29.0.10:30080/tcp".parse().unwrap();
+        names.set(node_port, "default", "web");
+        let snapshot = Snapshot {
+            socket: vec![
+                info(
+                    web,
+                    Some(ServiceStats {
+                        connections: 7,
+                        refused: 2,
+                        affinity_hits: 3,
+                        packets: 0,
+                        drops: 2,
+                    }),
+                ),
+                // Programmed by hand (`lb set`): no Service name; counters not created yet.
+                info(dns, None),
+            ],
+            tc: vec![info(
+                node_port,
                 Some(ServiceStats {
-                    connections: 7,
-                    refused: 2,
-                    affinity_hits: 3,
+                    connections: 5,
+                    refused: 0,
+                    affinity_hits: 1,
+                    packets: 40,
+                    drops: 6,
                 }),
-            ),
-            // Programmed by hand (`lb set`): no Service name; counters not created yet.
-            info(dns, None),
-        ];
+            )],
+            unexposed: 4,
+        };
         let mut registry = Registry::default();
         registry.register_collector(Box::new(LbCollector {
-            source: Box::new(move || Ok((services.clone(), 4))),
+            source: Box::new(move || Ok(snapshot.clone())),
             names,
         }));
         let mut text = String::new();
         prometheus_client::encoding::prometheus_text::encode(&mut text, &registry).unwrap();
-        let web_labels = r#"{namespace="default",service="web",port="80",protocol="tcp"}"#;
-        let dns_labels = r#"{namespace="",service="",port="53",protocol="udp"}"#;
+        let web_labels = r#"{namespace="default",service="web",address="10.96.0.10",port="80",protocol="tcp",path="socket"}"#;
+        let dns_labels = r#"{namespace="",service="",address="10.96.0.53",port="53",protocol="udp",path="socket"}"#;
+        let np_labels = r#"{namespace="default",service="web",address="172.29.0.10",port="30080",protocol="tcp",path="tc"}"#;
         for line in [
             format!("keelson_lb_connections_total{web_labels} 7"),
             format!("keelson_lb_refused_total{web_labels} 2"),
             format!("keelson_lb_affinity_hits_total{web_labels} 3"),
+            format!("keelson_lb_drops_total{web_labels} 2"),
             format!("keelson_lb_connections_total{dns_labels} 0"),
+            format!("keelson_lb_connections_total{np_labels} 5"),
+            format!("keelson_lb_packets_total{np_labels} 40"),
+            format!("keelson_lb_drops_total{np_labels} 6"),
+            format!("keelson_lb_affinity_hits_total{np_labels} 1"),
             "keelson_lb_refused_unexposed_port_total 4".to_owned(),
             "# TYPE keelson_lb_connections_total counter".to_owned(),
         ] {

@@ -85,8 +85,16 @@ where
             }
             None => (Vec::new(), None, lb::ServiceOptions::default()),
         };
+        let old_external = self.external.frontends_of(key);
         self.external
             .reconcile(&mut self.table, key, desired_external, opts)?;
+        let new_external = self.external.frontends_of(key);
+        for gone in old_external.difference(&new_external) {
+            self.settings.names.remove(gone);
+        }
+        for frontend in &new_external {
+            self.settings.names.set(*frontend, &key.0, &key.1);
+        }
         let old = self.programmed.remove(key).unwrap_or_default();
         for (frontend, backends) in &desired {
             self.table.upsert_with(*frontend, backends, opts)?;

@@ -250,6 +250,11 @@ pub struct ServiceStats {
     pub refused: u64,
     /// Connections that went to the client's previous backend through session affinity.
     pub affinity_hits: u64,
+    /// Packets translated for the service on the tc path (to a backend and back).
+    pub packets: u64,
+    /// Traffic dropped for the service: refused connects on the socket path; on the tc path
+    /// packets dropped for lack of a (local) backend, a free SNAT port or a route.
+    pub drops: u64,
 }
 
 impl ServiceStats {
@@ -260,6 +265,8 @@ impl ServiceStats {
             connections: self.connections.wrapping_add(other.connections),
             refused: self.refused.wrapping_add(other.refused),
             affinity_hits: self.affinity_hits.wrapping_add(other.affinity_hits),
+            packets: self.packets.wrapping_add(other.packets),
+            drops: self.drops.wrapping_add(other.drops),
         }
     }
 }
@@ -302,6 +309,15 @@ pub const fn five_tuple_words(
     )
 }
 
+/// The two words [`flow_hash`] takes for a flow arriving on the tc path: the 5-tuple without
+/// its destination address, so that a flow to `<any node>:<nodePort>` hashes alike on every
+/// node (an externalIP is the same address everywhere anyway). Fields in network byte order.
+#[must_use]
+#[inline(always)]
+pub const fn packet_flow_words(saddr: u32, sport: u16, dport: u16, proto: u8) -> (u64, u64) {
+    five_tuple_words(saddr, 0, sport, dport, proto)
+}
+
 #[cfg(feature = "user")]
 mod pod_selection {
     // SAFETY: as in `pod`: `#[repr(C)]`, `Copy`, integers only, explicit padding.
@@ -323,7 +339,7 @@ mod selection_tests {
         assert_eq!(size_of::<MaglevKey>(), 8);
         assert_eq!(size_of::<AffinityKey>(), 16);
         assert_eq!(size_of::<AffinityValue>(), 24);
-        assert_eq!(size_of::<ServiceStats>(), 24);
+        assert_eq!(size_of::<ServiceStats>(), 40);
     }
 
     #[test]
@@ -339,6 +355,15 @@ mod selection_tests {
         }
         assert!(hit.iter().all(|h| *h));
     }
+
+    #[test]
+    fn packet_flows_hash_alike_whatever_node_address_they_reach() {
+        let (a, b) = packet_flow_words(0x0a00_0001, 40000, 30900, IPPROTO_TCP);
+        let (a2, b2) = five_tuple_words(0x0a00_0001, 0, 40000, 30900, IPPROTO_TCP);
+        assert_eq!(flow_hash(a, b), flow_hash(a2, b2));
+        let (c, d) = packet_flow_words(0x0a00_0001, 40001, 30900, IPPROTO_TCP);
+        assert_ne!(flow_hash(a, b), flow_hash(c, d));
+    }
 }
 
 // NodePort and externalIPs for traffic arriving from outside the node (tc programs).
@@ -352,6 +377,10 @@ mod selection_tests {
 // - [`NP_CT_MAP`]: flow as it arrives ([`CtKey`]) → its translation ([`CtEntry`]), so every
 //   packet of a flow goes to the same backend.
 // - [`NP_REV_MAP`]: reply tuple ([`CtKey`]) → what to restore ([`RevEntry`]).
+// - [`NP_SVC_CONFIG_MAP`], [`NP_MAGLEV_MAP`], [`NP_AFFINITY_MAP`], [`NP_STATS_MAP`]: the
+//   selection maps of the socket path (same types), for the tc path's own frontends and ids:
+//   a new flow picks its backend with the same `choose` (affinity keyed by the client's
+//   address, Maglev over [`packet_flow_words`]); counters add packets and drops.
 // Both conntrack maps are LRU maps: they never fill up, the oldest flows go first.
 // ---------------------------------------------------------------------------------------------
 
@@ -367,6 +396,17 @@ pub const NP_LOCAL_MAP: &str = "NP_LOCAL";
 pub const NP_CT_MAP: &str = "NP_CT";
 /// Name (and pin name) of the reply conntrack map.
 pub const NP_REV_MAP: &str = "NP_REV";
+/// Name (and pin name) of the tc path's per-backend-set configuration ([`ServiceConfig`]),
+/// keyed by the ids of [`NP_SERVICES_MAP`] entries (an id space of its own).
+pub const NP_SVC_CONFIG_MAP: &str = "NP_SVC_CONFIG";
+/// Name (and pin name) of the tc path's Maglev tables ([`MaglevKey`] → slot).
+pub const NP_MAGLEV_MAP: &str = "NP_MAGLEV";
+/// Name (and pin name) of the tc path's session-affinity LRU map (clients by address).
+pub const NP_AFFINITY_MAP: &str = "NP_AFFINITY";
+/// Name (and pin name) of the tc path's per-frontend counters ([`ServiceStats`], per CPU).
+pub const NP_STATS_MAP: &str = "NP_STATS";
+/// Capacity of the tc path's Maglev map: room for this many Maglev frontends' tables.
+pub const MAX_NP_MAGLEV_SERVICES: u32 = 256;
 /// Capacity of the external frontends map.
 pub const MAX_NP_SERVICES: u32 = 16_384;
 /// Capacity of the external backends map.

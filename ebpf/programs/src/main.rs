@@ -7,7 +7,8 @@
 //!   NAT, no conntrack entry. The original frontend is remembered per socket in [`REVNAT`].
 //! - `cgroup/getpeername4` and `cgroup/recvmsg4`: translate the backend back into the frontend,
 //!   so the application sees the address it asked for.
-//! - `nodeport` (tc, on the node's interfaces): NodePort and externalIPs from outside.
+//! - `nodeport` (tc, on the node's interfaces): NodePort and externalIPs from outside, with the
+//!   same backend selection over maps of its own.
 //!
 //! A service with no ready backend, or a port that no service exposes on a known virtual IP,
 //! is refused with `ECONNREFUSED`, as kube-proxy does.
@@ -29,6 +30,7 @@ use keelson_ebpf_common::{
     Backend, BackendKey, CLIENT_ADDR, CLIENT_NETNS, MAX_BACKENDS, MAX_REVNAT, MAX_SERVICES,
     RevNatKey, RevNatValue, ServiceEntry, ServiceKey, UNEXPOSED_STATS_ID, flow_hash,
 };
+use select::Socket;
 
 /// Service frontends. Every map is pinned by name so that an agent restart keeps it.
 #[map(name = "SERVICES")]
@@ -98,23 +100,23 @@ fn balance(ctx: &SockAddrContext) -> i32 {
     let Some(service) = (unsafe { SERVICES.get(key) }) else {
         // SAFETY: as above.
         return if unsafe { VIPS.get(key.addr) }.is_some() {
-            select::count_refused(UNEXPOSED_STATS_ID);
+            select::count_refused::<Socket>(UNEXPOSED_STATS_ID);
             refuse()
         } else {
             ALLOW
         };
     };
-    let cfg = select::config(service);
+    let cfg = select::config::<Socket>(service);
     if service.count == 0 {
         if let Some(cfg) = cfg {
-            select::count_refused(cfg.stats_id);
+            select::count_refused::<Socket>(cfg.stats_id);
         }
         return refuse();
     }
     let client = client(ctx, sa);
     let frontend = (u64::from(key.addr) << 32) | (u64::from(key.port) << 8) | u64::from(key.proto);
     let hash = flow_hash(client.id ^ (u64::from(client.kind) << 63), frontend);
-    let Some(choice) = select::choose(service, cfg, client, hash) else {
+    let Some(choice) = select::choose::<Socket>(service, cfg, client, hash) else {
         // A slot past the end: user space is shrinking the service; refuse rather than let
         // the connect go to the virtual address.
         return refuse();

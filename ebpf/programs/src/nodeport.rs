@@ -2,8 +2,11 @@
 //! the node's interfaces (clsact ingress and egress).
 //!
 //! - Ingress, a packet to an external frontend (`<node IP>:<nodePort>`, `<externalIP>:<port>`
-//!   in [`NP_SERVICES`]): pick a backend (random slot, as the socket path does), remember the
-//!   flow in [`NP_CT`] so later packets keep it, and DNAT. A backend on this node
+//!   in [`NP_SERVICES`]): a new flow picks a backend with the socket path's selection
+//!   ([`select::choose`] over this path's own maps, [`Tc`]): at random, by Maglev over a
+//!   hash of the flow without its destination address (so every node picks the same backend
+//!   for a flow), with session affinity keyed by the client's address; the flow is remembered
+//!   in [`NP_CT`] so later packets keep it, and DNATed. A backend on this node
 //!   ([`NP_LOCAL`]) gets the packet with the client's address as its source, handed to the
 //!   stack, which routes it to the pod; its replies leave through egress, where the source is
 //!   turned back into the frontend. A backend on another node gets it SNATed to this node's
@@ -14,6 +17,10 @@
 //!   stack drops as a martian (and it would not forward a reply addressed to the node to the
 //!   client either). The FIB lookup gives both the output device and, with
 //!   `BPF_FIB_LOOKUP_SRC` (Linux 6.7), the node address to SNAT to.
+//!
+//! - Counters ([`NP_STATS`], per frontend): a connection per new flow, a packet per packet
+//!   translated in either direction, a drop per packet dropped (no backend, e.g.
+//!   `externalTrafficPolicy: Local` without a local endpoint; no free SNAT port; no route).
 //!
 //! Checksums are fixed incrementally with the l3/l4 csum helpers (`BPF_F_PSEUDO_HDR` for
 //! addresses, `BPF_F_MARK_MANGLED_0` so a UDP checksum of zero stays "none").
@@ -28,14 +35,18 @@ use aya_ebpf::{
     },
     helpers::{bpf_fib_lookup, bpf_get_prandom_u32, bpf_redirect_neigh},
     macros::{classifier, map},
-    maps::{HashMap, LruHashMap},
+    maps::{HashMap, LruHashMap, PerCpuHashMap},
     programs::TcContext,
 };
 use keelson_ebpf_common::{
-    Backend, BackendKey, CtEntry, CtKey, IPPROTO_TCP, IPPROTO_UDP, MAX_NP_BACKENDS, MAX_NP_FLOWS,
-    MAX_NP_LOCAL, MAX_NP_SERVICES, RevEntry, SNAT_PORT_COUNT, SNAT_PORT_MIN, ServiceEntry,
-    ServiceKey,
+    AffinityKey, AffinityValue, BPF_F_NO_PREALLOC, Backend, BackendKey, CLIENT_ADDR, CtEntry,
+    CtKey, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_SIZE, MAX_AFFINITY, MAX_NP_BACKENDS, MAX_NP_FLOWS,
+    MAX_NP_LOCAL, MAX_NP_MAGLEV_SERVICES, MAX_NP_SERVICES, MaglevKey, RevEntry, SNAT_PORT_COUNT,
+    SNAT_PORT_MIN, ServiceConfig, ServiceEntry, ServiceKey, ServiceStats, flow_hash,
+    packet_flow_words,
 };
+
+use crate::select::{self, Maps};
 
 /// External frontends → backend slots the tc path may use.
 #[map(name = "NP_SERVICES")]
@@ -60,6 +71,51 @@ static NP_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_NP_FLOWS, 0);
 /// Reply tuples → what the reply gets back.
 #[map(name = "NP_REV")]
 static NP_REV: LruHashMap<CtKey, RevEntry> = LruHashMap::pinned(MAX_NP_FLOWS, 0);
+
+/// Backend-set id of [`NP_SERVICES`] → how that set is balanced.
+#[map(name = "NP_SVC_CONFIG")]
+static NP_SVC_CONFIG: HashMap<u32, ServiceConfig> =
+    HashMap::pinned(MAX_NP_SERVICES, BPF_F_NO_PREALLOC);
+
+/// (backend-set id, index) → slot: Maglev tables of the external frontends.
+#[map(name = "NP_MAGLEV")]
+static NP_MAGLEV: HashMap<MaglevKey, u32> =
+    HashMap::pinned(MAGLEV_SIZE * MAX_NP_MAGLEV_SERVICES, BPF_F_NO_PREALLOC);
+
+/// (frontend, client address) → the backend it was last sent to.
+#[map(name = "NP_AFFINITY")]
+static NP_AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(MAX_AFFINITY, 0);
+
+/// Stable frontend id → counters, per CPU. User space creates an entry with the frontend.
+#[map(name = "NP_STATS")]
+static NP_STATS: PerCpuHashMap<u32, ServiceStats> =
+    PerCpuHashMap::pinned(MAX_NP_SERVICES, BPF_F_NO_PREALLOC);
+
+/// The tc path's selection maps.
+pub struct Tc;
+
+impl Maps for Tc {
+    #[inline(always)]
+    fn backends() -> &'static HashMap<BackendKey, Backend> {
+        &NP_BACKENDS
+    }
+    #[inline(always)]
+    fn configs() -> &'static HashMap<u32, ServiceConfig> {
+        &NP_SVC_CONFIG
+    }
+    #[inline(always)]
+    fn maglev() -> &'static HashMap<MaglevKey, u32> {
+        &NP_MAGLEV
+    }
+    #[inline(always)]
+    fn affinity() -> &'static LruHashMap<AffinityKey, AffinityValue> {
+        &NP_AFFINITY
+    }
+    #[inline(always)]
+    fn stats() -> &'static PerCpuHashMap<u32, ServiceStats> {
+        &NP_STATS
+    }
+}
 
 /// `TC_ACT_OK` (`TCX_PASS`): let the packet go on. Written out because the bindings' type
 /// for the `TC_ACT_*` constants differs between target architectures.
@@ -159,7 +215,9 @@ fn ingress(ctx: &TcContext) -> Result<i32, ()> {
         set_sport(ctx, &pkt, pkt.tuple.sport, rev.front_port)?;
         set_daddr(ctx, &pkt, pkt.tuple.daddr, rev.client_addr)?;
         set_dport(ctx, &pkt, pkt.tuple.dport, rev.client_port)?;
-        return Ok(forward(ctx, rev.client_addr, rev.front_addr));
+        let action = forward(ctx, rev.client_addr, rev.front_addr);
+        count_reply(&rev, pkt.tuple.proto, action);
+        return Ok(action);
     }
     // SAFETY: read-only lookup; most packets stop here.
     if unsafe { NP_ADDRS.get(pkt.tuple.daddr) }.is_none() {
@@ -175,6 +233,9 @@ fn ingress(ctx: &TcContext) -> Result<i32, ()> {
     let Some(service) = (unsafe { NP_SERVICES.get(front) }).copied() else {
         return Ok(TC_PASS);
     };
+    let cfg = select::config::<Tc>(&service);
+    // A frontend written without configuration has no counters: id 0 has no entry here.
+    let stats_id = cfg.map_or(0, |c| c.stats_id);
     // SAFETY: as above.
     let known = unsafe { NP_CT.get(pkt.tuple) }.copied();
     let flow = match known {
@@ -186,22 +247,56 @@ fn ingress(ctx: &TcContext) -> Result<i32, ()> {
         {
             flow
         }
-        _ => match new_flow(ctx, &pkt, &service)? {
+        _ => match new_flow(ctx, &pkt, &service, cfg) {
             Some(flow) => flow,
-            // No backend: under `externalTrafficPolicy: Local` a node without a local
-            // endpoint drops the traffic, as kube-proxy does.
-            None => return Ok(TC_DROP),
+            // No backend (under `externalTrafficPolicy: Local`, a node without a local
+            // endpoint drops the traffic, as kube-proxy does), no free SNAT port, no route.
+            None => {
+                select::count_drop::<Tc>(stats_id);
+                return Ok(TC_DROP);
+            }
         },
     };
     set_daddr(ctx, &pkt, pkt.tuple.daddr, flow.backend_addr)?;
     set_dport(ctx, &pkt, pkt.tuple.dport, flow.backend_port)?;
     if flow.snat_addr == 0 {
         // A local backend: the stack routes the packet to the pod.
+        select::count_packet::<Tc>(stats_id);
         return Ok(TC_PASS);
     }
     set_saddr(ctx, &pkt, pkt.tuple.saddr, flow.snat_addr)?;
     set_sport(ctx, &pkt, pkt.tuple.sport, flow.snat_port)?;
-    Ok(forward(ctx, flow.backend_addr, flow.snat_addr))
+    let action = forward(ctx, flow.backend_addr, flow.snat_addr);
+    count(stats_id, action);
+    Ok(action)
+}
+
+/// Counts a packet sent on with `action` for the frontend with counter id `stats_id`.
+#[inline(always)]
+fn count(stats_id: u32, action: i32) {
+    if action == TC_DROP {
+        select::count_drop::<Tc>(stats_id);
+    } else {
+        select::count_packet::<Tc>(stats_id);
+    }
+}
+
+/// Counts a reply (sent on with `action`) for the frontend it comes from.
+#[inline(always)]
+fn count_reply(rev: &RevEntry, proto: u8, action: i32) {
+    let front = ServiceKey {
+        addr: rev.front_addr,
+        port: rev.front_port,
+        proto,
+        pad: 0,
+    };
+    // SAFETY: read-only lookups.
+    let Some(service) = (unsafe { NP_SERVICES.get(front) }) else {
+        return;
+    };
+    if let Some(cfg) = select::config::<Tc>(service) {
+        count(cfg.stats_id, action);
+    }
 }
 
 fn is_syn(flags: u8) -> bool {
@@ -209,22 +304,29 @@ fn is_syn(flags: u8) -> bool {
 }
 
 /// Picks a backend for a new flow and records it in both conntrack maps; `None` when the
-/// frontend has no backend.
-fn new_flow(ctx: &TcContext, pkt: &Packet, service: &ServiceEntry) -> Result<Option<CtEntry>, ()> {
+/// packet must be dropped: the frontend has no backend, or the flow cannot be SNATed or
+/// recorded.
+fn new_flow(
+    ctx: &TcContext,
+    pkt: &Packet,
+    service: &ServiceEntry,
+    cfg: Option<ServiceConfig>,
+) -> Option<CtEntry> {
     if service.count == 0 {
-        return Ok(None);
+        return None;
     }
-    // SAFETY: a helper without arguments.
-    let slot = unsafe { bpf_get_prandom_u32() } % service.count;
-    let key = BackendKey {
-        service_id: service.id,
-        slot,
+    let client = select::Client {
+        kind: CLIENT_ADDR,
+        id: u64::from(pkt.tuple.saddr),
     };
-    // SAFETY: read-only access to a map value.
-    let Some(backend) = (unsafe { NP_BACKENDS.get(key) }).copied() else {
-        // User space is shrinking the service.
-        return Ok(None);
-    };
+    let (a, b) = packet_flow_words(
+        pkt.tuple.saddr,
+        pkt.tuple.sport,
+        pkt.tuple.dport,
+        pkt.tuple.proto,
+    );
+    // `None`: a slot past the end; user space is shrinking the service.
+    let backend = select::choose::<Tc>(service, cfg, client, flow_hash(a, b))?.backend;
     let mut flow = CtEntry {
         backend_addr: backend.addr,
         snat_addr: 0,
@@ -243,9 +345,7 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, service: &ServiceEntry) -> Result<Opt
         pad: [0; 3],
     };
     if !local {
-        let Some((_, src)) = fib(ctx, backend.addr, pkt.tuple.saddr, true) else {
-            return Err(());
-        };
+        let (_, src) = fib(ctx, backend.addr, pkt.tuple.saddr, true)?;
         flow.snat_addr = src;
         flow.snat_port = snat_port(&mut reply, src)?;
     }
@@ -257,14 +357,14 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, service: &ServiceEntry) -> Result<Opt
         snat: u8::from(!local),
         pad: [0; 3],
     };
-    NP_REV.insert(reply, rev, 0).map_err(drop)?;
-    NP_CT.insert(pkt.tuple, flow, 0).map_err(drop)?;
-    Ok(Some(flow))
+    NP_REV.insert(reply, rev, 0).ok()?;
+    NP_CT.insert(pkt.tuple, flow, 0).ok()?;
+    Some(flow)
 }
 
 /// A source port on `addr` that no SNATed flow to the same backend uses; fills it into
-/// `reply`'s destination.
-fn snat_port(reply: &mut CtKey, addr: u32) -> Result<u16, ()> {
+/// `reply`'s destination. `None` when a few tries found none free.
+fn snat_port(reply: &mut CtKey, addr: u32) -> Option<u16> {
     reply.daddr = addr;
     for _ in 0..SNAT_TRIES {
         // SAFETY: a helper without arguments.
@@ -272,10 +372,10 @@ fn snat_port(reply: &mut CtKey, addr: u32) -> Result<u16, ()> {
         reply.dport = (SNAT_PORT_MIN + n).to_be();
         // SAFETY: read-only lookup.
         if unsafe { NP_REV.get(*reply) }.is_none() {
-            return Ok(reply.dport);
+            return Some(reply.dport);
         }
     }
-    Err(())
+    None
 }
 
 /// Looks up the route to `dst` as if forwarding a packet from `src` that came in on the
@@ -332,7 +432,9 @@ fn egress(ctx: &TcContext) -> Result<(), ()> {
         return Ok(());
     }
     set_saddr(ctx, &pkt, pkt.tuple.saddr, rev.front_addr)?;
-    set_sport(ctx, &pkt, pkt.tuple.sport, rev.front_port)
+    set_sport(ctx, &pkt, pkt.tuple.sport, rev.front_port)?;
+    count_reply(&rev, pkt.tuple.proto, TC_PASS);
+    Ok(())
 }
 
 fn set_addr(ctx: &TcContext, pkt: &Packet, off: usize, old: u32, new: u32) -> Result<(), ()> {

@@ -1,16 +1,16 @@
-//! Backend selection, shared by every path that balances a service (the socket load balancer
-//! here; a packet path calls [`choose`] with a 5-tuple hash): session affinity, Maglev or a
-//! random slot, and the per-service counters.
+//! Backend selection, shared by every path that balances a service: session affinity, Maglev
+//! or a random slot, and the per-service counters. Each path has maps of its own (its own
+//! frontends and id spaces), named by a [`Maps`] implementation: [`Socket`] for the cgroup
+//! programs, `nodeport::Tc` for the tc programs.
 //!
-//! A packet path (the tc NodePort program) calls it once per new flow, after finding the
-//! `ServiceEntry`: `choose(entry, config(entry), Client { kind: CLIENT_ADDR, id: saddr },
-//! flow_hash(five_tuple_words(..)))` (the hash helpers are in `keelson-ebpf-common`, so that
-//! every node hashes a 5-tuple alike). Each call counts one connection.
+//! The socket path hashes (client identity, frontend); the tc path calls [`choose`] once per
+//! new flow with `Client { kind: CLIENT_ADDR, id: saddr }` and the hash of
+//! `packet_flow_words(..)` (in `keelson-ebpf-common`, so that every node hashes a flow alike).
+//! Each call counts one connection.
 //!
-//! The maps of this module are keyed by the backend-set id (`ServiceEntry::id`, fresh on every
-//! backend change) where they describe one backend set — configuration and Maglev table — and
-//! by the stable `ServiceConfig::stats_id` where they must outlive a change: affinity and
-//! counters.
+//! The maps are keyed by the backend-set id (`ServiceEntry::id`, fresh on every backend
+//! change) where they describe one backend set — configuration and Maglev table — and by the
+//! stable `ServiceConfig::stats_id` where they must outlive a change: affinity and counters.
 
 use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
@@ -24,6 +24,47 @@ use keelson_ebpf_common::{
 };
 
 use crate::BACKENDS;
+
+/// The maps one path selects with. Every function is inlined, so that the programs refer to
+/// the maps directly (the verifier needs map pointers as constants).
+pub trait Maps {
+    /// Backend slots.
+    fn backends() -> &'static HashMap<BackendKey, Backend>;
+    /// Backend-set id → configuration.
+    fn configs() -> &'static HashMap<u32, ServiceConfig>;
+    /// Maglev tables.
+    fn maglev() -> &'static HashMap<MaglevKey, u32>;
+    /// Session affinity.
+    fn affinity() -> &'static LruHashMap<AffinityKey, AffinityValue>;
+    /// Counters.
+    fn stats() -> &'static PerCpuHashMap<u32, ServiceStats>;
+}
+
+/// The socket load balancer's maps.
+pub struct Socket;
+
+impl Maps for Socket {
+    #[inline(always)]
+    fn backends() -> &'static HashMap<BackendKey, Backend> {
+        &BACKENDS
+    }
+    #[inline(always)]
+    fn configs() -> &'static HashMap<u32, ServiceConfig> {
+        &SVC_CONFIG
+    }
+    #[inline(always)]
+    fn maglev() -> &'static HashMap<MaglevKey, u32> {
+        &MAGLEV
+    }
+    #[inline(always)]
+    fn affinity() -> &'static LruHashMap<AffinityKey, AffinityValue> {
+        &AFFINITY
+    }
+    #[inline(always)]
+    fn stats() -> &'static PerCpuHashMap<u32, ServiceStats> {
+        &LB_STATS
+    }
+}
 
 /// Backend-set id → how that set is balanced.
 #[map(name = "SVC_CONFIG")]
@@ -60,16 +101,16 @@ pub struct Choice {
 
 /// The configuration of a backend set; `None` for sets written by an older agent.
 #[inline(always)]
-pub fn config(service: &ServiceEntry) -> Option<ServiceConfig> {
+pub fn config<M: Maps>(service: &ServiceEntry) -> Option<ServiceConfig> {
     // SAFETY: read-only access; user space replaces values whole.
-    unsafe { SVC_CONFIG.get(service.id) }.copied()
+    unsafe { M::configs().get(service.id) }.copied()
 }
 
 /// Picks a backend of `service` (which has `count > 0`) for `client`, whose flow hashes to
 /// `hash`, and counts the connection. `None` when the slot read is gone (user space is
 /// replacing the set): the caller refuses.
 #[inline(always)]
-pub fn choose(
+pub fn choose<M: Maps>(
     service: &ServiceEntry,
     cfg: Option<ServiceConfig>,
     client: Client,
@@ -84,9 +125,9 @@ pub fn choose(
     };
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if affinity && let Some((slot, backend)) = remembered(service, &akey, &cfg, now) {
-        remember(&akey, slot, &backend, now);
-        count(cfg.stats_id, |s| {
+    if affinity && let Some((slot, backend)) = remembered::<M>(service, &akey, &cfg, now) {
+        remember::<M>(&akey, slot, &backend, now);
+        count::<M>(cfg.stats_id, |s| {
             s.connections += 1;
             s.affinity_hits += 1;
         });
@@ -98,7 +139,7 @@ pub fn choose(
             index: hash % MAGLEV_SIZE,
         };
         // SAFETY: read-only access to a map value.
-        *unsafe { MAGLEV.get(key) }?
+        *unsafe { M::maglev().get(key) }?
     } else {
         // SAFETY: a helper without arguments.
         let r = unsafe { bpf_get_prandom_u32() };
@@ -111,24 +152,24 @@ pub fn choose(
         slot,
     };
     // SAFETY: read-only access to a map value.
-    let backend = *unsafe { BACKENDS.get(key) }?;
+    let backend = *unsafe { M::backends().get(key) }?;
     if affinity {
-        remember(&akey, slot, &backend, now);
+        remember::<M>(&akey, slot, &backend, now);
     }
-    count(cfg.stats_id, |s| s.connections += 1);
+    count::<M>(cfg.stats_id, |s| s.connections += 1);
     Some(Choice { backend })
 }
 
 /// The client's previous backend, if it is recent and still in the current set.
 #[inline(always)]
-fn remembered(
+fn remembered<M: Maps>(
     service: &ServiceEntry,
     key: &AffinityKey,
     cfg: &ServiceConfig,
     now: u64,
 ) -> Option<(u32, Backend)> {
     // SAFETY: read-only access to a map value.
-    let prev = *unsafe { AFFINITY.get(key) }?;
+    let prev = *unsafe { M::affinity().get(key) }?;
     let timeout = u64::from(cfg.affinity_timeout_secs) * 1_000_000_000;
     if now.wrapping_sub(prev.last_used_ns) > timeout || prev.slot >= service.count {
         return None;
@@ -138,12 +179,12 @@ fn remembered(
         slot: prev.slot,
     };
     // SAFETY: as above.
-    let backend = *unsafe { BACKENDS.get(key) }?;
+    let backend = *unsafe { M::backends().get(key) }?;
     (backend.addr == prev.addr && backend.port == prev.port).then_some((prev.slot, backend))
 }
 
 #[inline(always)]
-fn remember(key: &AffinityKey, slot: u32, backend: &Backend, now: u64) {
+fn remember<M: Maps>(key: &AffinityKey, slot: u32, backend: &Backend, now: u64) {
     let value = AffinityValue {
         last_used_ns: now,
         slot,
@@ -152,18 +193,33 @@ fn remember(key: &AffinityKey, slot: u32, backend: &Backend, now: u64) {
         pad: [0; 6],
     };
     // On failure the next connect simply chooses afresh.
-    let _ = AFFINITY.insert(key, value, 0);
+    let _ = M::affinity().insert(key, value, 0);
 }
 
-/// Counts a refused connect for the service with counter id `stats_id`.
+/// Counts a refused connect for the service with counter id `stats_id` (also a drop).
 #[inline(always)]
-pub fn count_refused(stats_id: u32) {
-    count(stats_id, |s| s.refused += 1);
+pub fn count_refused<M: Maps>(stats_id: u32) {
+    count::<M>(stats_id, |s| {
+        s.refused += 1;
+        s.drops += 1;
+    });
+}
+
+/// Counts a dropped packet for the service with counter id `stats_id`.
+#[inline(always)]
+pub fn count_drop<M: Maps>(stats_id: u32) {
+    count::<M>(stats_id, |s| s.drops += 1);
+}
+
+/// Counts a translated packet for the service with counter id `stats_id`.
+#[inline(always)]
+pub fn count_packet<M: Maps>(stats_id: u32) {
+    count::<M>(stats_id, |s| s.packets += 1);
 }
 
 #[inline(always)]
-fn count(stats_id: u32, update: impl FnOnce(&mut ServiceStats)) {
-    if let Some(stats) = LB_STATS.get_ptr_mut(stats_id) {
+fn count<M: Maps>(stats_id: u32, update: impl FnOnce(&mut ServiceStats)) {
+    if let Some(stats) = M::stats().get_ptr_mut(stats_id) {
         // SAFETY: a per-CPU value of this CPU; programs do not migrate while running.
         update(unsafe { &mut *stats });
     }
