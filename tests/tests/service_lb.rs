@@ -152,7 +152,7 @@ fn client_ip_affinity_keeps_one_backend_while_random_spreads() -> Result<()> {
         dump.split("affinity hits ")
             .nth(1)
             .and_then(|t| t.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
+            .and_then(|n| n.trim_end_matches(',').parse().ok())
             .with_context(|| format!("no affinity hits in dump: {dump}"))
     };
     backend(&netns, &cgroup, vip)?;
