@@ -15,8 +15,9 @@
 //!   the proxies' `/metrics` count packets and new flows per frontend, and drops on a node
 //!   without a local endpoint under `externalTrafficPolicy: Local`;
 //! - `keelson-agent lb dump` shows the NodePort frontends, their counters and tracked flows;
-//! - a flow through a node survives a `kill -9` and restart of its proxy, and `lb detach`
-//!   removes the tc programs too.
+//! - a flow through a node survives a `kill -9` and restart of its proxy, and an upgrade
+//!   from tc links of an older version (replaced, not kept); `lb detach` removes the tc
+//!   programs too.
 //!
 //! The backends are small servers the test runs inside the pods' network namespaces that
 //! answer `<pod> peer=<source address>`.
@@ -610,11 +611,49 @@ fn run(lab: &Lab, bpffs: &Bpffs, kubeconfig: &Path, proxies: &mut [Option<Proxy>
         .context("the flow opened before the proxy restart")?;
     parse_answer(&reply)?;
 
+    // An upgrade: node-0's tc links pinned under version 1's names (`tc-ingress@…`) are an
+    // older agent's programs; the restarted proxy attaches its own in front of them, unpins
+    // them, and a flow opened before keeps working through the shared conntrack maps.
+    let pins = bpffs.path().join(lab.node(0).name());
+    let mut open = in_ns(cns, move || {
+        Ok(TcpStream::connect_timeout(&front, Duration::from_secs(2))?)
+    })?;
+    if let Some(p) = proxies[0].take() {
+        p.kill9();
+    }
+    let mut renamed = Vec::new();
+    for entry in std::fs::read_dir(&pins)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if let Some(rest) = name.strip_prefix("tc-")
+            && let Some((direction, interface)) = rest.split_once('@')
+            && let Some((direction, _)) = direction.split_once("_v")
+        {
+            let old = format!("tc-{direction}@{interface}");
+            std::fs::rename(pins.join(&name), pins.join(&old))?;
+            renamed.push((name, old));
+        }
+    }
+    ensure!(renamed.len() == 2, "tc link pins on node-0: {renamed:?}");
+    proxies[0] = Some(start_proxy(lab, lab.node(0), bpffs, kubeconfig)?);
+    lab.eventually("the older tc links replaced", T, || {
+        Ok(renamed
+            .iter()
+            .all(|(new, old)| pins.join(new).exists() && !pins.join(old).exists())
+            .then_some(()))
+    })?;
+    eventually_answers(|| tcp_ask(cns, front), "node-0 after the upgrade")?;
+    open.set_read_timeout(Some(Duration::from_secs(3)))?;
+    open.write_all(b"who")?;
+    open.shutdown(std::net::Shutdown::Write)?;
+    let mut reply = String::new();
+    open.read_to_string(&mut reply)
+        .context("the flow opened before the upgrade")?;
+    parse_answer(&reply)?;
+
     // `lb detach` removes the tc links with the rest: node-0 no longer serves nodePorts.
     if let Some(p) = proxies[0].take() {
         p.kill9();
     }
-    let pins = bpffs.path().join(lab.node(0).name());
     let out = run_ok(
         Command::new(workspace_bin("keelson-agent")?)
             .args(["lb", "detach", "--bpffs"])
