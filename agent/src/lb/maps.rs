@@ -50,8 +50,7 @@ pub(crate) fn is_missing_key(e: &MapError) -> bool {
     matches!(e, MapError::SyscallError(s) if s.io_error.kind() == std::io::ErrorKind::NotFound)
 }
 
-/// In memory: for tests, and for state no program reads (the NodePort table's selection
-/// options).
+/// In memory: for tests, and for state no program reads.
 impl<K: Clone + Eq + std::hash::Hash, V: Clone> KvMap<K, V> for std::collections::HashMap<K, V> {
     fn get(&self, key: &K) -> Result<Option<V>, MapError> {
         Ok(std::collections::HashMap::get(self, key).cloned())

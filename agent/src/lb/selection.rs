@@ -207,8 +207,8 @@ where
     }
 }
 
-/// Selection maps kept in memory, for a service table whose programs choose backends at
-/// random without reading them (the NodePort tc path).
+/// Selection maps kept in memory, for a service table whose maps no program reads (tests,
+/// tools); both kernel paths read theirs from pinned maps.
 pub fn in_memory() -> Box<dyn SelectionStore> {
     Box::new(SelectionMaps {
         config: std::collections::HashMap::<u32, ServiceConfig>::new(),

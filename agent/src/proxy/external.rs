@@ -342,6 +342,34 @@ mod tests {
     }
 
     #[test]
+    fn the_packet_path_takes_the_services_selection_options() {
+        let mut main = table();
+        let mut ext: Fake = ExternalFrontends::new(
+            NodeAddrs::default(),
+            Some(PacketMaps {
+                table: table(),
+                local: HashMap::new(),
+            }),
+        );
+        let key: Key = ("default".into(), "sticky".into());
+        let options = lb::ServiceOptions {
+            algorithm: lb::Algorithm::Maglev,
+            affinity_timeout_secs: Some(600),
+        };
+        let want = desired("172.29.0.10:30940", &["10.244.0.2:80"], &[]);
+        ext.reconcile(&mut main, &key, Some(want), options).unwrap();
+        let packet = ext.packet.as_ref().unwrap().maps.table.details().unwrap();
+        assert_eq!(packet.len(), 1);
+        assert_eq!(packet[0].options, options);
+        assert!(packet[0].stats.is_some(), "the frontend has counters");
+        assert_eq!(main.details().unwrap()[0].options, options);
+        assert_eq!(
+            ext.frontends_of(&key),
+            BTreeSet::from(["172.29.0.10:30940".parse().unwrap()])
+        );
+    }
+
+    #[test]
     fn prune_drops_leftovers_of_a_previous_run() {
         let mut leftover = table();
         leftover
