@@ -54,6 +54,8 @@ const NODE_PORT_LOCAL: u16 = 30910;
 const NODE_PORT_ONE: u16 = 30920;
 const NODE_PORT_MAGLEV: u16 = 30930;
 const NODE_PORT_STICKY: u16 = 30940;
+/// `np-sticky`'s affinity timeout: long enough for a burst of connections on a busy machine.
+const STICKY_TIMEOUT_SECS: u32 = 8;
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 /// Each proxy's metrics endpoint, on the loopback of its node's namespace.
 const METRICS: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9464);
@@ -126,7 +128,7 @@ spec:
   type: NodePort
   selector: {{app: np}}
   sessionAffinity: ClientIP
-  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 600}}}}
+  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {STICKY_TIMEOUT_SECS}}}}}
   ports: [{{name: tcp, port: {TCP_PORT}, targetPort: {TCP_PORT}, nodePort: {NODE_PORT_STICKY}}}]
 "#
     )
@@ -576,7 +578,9 @@ fn run(lab: &Lab, bpffs: &Bpffs, kubeconfig: &Path, proxies: &mut [Option<Proxy>
             && dump.contains("on eth0")
             && dump.contains(&format!("{EXTERNAL_IP}:{TCP_PORT}/tcp ->"))
             && dump.contains("maglev; connections ")
-            && dump.contains("random, affinity 600s; connections "),
+            && dump.contains(&format!(
+                "random, affinity {STICKY_TIMEOUT_SECS}s; connections "
+            )),
         "lb dump:\n{dump}"
     );
     ensure!(
@@ -784,6 +788,27 @@ fn selection_and_counters(lab: &Lab, client: &LabHost, pods: &[PodInfo]) -> Resu
             hits - hits_before
         );
     }
+
+    // The timeout counts from the client's last connection: once it has passed, the next
+    // connection chooses afresh (no hit); the one after it sticks again.
+    let front = SocketAddr::from((node0.ip(), NODE_PORT_STICKY));
+    let hits = || {
+        tc_counter(
+            node0,
+            "keelson_lb_affinity_hits_total",
+            "np-sticky",
+            NODE_PORT_STICKY,
+        )
+    };
+    std::thread::sleep(Duration::from_secs(u64::from(STICKY_TIMEOUT_SECS) + 1));
+    let before = hits()?;
+    tcp_ask(cns, front)?;
+    ensure!(hits()? == before, "an expired affinity was used");
+    tcp_ask(cns, front)?;
+    ensure!(
+        hits()? == before + 1,
+        "no affinity hit after a fresh choice"
+    );
 
     // Drops: node-0 has no endpoint of the Local-policy np-one, so its SYNs are dropped.
     let silent = SocketAddr::from((node0.ip(), NODE_PORT_ONE));
