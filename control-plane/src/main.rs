@@ -17,6 +17,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use keelson_apiserver::{
     Config,
+    auth::User,
     server::{self, ServeOptions},
     storage::{
         Storage,
@@ -82,6 +83,12 @@ struct Args {
     /// Do not run the scheduler and controllers (same as `--controllers=false`).
     #[arg(long)]
     no_controllers: bool,
+    /// Turn off one of the controllers (repeatable), e.g. `--disable-controller node-lifecycle`.
+    #[arg(long = "disable-controller", value_enum)]
+    disable_controllers: Vec<Controller>,
+    /// Bindings the scheduler writes at once.
+    #[arg(long, default_value_t = keelson_controllers::Options::default().bind_concurrency)]
+    scheduler_bind_concurrency: usize,
     /// Terminated pods kept before the oldest are deleted (0 keeps them all).
     #[arg(long, default_value_t = 12_500)]
     terminated_pod_gc_threshold: usize,
@@ -93,6 +100,45 @@ struct Args {
     /// (providers `aesgcm` and `identity`).
     #[arg(long)]
     encryption_provider_config: Option<PathBuf>,
+}
+
+/// The controllers `--disable-controller` turns off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Controller {
+    Scheduler,
+    /// ReplicaSets and Deployments.
+    Workloads,
+    Daemonsets,
+    Jobs,
+    Endpointslices,
+    Endpoints,
+    NodeLifecycle,
+    NodeIpam,
+    GarbageCollector,
+    PodGc,
+    TokenCleaner,
+}
+
+/// The default controller options with `off` turned off.
+fn disabled_controllers(off: &[Controller]) -> keelson_controllers::Options {
+    let mut opts = keelson_controllers::Options::default();
+    for c in off {
+        let flag = match c {
+            Controller::Scheduler => &mut opts.scheduler,
+            Controller::Workloads => &mut opts.workloads,
+            Controller::Daemonsets => &mut opts.daemon_sets,
+            Controller::Jobs => &mut opts.jobs,
+            Controller::Endpointslices => &mut opts.endpoint_slices,
+            Controller::Endpoints => &mut opts.endpoints,
+            Controller::NodeLifecycle => &mut opts.node_lifecycle,
+            Controller::NodeIpam => &mut opts.node_ipam,
+            Controller::GarbageCollector => &mut opts.garbage_collector,
+            Controller::PodGc => &mut opts.pod_gc,
+            Controller::TokenCleaner => &mut opts.token_cleaner,
+        };
+        *flag = false;
+    }
+    opts
 }
 
 #[tokio::main]
@@ -142,32 +188,36 @@ async fn main() -> Result<()> {
     println!("member {} ready", args.id);
     let store = Arc::new(store);
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
-    let api = args.api_listen.map(|listen| {
-        let opts = ServeOptions {
-            listen,
-            pki_dir: args.data_dir.join("pki"),
-            extra_sans: args.api_sans.clone(),
-            admin_kubeconfig: args
-                .admin_kubeconfig
-                .clone()
-                .unwrap_or_else(|| args.data_dir.join("admin.kubeconfig")),
-            token_file: args.token_file.clone(),
-            config: Config::default(),
-        };
-        let mut storage: Arc<dyn Storage> = Arc::new(RaftStorage::new(Arc::clone(&store)));
-        if let Some(config) = encryption {
-            storage = Arc::new(EncryptedStore::new(storage, config));
+    let api = match args.api_listen {
+        Some(listen) => {
+            let opts = ServeOptions {
+                listen,
+                pki_dir: args.data_dir.join("pki"),
+                extra_sans: args.api_sans.clone(),
+                admin_kubeconfig: args
+                    .admin_kubeconfig
+                    .clone()
+                    .unwrap_or_else(|| args.data_dir.join("admin.kubeconfig")),
+                token_file: args.token_file.clone(),
+                config: Config::default(),
+            };
+            let mut storage: Arc<dyn Storage> = Arc::new(RaftStorage::new(Arc::clone(&store)));
+            if let Some(config) = encryption {
+                storage = Arc::new(EncryptedStore::new(storage, config));
+            }
+            Some(
+                server::start(storage, opts)
+                    .await
+                    .context("starting the Kubernetes API")?,
+            )
         }
-        tokio::spawn(server::run(storage, opts, async {
-            let _ = api_stopped.await;
-        }))
-    });
+        None => None,
+    };
     let (stop_controllers, controllers_stopped) = tokio::sync::oneshot::channel::<()>();
-    if args.api_listen.is_some() && args.controllers && !args.no_controllers {
-        let kubeconfig = args
-            .admin_kubeconfig
-            .clone()
-            .unwrap_or_else(|| args.data_dir.join("admin.kubeconfig"));
+    if let Some(started) = &api
+        && args.controllers
+        && !args.no_controllers
+    {
         let shutdown = async {
             let _ = controllers_stopped.await;
         };
@@ -176,12 +226,26 @@ async fn main() -> Result<()> {
             csr_signing_ca: Some(args.data_dir.join("pki")),
             terminated_pod_gc_threshold: args.terminated_pod_gc_threshold,
             event_ttl: args.event_ttl,
-            ..keelson_controllers::Options::default()
+            bind_concurrency: args.scheduler_bind_concurrency,
+            ..disabled_controllers(&args.disable_controllers)
         };
-        tokio::spawn(keelson_controllers::run_with_kubeconfig(
-            kubeconfig, opts, shutdown,
-        ));
+        // The controllers call this member's API in-process (same API semantics, no TLS or
+        // HTTP to itself), as a cluster admin.
+        let client = started.api().local_client(User {
+            name: "system:keelson-controller-manager".into(),
+            groups: vec!["system:masters".into(), "system:authenticated".into()],
+        });
+        tokio::spawn(async move {
+            if let Err(e) = keelson_controllers::run(client, opts, shutdown).await {
+                tracing::error!(error = %e, "the controllers stopped");
+            }
+        });
     }
+    let api = api.map(|started| {
+        tokio::spawn(started.serve(async {
+            let _ = api_stopped.await;
+        }))
+    });
     let api_failed = async {
         match api {
             Some(task) => task.await,

@@ -20,6 +20,7 @@
 
 pub mod auth;
 mod discovery;
+mod local;
 mod managed;
 pub mod object;
 mod openapi;

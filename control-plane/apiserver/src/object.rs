@@ -67,9 +67,52 @@ pub fn decode(r: &Resource, v: &Versioned) -> ApiResult<Value> {
 
 /// The bytes stored for an object: without resourceVersion, which the store's revision is.
 pub fn encode(obj: &Value) -> ApiResult<Vec<u8>> {
-    let mut obj = obj.clone();
-    metadata_mut(&mut obj).remove("resourceVersion");
-    serde_json::to_vec(&obj).map_err(|e| ApiError::internal(format!("encoding object: {e}")))
+    let encoded = match obj {
+        // Every write encodes its object (often twice): skip the one field while writing
+        // instead of cloning the whole tree to remove it.
+        Value::Object(map) if map.get("metadata").is_some_and(Value::is_object) => {
+            serde_json::to_vec(&Stored(map))
+        }
+        _ => {
+            let mut obj = obj.clone();
+            metadata_mut(&mut obj).remove("resourceVersion");
+            serde_json::to_vec(&obj)
+        }
+    };
+    encoded.map_err(|e| ApiError::internal(format!("encoding object: {e}")))
+}
+
+/// An object serialized as stored: `metadata` without `resourceVersion`.
+struct Stored<'a>(&'a Map<String, Value>);
+
+/// A `metadata` map without `resourceVersion`.
+struct WithoutVersion<'a>(&'a Map<String, Value>);
+
+impl serde::Serialize for Stored<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let mut out = s.serialize_map(Some(self.0.len()))?;
+        for (key, value) in self.0 {
+            match value {
+                Value::Object(meta) if key == "metadata" => {
+                    out.serialize_entry(key, &WithoutVersion(meta))?;
+                }
+                _ => out.serialize_entry(key, value)?,
+            }
+        }
+        out.end()
+    }
+}
+
+impl serde::Serialize for WithoutVersion<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let mut out = s.serialize_map(None)?;
+        for (key, value) in self.0.iter().filter(|(k, _)| *k != "resourceVersion") {
+            out.serialize_entry(key, value)?;
+        }
+        out.end()
+    }
 }
 
 /// Validates a name against the resource's rule; the messages are Kubernetes' own.
@@ -547,6 +590,29 @@ pub fn validate_required(r: &Resource, obj: &Value) -> Vec<Cause> {
 mod tests {
     use super::*;
     use crate::resources::find;
+
+    #[test]
+    fn encode_leaves_out_the_resource_version_only() {
+        let obj = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "resourceVersion": "42", "labels": {"a": "b"}},
+            "spec": {"nodeName": "n"}, "status": {"phase": "Pending"},
+        });
+        let mut expected = obj.clone();
+        expected["metadata"]
+            .as_object_mut()
+            .unwrap()
+            .remove("resourceVersion");
+        assert_eq!(
+            encode(&obj).unwrap(),
+            serde_json::to_vec(&expected).unwrap()
+        );
+        // Without a metadata object, one is added (as before).
+        assert_eq!(
+            encode(&json!({"kind": "Pod"})).unwrap(),
+            br#"{"kind":"Pod","metadata":{}}"#
+        );
+    }
 
     #[test]
     fn jobs_get_a_selector_and_must_not_restart_always() {

@@ -81,8 +81,19 @@ pub(crate) async fn bind(api: &Api, req: &Request) -> ApiResult<Reply> {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let (pod, revision) = rest::current(api, t).await?;
-        let pod = assign(t, pod, node)?;
+        // The scheduler's hot path: the first try reads this member's copy (a stale one
+        // fails the revision check below and the retry reads through the leader).
+        let (pod, revision) = if attempt == 1 {
+            rest::current_for_write(api, t).await?
+        } else {
+            rest::current(api, t).await?
+        };
+        let pod = match assign(t, pod, node) {
+            Ok(pod) => pod,
+            // A refusal based on this member's copy is confirmed through the leader.
+            Err(_) if attempt == 1 => continue,
+            Err(e) => return Err(e),
+        };
         match rest::write(api, t, pod, revision, dry_run).await {
             Ok(_) => return Ok(created()),
             Err(e) if e.code == StatusCode::CONFLICT && attempt < BIND_RETRIES => continue,

@@ -337,6 +337,16 @@ pub(crate) async fn current(api: &Api, t: &Target) -> ApiResult<(Value, Revision
     Ok((object::decode(t.resource, &v)?, v.mod_revision))
 }
 
+/// The object to base a write on, from this member's copy when it has one: the write's
+/// revision check refuses it if the copy was stale, and callers retry with [`current`].
+pub(crate) async fn current_for_write(api: &Api, t: &Target) -> ApiResult<(Value, Revision)> {
+    match api.store.get_local(&t.key()).await {
+        Ok(Some(v)) => Ok((object::decode(t.resource, &v)?, v.mod_revision)),
+        // Not here (yet) or unreadable: ask the leader.
+        _ => current(api, t).await,
+    }
+}
+
 async fn get(api: &Api, req: &Request) -> ApiResult<Reply> {
     let (obj, revision) = current(api, &req.target).await?;
     if table::wants_table(req.header(header::ACCEPT)) {
@@ -462,11 +472,13 @@ pub(crate) async fn write(
     if dry_run {
         return Ok(new);
     }
+    let encoded = object::encode(&new)?;
     // Like Kubernetes, an update that changes nothing writes nothing (and keeps the
-    // resourceVersion).
-    if let Ok(Some(stored)) = api.store.get(&t.key()).await
+    // resourceVersion). This member's copy is enough to tell: a value at the expected
+    // revision never changes, and if the copy is older the write below decides.
+    if let Ok(Some(stored)) = api.store.get_local(&t.key()).await
         && stored.mod_revision == expected
-        && object::encode(&new).ok().as_deref() == Some(stored.value.as_slice())
+        && encoded == stored.value
     {
         return object::decode(r, &stored);
     }
@@ -489,10 +501,17 @@ pub(crate) async fn write(
     }
     let stored = api
         .store
-        .update(&t.key(), object::encode(&new)?, Some(expected))
+        .update(&t.key(), encoded, Some(expected))
         .await
         .map_err(|e| ApiError::from_storage(e, r, t.name()))?;
-    object::decode(r, &stored)
+    // What was stored is `new` as encoded: answer with it instead of parsing it back.
+    new["apiVersion"] = json!(r.api_version());
+    new["kind"] = json!(r.kind);
+    object::metadata_mut(&mut new).insert(
+        "resourceVersion".into(),
+        json!(stored.mod_revision.to_string()),
+    );
+    Ok(new)
 }
 
 async fn update(api: &Api, req: &Request, status_only: bool) -> ApiResult<Reply> {

@@ -97,6 +97,11 @@ impl LabelSelector {
         Ok(LabelSelector(reqs))
     }
 
+    /// Whether every object matches (no requirements).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Whether an object's labels satisfy every requirement.
     pub fn matches(&self, obj: &Value) -> bool {
         let labels = obj.pointer("/metadata/labels");
@@ -155,6 +160,11 @@ impl FieldSelector {
             reqs.push((field.to_owned(), eq, value.to_owned()));
         }
         Ok(FieldSelector(reqs))
+    }
+
+    /// Whether every object matches (no requirements).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     /// Whether the object satisfies every requirement (absent fields compare as "").

@@ -98,6 +98,52 @@ pub async fn run(
     opts: ServeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    start(store, opts).await?.serve(shutdown).await
+}
+
+/// An API server ready to serve: its PKI made, the admin kubeconfig written, the store
+/// bootstrapped and the address bound.
+pub struct Started {
+    api: Arc<Api>,
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    url: String,
+}
+
+impl Started {
+    /// The API, e.g. for [`Api::local_client`].
+    pub fn api(&self) -> &Arc<Api> {
+        &self.api
+    }
+
+    /// The URL clients reach it at.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Serves HTTPS until `shutdown` completes.
+    ///
+    /// # Errors
+    /// Accepting connections fails.
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        self.api
+            .serve_tls(self.listener, self.tls, shutdown)
+            .await
+            .map_err(|source| ServeError::Io {
+                what: "serving".into(),
+                source,
+            })
+    }
+}
+
+/// Everything [`run`] does before serving.
+///
+/// # Errors
+/// Certificates, the store, the token file or the listener fail.
+pub async fn start(store: Arc<dyn Storage>, opts: ServeOptions) -> Result<Started, ServeError> {
     let ca = ClusterCa::load_or_create(&opts.pki_dir)?;
     let (dns, ips) = sans(
         opts.listen,
@@ -152,12 +198,12 @@ pub async fn run(
         }
     }
     tracing::info!(%server_url, kubeconfig = %opts.admin_kubeconfig.display(), "serving the Kubernetes API");
-    api.serve_tls(listener, tls, shutdown)
-        .await
-        .map_err(|source| ServeError::Io {
-            what: "serving".into(),
-            source,
-        })
+    Ok(Started {
+        api,
+        listener,
+        tls,
+        url: server_url,
+    })
 }
 
 /// Writes a kubeconfig for the cluster admin (`system:masters`), readable by its owner only.

@@ -182,12 +182,14 @@ fn translate(
 ) -> ApiResult<Option<(&'static str, Value)>> {
     let matches = |o: &Value| labels.matches(o) && fields.matches(o);
     let current = object::decode(r, &event.current)?;
-    let previous = event
-        .previous
-        .as_ref()
-        .map(|p| object::decode(r, p))
-        .transpose()?;
-    let was = previous.as_ref().is_some_and(matches);
+    // Without selectors the previous state matched if there was one: no need to parse it.
+    let everything = labels.is_empty() && fields.is_empty();
+    let previous = match &event.previous {
+        Some(_) if everything => Some(Value::Null),
+        Some(p) => Some(object::decode(r, p)?),
+        None => None,
+    };
+    let was = previous.as_ref().is_some_and(|p| everything || matches(p));
     Ok(match event.kind {
         EventKind::Delete => was.then_some(("DELETED", current)),
         EventKind::Put => match (was, matches(&current)) {
