@@ -16,7 +16,7 @@ use std::{fmt::Write as _, io::Write as _, path::Path, process::Command, time::D
 use anyhow::{Context as _, Result, bail};
 
 use super::{
-    netns::Netns,
+    netns::{Netns, NetnsExt as _},
     topology::{CLUSTER_CIDR, SERVICE_PORT, endpoints, service_vip},
 };
 

@@ -30,6 +30,7 @@ use anyhow::{Context as _, Result, bail};
 pub use probe::{ClientArgs, ServerArgs, client, serve};
 
 use crate::machine;
+use netns::NetnsExt as _;
 use probe::ClientResult;
 use report::{Point, Report, SYSTEMS, Workload};
 use topology::{BACKENDS, Placement, SERVICE_PORT, Topology, backend, service_vip};

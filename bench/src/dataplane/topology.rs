@@ -31,7 +31,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use super::netns::{Cgroup2, Netns};
+use super::netns::{Cgroup2, Netns, NetnsExt as _};
 
 /// The backends' port.
 pub const BACKEND_PORT: u16 = 8080;
@@ -100,7 +100,7 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// Builds it; `tag` names the cgroup (`kb-dp-<pid>-<tag>`).
+    /// Builds it; `tag` names the cgroup (`kt-<pid>-<n>-dp-<tag>`).
     ///
     /// # Errors
     /// A namespace, link, address, route, rule or the server cannot be made.
@@ -144,7 +144,7 @@ impl Topology {
         pod.as_ref()
             .unwrap_or(&node)
             .sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
-        let cgroup = Cgroup2::new(&format!("kb-dp-{}-{tag}", std::process::id()))?;
+        let cgroup = Cgroup2::new(&format!("dp-{tag}"))?;
         let server = start_server(&server_ns)?;
         Ok(Topology {
             server,
