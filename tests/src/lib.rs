@@ -11,7 +11,7 @@
 use std::{
     fs::{self, File},
     io,
-    os::fd::{AsFd as _, AsRawFd as _, RawFd},
+    os::fd::{AsFd, AsRawFd as _, BorrowedFd, RawFd},
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Command, Output},
@@ -138,6 +138,13 @@ impl Netns {
 
     fn raw_fd(&self) -> RawFd {
         self.ns.as_raw_fd()
+    }
+}
+
+/// The namespace's file descriptor, e.g. for `/proc/<pid>/fd/<fd>` paths (`ip link … netns`).
+impl AsFd for Netns {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.ns.as_fd()
     }
 }
 

@@ -137,6 +137,23 @@ pub trait SelectionStore: Send {
     /// # Errors
     /// The map cannot be written.
     fn remove_maglev(&mut self, key: &MaglevKey) -> Result<(), MapError>;
+    /// Writes backend set `id`'s whole Maglev table: entry `i` → `slots[i]` (one system call
+    /// on kernel maps).
+    ///
+    /// # Errors
+    /// The map cannot be written.
+    fn set_maglev_table(&mut self, id: u32, slots: &[u32]) -> Result<(), MapError> {
+        (0u32..)
+            .zip(slots)
+            .try_for_each(|(index, slot)| self.set_maglev(maglev_key(id, index), *slot))
+    }
+    /// Removes entries `0..len` of backend set `id`'s Maglev table.
+    ///
+    /// # Errors
+    /// The map cannot be written.
+    fn remove_maglev_table(&mut self, id: u32, len: u32) -> Result<(), MapError> {
+        (0..len).try_for_each(|index| self.remove_maglev(&maglev_key(id, index)))
+    }
     /// Creates or zeroes the counters of a service.
     ///
     /// # Errors
@@ -155,6 +172,10 @@ pub trait SelectionStore: Send {
     /// The maps themselves, for inspection in tests.
     #[cfg(test)]
     fn as_any(&self) -> &dyn std::any::Any;
+}
+
+fn maglev_key(service_id: u32, index: u32) -> MaglevKey {
+    MaglevKey { service_id, index }
 }
 
 /// The three selection maps (kernel maps in production, in-memory maps in tests).
@@ -195,6 +216,17 @@ where
     }
     fn remove_maglev(&mut self, key: &MaglevKey) -> Result<(), MapError> {
         self.maglev.remove(key)
+    }
+    fn set_maglev_table(&mut self, id: u32, slots: &[u32]) -> Result<(), MapError> {
+        let keys: Vec<MaglevKey> = (0u32..)
+            .zip(slots)
+            .map(|(index, _)| maglev_key(id, index))
+            .collect();
+        self.maglev.insert_many(&keys, slots)
+    }
+    fn remove_maglev_table(&mut self, id: u32, len: u32) -> Result<(), MapError> {
+        let keys: Vec<MaglevKey> = (0..len).map(|index| maglev_key(id, index)).collect();
+        self.maglev.remove_many(&keys)
     }
     fn reset_stats(&mut self, stats_id: u32) -> Result<(), MapError> {
         self.stats.insert(stats_id, ServiceStats::default())

@@ -14,8 +14,8 @@ use std::{collections::HashSet, net::SocketAddrV4};
 
 use keelson_ebpf_common::{
     BACKENDS_MAP, Backend, BackendKey, FLAG_MAGLEV, MAGLEV_MAP, MAGLEV_SIZE,
-    MAX_BACKENDS_PER_SERVICE, MaglevKey, SERVICES_MAP, STATS_MAP, SVC_CONFIG_MAP, ServiceConfig,
-    ServiceEntry, ServiceKey, ServiceStats, UNEXPOSED_STATS_ID, VIPS_MAP,
+    MAX_BACKENDS_PER_SERVICE, SERVICES_MAP, STATS_MAP, SVC_CONFIG_MAP, ServiceConfig, ServiceEntry,
+    ServiceKey, ServiceStats, UNEXPOSED_STATS_ID, VIPS_MAP,
 };
 
 use super::{
@@ -229,17 +229,10 @@ where
         self.write_slots(id, backends)?;
         if cfg.flags & FLAG_MAGLEV != 0 && !backends.is_empty() {
             let slots: Vec<(u32, SocketAddrV4)> = (0u32..).zip(backends.iter().copied()).collect();
-            for (index, slot) in (0u32..).zip(maglev::table(&slots)) {
-                self.selection
-                    .set_maglev(
-                        MaglevKey {
-                            service_id: id,
-                            index,
-                        },
-                        slot,
-                    )
-                    .map_err(map_err("insert", MAGLEV_MAP))?;
-            }
+            // The whole table in one batch: it is unreachable until the service entry names id.
+            self.selection
+                .set_maglev_table(id, &maglev::table(&slots))
+                .map_err(map_err("insert", MAGLEV_MAP))?;
         }
         self.selection
             .set_config(id, cfg)
@@ -250,14 +243,9 @@ where
         self.remove_slots(id, count)?;
         // An empty set has no table (see `write_set`).
         if count > 0 && cfg.is_some_and(|c| c.flags & FLAG_MAGLEV != 0) {
-            for index in 0..MAGLEV_SIZE {
-                self.selection
-                    .remove_maglev(&MaglevKey {
-                        service_id: id,
-                        index,
-                    })
-                    .map_err(map_err("delete", MAGLEV_MAP))?;
-            }
+            self.selection
+                .remove_maglev_table(id, MAGLEV_SIZE)
+                .map_err(map_err("delete", MAGLEV_MAP))?;
         }
         self.selection
             .remove_config(id)
@@ -518,6 +506,8 @@ fn arrange(old: &[SocketAddrV4], new: &[SocketAddrV4]) -> Vec<SocketAddrV4> {
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
+
+    use keelson_ebpf_common::MaglevKey;
 
     use super::*;
     use crate::lb::selection::{Algorithm, SelectionMaps};

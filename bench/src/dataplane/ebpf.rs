@@ -8,12 +8,21 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use keelson_agent::lb::{self, Frontend, Pins, Protocol};
+use keelson_agent::lb::{self, Algorithm, Frontend, Pins, Protocol, ServiceOptions};
 
 use super::{
     netns::{Bpffs, Cgroup2},
-    topology::{SERVICE_PORT, endpoints, service_vip},
+    topology::{SERVICE_PORT, backend, endpoints, service_vip},
 };
+
+/// Timed Maglev service operations.
+pub struct MaglevTimes {
+    /// Adding a Maglev service (its table written, then published).
+    pub adds: Vec<Duration>,
+    /// Replacing one endpoint of a Maglev service (a new table written and published, the
+    /// old one removed).
+    pub changes: Vec<Duration>,
+}
 
 /// The load balancer attached to one cgroup; detached and its pins removed on drop.
 pub struct EbpfLb {
@@ -69,6 +78,41 @@ impl EbpfLb {
             table.remove(frontend(k))?;
         }
         Ok(times)
+    }
+
+    /// Adds Maglev services `n..n + count` one at a time, then replaces one endpoint of each,
+    /// timing every call as `keelson-agent proxy` makes it; then removes them again.
+    ///
+    /// # Errors
+    /// A map operation fails.
+    pub fn time_maglev(&self, n: u32, count: u32, per_service: u32) -> Result<MaglevTimes> {
+        let maglev = ServiceOptions {
+            algorithm: Algorithm::Maglev,
+            affinity_timeout_secs: None,
+        };
+        let mut table = lb::open(&self.pins)?;
+        let mut adds = Vec::with_capacity(count as usize);
+        for k in n..n + count {
+            let backends = endpoints(k, per_service);
+            let start = Instant::now();
+            table.upsert_with(frontend(k), &backends, maglev)?;
+            adds.push(start.elapsed());
+        }
+        let mut changes = Vec::with_capacity(count as usize);
+        for k in n..n + count {
+            // The last endpoint replaced by the next backend address (a different one while
+            // there are fewer endpoints than backend addresses).
+            let mut backends = endpoints(k, per_service);
+            backends.pop();
+            backends.push(backend(k * per_service + per_service));
+            let start = Instant::now();
+            table.upsert_with(frontend(k), &backends, maglev)?;
+            changes.push(start.elapsed());
+        }
+        for k in n..n + count {
+            table.remove(frontend(k))?;
+        }
+        Ok(MaglevTimes { adds, changes })
     }
 }
 

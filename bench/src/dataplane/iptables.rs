@@ -2,7 +2,10 @@
 //! `KUBE-SERVICES` (one rule per service port, matched in order) → `KUBE-SVC-*` (the
 //! masquerade mark for traffic from outside the cluster CIDR, then one `statistic --mode
 //! random` rule per endpoint) → `KUBE-SEP-*` (mark hairpin traffic, DNAT to the endpoint),
-//! plus `KUBE-POSTROUTING`/`KUBE-MARK-MASQ` and the final `KUBE-NODEPORTS` rule.
+//! plus `KUBE-POSTROUTING`/`KUBE-MARK-MASQ` and the final `KUBE-NODEPORTS` rule; in the
+//! `filter` table the jumps kube-proxy adds to `INPUT`, `FORWARD` and `OUTPUT` and its
+//! `KUBE-FORWARD` rules. The rules go into the node's namespace: a pod's connection meets
+//! them in `PREROUTING` (then `FORWARD`), a host-network client's in `OUTPUT`.
 //!
 //! A full sync restores every chain; a one-service change restores, as kube-proxy's partial
 //! sync does, the whole `KUBE-SERVICES` chain and the changed service's own chains with
@@ -13,7 +16,7 @@ use std::{fmt::Write as _, io::Write as _, path::Path, process::Command, time::D
 use anyhow::{Context as _, Result, bail};
 
 use super::{
-    netns::Netns,
+    netns::{Netns, NetnsExt as _},
     topology::{CLUSTER_CIDR, SERVICE_PORT, endpoints, service_vip},
 };
 
@@ -101,12 +104,29 @@ fn chain(prefix: &str, what: &str) -> String {
 
 const NODEPORTS_RULE: &str = "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n";
 
-/// The jumps from the built-in chains, made once (kube-proxy ensures them outside restores).
+/// The jumps from the built-in chains and the filter table's chains, made once (kube-proxy
+/// ensures them outside its restores). With every service having endpoints the filter
+/// chains hold only `KUBE-FORWARD`'s rules, but a packet still traverses the jumps.
 fn base_rules() -> String {
-    "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n\
+    "*filter\n:KUBE-SERVICES - [0:0]\n:KUBE-EXTERNAL-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n\
+     :KUBE-FORWARD - [0:0]\n:KUBE-PROXY-FIREWALL - [0:0]\n\
+     -A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
+     -A INPUT -m comment --comment \"kubernetes health check service ports\" -j KUBE-NODEPORTS\n\
+     -A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES\n\
+     -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
+     -A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD\n\
+     -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+     -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES\n\
+     -A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
+     -A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+     -A KUBE-FORWARD -m conntrack --ctstate INVALID -m comment --comment \"kubernetes forwarding rules\" -j DROP\n\
+     -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT\n\
+     -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n\
+     COMMIT\n\
+     *nat\n:KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n\
      :KUBE-MARK-MASQ - [0:0]\n\
-     -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
      -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+     -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
      -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
      COMMIT\n"
         .to_owned()

@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use super::{
-    netns::Netns,
+    netns::{Netns, NetnsExt as _},
     topology::{SERVICE_PORT, endpoints, service_vip},
 };
 

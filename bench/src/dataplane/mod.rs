@@ -1,11 +1,13 @@
 //! `keelson-bench dataplane`: the cost a Service adds to a connection, with 100, 1,000 and
 //! 10,000 services, for Keelson's eBPF socket load balancer, kube-proxy's iptables layout,
 //! IPVS, and a connect straight to the pod address as the floor. For every system and scale a
-//! fresh [`topology`] is built (client and server network namespaces joined by a veth, the
-//! client in a cgroup2 directory of its own), the services installed, a client process in the
-//! client namespace and cgroup measures first-connection latency and short-connection
-//! throughput over randomly chosen services, and the time to add one service is taken. Every
-//! namespace, cgroup, rule, pin and process is removed afterwards, also on failure and Ctrl-C.
+//! fresh [`topology`] is built (a client pod, the node holding the service rules and a server
+//! namespace with the backends, joined by veths; the client in a cgroup2 directory of its
+//! own), the services installed, a client process in the pod's namespace and cgroup measures
+//! first-connection latency (and the `connect(2)` call alone) and short-connection throughput
+//! over randomly chosen services, and the time to add one service is taken (for eBPF also a
+//! Maglev service's). Every namespace, cgroup, rule, pin and process is removed afterwards,
+//! also on failure and Ctrl-C.
 
 mod ebpf;
 mod iptables;
@@ -28,9 +30,10 @@ use anyhow::{Context as _, Result, bail};
 pub use probe::{ClientArgs, ServerArgs, client, serve};
 
 use crate::machine;
+use netns::NetnsExt as _;
 use probe::ClientResult;
 use report::{Point, Report, SYSTEMS, Workload};
-use topology::{BACKENDS, SERVICE_PORT, Topology, backend, service_vip};
+use topology::{BACKENDS, Placement, SERVICE_PORT, Topology, backend, service_vip};
 
 /// Options of the dataplane benchmark.
 #[derive(Debug, Clone, clap::Args)]
@@ -76,7 +79,25 @@ pub struct DataplaneArgs {
     /// The `ipvsadm` binary.
     #[arg(long, default_value = "ipvsadm")]
     ipvsadm: PathBuf,
+    /// Where the client runs: in a pod's namespace (its packets cross the node's PREROUTING
+    /// and FORWARD hooks) or in the node's (a host-network client: OUTPUT).
+    #[arg(long, value_enum, default_value_t = Placement::Pod)]
+    client: Placement,
+    /// Leave out the node's pod-network NAT table (then only the iptables system tracks
+    /// connections, as in the first version of this benchmark).
+    #[arg(long)]
+    no_node_nat: bool,
+    /// Maglev service adds and endpoint changes timed per point (eBPF).
+    #[arg(long, default_value_t = 20)]
+    maglev_samples: u32,
 }
+
+/// How the driver was compiled (the client, the echo server and the map writes run in it).
+const DRIVER_BUILD: &str = if cfg!(debug_assertions) {
+    "debug (unoptimised)"
+} else {
+    "optimised"
+};
 
 /// Most one-service adds timed for the systems driven through a process per change.
 const SLOW_UPDATE_SAMPLES: u32 = 5;
@@ -195,12 +216,20 @@ fn run_blocking(args: &DataplaneArgs) -> Result<()> {
             throughput_s: args.seconds,
             throughput_threads: args.threads,
             iptables: iptables_version,
-            method: "each connection: TCP connect to a randomly chosen service's cluster IP \
-                     (direct: a backend's address), send 1 byte, read 1 byte back, close with \
-                     RST; the client runs in its own network namespace and cgroup2 directory, \
-                     the backends in another namespace behind a veth; a fresh topology per \
-                     system and scale"
+            method: "each connection: socket, blocking TCP connect to a randomly chosen \
+                     service's cluster IP (direct: a backend's address), send 1 byte, read 1 \
+                     byte back (first-connection latency stops here; connect alone is timed \
+                     too), close with RST; the client runs in a pod namespace (or the node's) \
+                     and a cgroup2 directory of its own, the service rules in the node's \
+                     namespace, the backends in a third namespace behind a veth; a fresh \
+                     topology per system and scale"
                 .into(),
+            placement: match args.client {
+                Placement::Pod => "pod",
+                Placement::Node => "node",
+            },
+            node_nat: !args.no_node_nat,
+            driver_build: DRIVER_BUILD,
         },
         points,
         ratios,
@@ -237,6 +266,8 @@ struct Prepared {
     topo: Option<Topology>,
     targets: Vec<SocketAddrV4>,
     latencies_us: Vec<f64>,
+    connect_us: Vec<f64>,
+    closed_us: Vec<f64>,
     completed: u64,
     elapsed_s: f64,
 }
@@ -245,7 +276,11 @@ impl Prepared {
     /// Builds a topology and installs `n` services of `system` in it. A system this machine
     /// cannot run (IPVS without kernel support) is recorded as unavailable.
     fn new(args: &DataplaneArgs, system: &'static str, n: u32) -> Result<Self> {
-        let topo = Topology::new(&format!("{system}-{n}"))?;
+        let options = topology::Options {
+            placement: args.client,
+            node_nat: !args.no_node_nat,
+        };
+        let topo = Topology::new(&format!("{system}-{n}"), options)?;
         let mut point = Point::new(system, n);
         let vips: Vec<SocketAddrV4> = (0..n)
             .map(|k| SocketAddrV4::new(service_vip(k), SERVICE_PORT))
@@ -261,7 +296,7 @@ impl Prepared {
             "iptables" => {
                 let restore = iptables::Restore {
                     binary: &args.iptables_restore,
-                    netns: topo.client(),
+                    netns: topo.node(),
                 };
                 restore.base()?;
                 let rules = iptables::full_sync(n, per);
@@ -271,7 +306,7 @@ impl Prepared {
             "ipvs" => {
                 let ipvs = ipvs::Ipvs {
                     binary: &args.ipvsadm,
-                    netns: topo.client(),
+                    netns: topo.node(),
                 };
                 if let Err(why) = ipvs.probe() {
                     point.unavailable = Some(format!(
@@ -291,6 +326,8 @@ impl Prepared {
             topo: Some(topo),
             targets,
             latencies_us: Vec::new(),
+            connect_us: Vec::new(),
+            closed_us: Vec::new(),
             completed: 0,
             elapsed_s: 0.0,
         })
@@ -303,6 +340,8 @@ impl Prepared {
             topo: None,
             targets: Vec::new(),
             latencies_us: Vec::new(),
+            connect_us: Vec::new(),
+            closed_us: Vec::new(),
             completed: 0,
             elapsed_s: 0.0,
         }
@@ -348,6 +387,8 @@ impl Prepared {
         let r: ClientResult = serde_json::from_str(stdout.trim())
             .with_context(|| format!("parsing the client's output {stdout:?}"))?;
         self.latencies_us.extend(r.latencies_us);
+        self.connect_us.extend(r.connect_us);
+        self.closed_us.extend(r.closed_us);
         self.completed += r.completed;
         self.elapsed_s += r.elapsed_s;
         self.point.errors += r.errors;
@@ -363,14 +404,19 @@ impl Prepared {
         let (Some(installed), Some(topo)) = (&self.installed, &self.topo) else {
             return Ok(());
         };
-        let mut sorted = self.latencies_us.clone();
-        sorted.sort_by(f64::total_cmp);
+        let sorted = sorted_copy(&self.latencies_us);
+        let connect = sorted_copy(&self.connect_us);
+        let closed = sorted_copy(&self.closed_us);
         let point = &mut self.point;
         point.samples = sorted.len();
         point.p50_us = probe::quantile(&sorted, 0.5);
         point.p99_us = probe::quantile(&sorted, 0.99);
         point.mean_us =
             (!sorted.is_empty()).then(|| sorted.iter().sum::<f64>() / sorted.len() as f64);
+        point.connect_p50_us = probe::quantile(&connect, 0.5);
+        point.connect_p99_us = probe::quantile(&connect, 0.99);
+        point.closed_p50_us = probe::quantile(&closed, 0.5);
+        point.closed_p99_us = probe::quantile(&closed, 0.99);
         point.requests_per_s =
             (self.elapsed_s > 0.0).then(|| self.completed as f64 / self.elapsed_s);
 
@@ -378,11 +424,22 @@ impl Prepared {
         let slow_samples = args.update_samples.min(SLOW_UPDATE_SAMPLES);
         match installed {
             Installed::Direct => {}
-            Installed::Ebpf(lb) => record_adds(point, lb.time_adds(n, args.update_samples, per)?),
+            Installed::Ebpf(lb) => {
+                record_adds(point, lb.time_adds(n, args.update_samples, per)?);
+                if args.maglev_samples > 0 {
+                    let m = lb.time_maglev(n, args.maglev_samples, per)?;
+                    point.maglev_samples = m.adds.len();
+                    let (mut adds, mut changes) = (m.adds, m.changes);
+                    point.maglev_add_p50_ms = median(&mut adds).map(ms);
+                    point.maglev_add_max_ms = adds.iter().max().copied().map(ms);
+                    point.maglev_update_p50_ms = median(&mut changes).map(ms);
+                    point.maglev_update_max_ms = changes.iter().max().copied().map(ms);
+                }
+            }
             Installed::Iptables(rules) => {
                 let restore = iptables::Restore {
                     binary: &args.iptables_restore,
-                    netns: topo.client(),
+                    netns: topo.node(),
                 };
                 let mut adds = Vec::new();
                 for k in n..n + slow_samples {
@@ -398,7 +455,7 @@ impl Prepared {
             Installed::Ipvs => {
                 let ipvs = ipvs::Ipvs {
                     binary: &args.ipvsadm,
-                    netns: topo.client(),
+                    netns: topo.node(),
                 };
                 let mut adds = Vec::new();
                 for k in n..n + slow_samples {
@@ -409,6 +466,12 @@ impl Prepared {
         }
         Ok(())
     }
+}
+
+fn sorted_copy(values: &[f64]) -> Vec<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted
 }
 
 fn record_adds(point: &mut Point, mut adds: Vec<Duration>) {

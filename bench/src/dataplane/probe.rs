@@ -13,6 +13,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
+use socket2::{Domain, Protocol as SockProtocol, SockAddr, Socket, Type};
 
 /// Options of the hidden `dataplane-server` sub-command.
 #[derive(Debug, clap::Args)]
@@ -51,8 +52,14 @@ pub struct ClientArgs {
 /// What the client measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClientResult {
-    /// Every timed connect + 1-byte request + 1-byte reply that succeeded, µs, in order.
+    /// Every timed first connection that succeeded, in order: socket, connect, 1-byte request
+    /// and 1-byte reply, µs (the clock stops when the reply byte has been read).
     pub latencies_us: Vec<f64>,
+    /// The `connect(2)` call alone of the same connections, µs: where a load balancer works
+    /// (a cgroup hook in the call, or the NAT of the SYN), the handshake included.
+    pub connect_us: Vec<f64>,
+    /// The same connections to the end of the close (RST sent), µs.
+    pub closed_us: Vec<f64>,
     /// Short connections completed in the throughput run.
     pub completed: u64,
     /// Length of the throughput run, s.
@@ -65,11 +72,29 @@ pub struct ClientResult {
 
 /// Serves forever: read one byte, answer one byte, close.
 ///
+/// `TCP_DEFER_ACCEPT` makes `accept` return when the request byte has arrived, so a
+/// connection costs the server one wake-up instead of two (the same for every system
+/// measured; it lowers the floor's scheduling noise, not what the data plane does).
+///
 /// # Errors
 /// The port cannot be bound.
 pub fn serve(args: &ServerArgs) -> Result<()> {
     let listener = TcpListener::bind(("0.0.0.0", args.port))
         .with_context(|| format!("binding port {}", args.port))?;
+    let seconds: libc::c_int = 1;
+    // SAFETY: setsockopt on an open socket with a correctly sized int value.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&raw const seconds).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("setting TCP_DEFER_ACCEPT");
+    }
     println!("ready");
     std::io::stdout().flush().ok();
     let mut threads = Vec::new();
@@ -113,20 +138,23 @@ pub fn client(args: &ClientArgs) -> Result<()> {
         }
     };
 
+    // The order of targets is drawn before the timed loop, so that the loop does nothing but
+    // connections.
     let mut rng = Rng::seeded(1 + args.seed);
-    for _ in 0..args.warmup {
-        let t = &targets[rng.below(targets.len())];
-        if let Err(e) = exchange(t) {
-            note(e, t);
+    let order: Vec<usize> = (0..args.warmup + args.samples)
+        .map(|_| rng.below(targets.len()))
+        .collect();
+    let (warmup, timed) = order.split_at(args.warmup);
+    for &i in warmup {
+        if let Err(e) = exchange(&targets[i]) {
+            note(e, &targets[i]);
         }
     }
     let mut times = Vec::with_capacity(args.samples);
-    for _ in 0..args.samples {
-        let t = &targets[rng.below(targets.len())];
-        let start = Instant::now();
-        match exchange(t) {
-            Ok(()) => times.push(start.elapsed()),
-            Err(e) => note(e, t),
+    for &i in timed {
+        match exchange(&targets[i]) {
+            Ok(t) => times.push(t),
+            Err(e) => note(e, &targets[i]),
         }
     }
 
@@ -141,7 +169,7 @@ pub fn client(args: &ClientArgs) -> Result<()> {
                 while Instant::now() < deadline {
                     let t = &targets[rng.below(targets.len())];
                     match exchange(t) {
-                        Ok(()) => {
+                        Ok(_) => {
                             done.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(e) => note(e, t),
@@ -150,8 +178,11 @@ pub fn client(args: &ClientArgs) -> Result<()> {
             });
         }
     });
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
     let result = ClientResult {
-        latencies_us: times.iter().map(|d| d.as_secs_f64() * 1e6).collect(),
+        latencies_us: times.iter().map(|t| us(t.reply)).collect(),
+        connect_us: times.iter().map(|t| us(t.connect)).collect(),
+        closed_us: times.iter().map(|t| us(t.closed)).collect(),
         completed: done.load(Ordering::Relaxed),
         elapsed_s: started.elapsed().as_secs_f64(),
         errors: errors.load(Ordering::Relaxed),
@@ -161,29 +192,45 @@ pub fn client(args: &ClientArgs) -> Result<()> {
     Ok(())
 }
 
-/// One short connection: connect, send a byte, read the byte back, close with a reset (so
-/// neither side keeps the 4-tuple in TIME_WAIT and the port range suffices).
-fn exchange(target: &SocketAddr) -> std::io::Result<()> {
-    let mut s = TcpStream::connect_timeout(target, Duration::from_secs(1))?;
-    s.set_read_timeout(Some(Duration::from_secs(1)))?;
+/// The timings of one short connection.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    /// The `connect(2)` call alone.
+    connect: Duration,
+    /// From before `socket(2)` until the reply byte was read.
+    reply: Duration,
+    /// From before `socket(2)` until `close(2)` returned.
+    closed: Duration,
+}
+
+/// How long a connect or a read may take before the connection counts as failed.
+const IO_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// One short connection: a blocking connect (no non-blocking connect + poll, which adds
+/// system calls and a wake-up that are not the data plane's), send a byte, read the byte back,
+/// close with a reset (so neither side keeps the 4-tuple in TIME_WAIT and the port range
+/// suffices).
+fn exchange(target: &SocketAddr) -> std::io::Result<Timing> {
+    let start = Instant::now();
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(SockProtocol::TCP))?;
+    // SO_SNDTIMEO bounds a blocking connect; SO_RCVTIMEO the read.
+    socket.set_write_timeout(Some(IO_TIMEOUT))?;
+    socket.set_read_timeout(Some(IO_TIMEOUT))?;
+    socket.set_linger(Some(Duration::ZERO))?;
+    let before_connect = Instant::now();
+    socket.connect(&SockAddr::from(*target))?;
+    let connect = before_connect.elapsed();
+    let mut s = TcpStream::from(socket);
     s.write_all(b"x")?;
     let mut byte = [0u8; 1];
     s.read_exact(&mut byte)?;
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt on an open socket with a correctly sized `linger` value.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    Ok(())
+    let reply = start.elapsed();
+    drop(s);
+    Ok(Timing {
+        connect,
+        reply,
+        closed: start.elapsed(),
+    })
 }
 
 /// The `q` quantile of sorted values (nearest rank).
@@ -247,7 +294,8 @@ mod tests {
             }
         });
         for _ in 0..3 {
-            exchange(&addr).unwrap();
+            let t = exchange(&addr).unwrap();
+            assert!(t.connect <= t.reply && t.reply <= t.closed);
         }
     }
 }

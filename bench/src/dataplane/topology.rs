@@ -2,24 +2,36 @@
 //! conntrack, maps) leaks from one measurement into the next:
 //!
 //! ```text
-//!   client netns (+ cgroup2 dir)            server netns
-//!   c0 10.244.0.2/24  ───── veth ─────  s0 10.244.0.1/24
-//!   routes: 10.244.1.0/24, 10.96.0.0/16     lo: backends 10.244.1.1 … .16, :8080
-//!           via 10.244.0.1                  (one echo server on 0.0.0.0:8080)
+//!   pod netns (client, + cgroup2 dir)       node netns                       server netns
+//!   eth0 10.244.2.2/24 ── veth ── p0 10.244.2.1/24
+//!                                  c0 10.244.0.2/24 ───── veth ─────  s0 10.244.0.1/24
+//!   routes: 10.244.1.0/24,         routes: 10.244.1.0/24,              lo: backends
+//!           10.96.0.0/16                   10.96.0.0/16                    10.244.1.1 … .16
+//!           via 10.244.2.1                 via 10.244.0.1                  (echo server on
+//!                                  forwarding on; the service rules        0.0.0.0:8080)
+//!                                  (iptables, IPVS) live here
 //! ```
 //!
-//! Neither namespace has a route anywhere else: a packet that is not translated ends in the
+//! The client runs in a pod's namespace by default ([`Placement::Pod`]), as most Service
+//! traffic starts in a pod: its packets enter the node through the pod's veth and traverse
+//! the node's PREROUTING, FORWARD and POSTROUTING hooks. [`Placement::Node`] runs it in the
+//! node's namespace instead (a host-network client: OUTPUT and POSTROUTING), as the first
+//! version of this benchmark did. The node has the NAT table every node of a pod network has
+//! (Keelson's agent writes `table ip keelson` with the pod network's masquerade rule), so that
+//! connection tracking runs for every system, not only for the iptables rules.
+//!
+//! No namespace has a route anywhere else: a packet that is not translated ends in the
 //! server namespace and is dropped there.
 
 use std::{
-    io::{BufRead as _, BufReader},
+    io::{BufRead as _, BufReader, Write as _},
     net::{Ipv4Addr, SocketAddrV4},
     process::{Child, Command, Stdio},
 };
 
 use anyhow::{Context as _, Result, bail};
 
-use super::netns::{Cgroup2, Netns};
+use super::netns::{Cgroup2, Netns, NetnsExt as _};
 
 /// The backends' port.
 pub const BACKEND_PORT: u16 = 8080;
@@ -27,11 +39,17 @@ pub const BACKEND_PORT: u16 = 8080;
 pub const SERVICE_PORT: u16 = 80;
 /// How many backend ("pod") addresses the server namespace answers on.
 pub const BACKENDS: u32 = 16;
-/// The client's address; inside the cluster CIDR, as a pod's would be.
-pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
+/// The node's address on the link to the server namespace.
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
+/// The client pod's address.
+const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 2);
+/// The node's address on the pod's veth (the pod's gateway).
+const POD_GW: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 1);
 /// The cluster (pod) CIDR the client and backends belong to.
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+/// Destinations routed towards the backends: their addresses and the service range.
+const ROUTED: [&str; 2] = ["10.244.1.0/24", "10.96.0.0/16"];
 
 /// Backend `i` (wrapping over [`BACKENDS`]).
 pub fn backend(i: u32) -> SocketAddrV4 {
@@ -51,62 +69,100 @@ pub fn endpoints(k: u32, per_service: u32) -> Vec<SocketAddrV4> {
         .collect()
 }
 
-/// A client namespace and cgroup, a server namespace with the echo server, and the veth.
+/// Where the client process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Placement {
+    /// In a pod's network namespace behind a veth to the node.
+    Pod,
+    /// In the node's network namespace (a host-network client).
+    Node,
+}
+
+/// How a topology is built.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Where the client runs.
+    pub placement: Placement,
+    /// Whether the node has the pod network's NAT table (and so connection tracking).
+    pub node_nat: bool,
+}
+
+/// A client namespace and cgroup, a node namespace holding the service rules, a server
+/// namespace with the echo server, and the veths between them.
 pub struct Topology {
     // Field order is drop order: the server process first, then the cgroup, then namespaces.
     server: Child,
     cgroup: Cgroup2,
-    client: Netns,
+    pod: Option<Netns>,
+    node: Netns,
     _server_ns: Netns,
 }
 
 impl Topology {
-    /// Builds it; `tag` names the cgroup (`kb-dp-<pid>-<tag>`).
+    /// Builds it; `tag` names the cgroup (`kt-<pid>-<n>-dp-<tag>`).
     ///
     /// # Errors
-    /// A namespace, link, address, route or the server cannot be made.
-    pub fn new(tag: &str) -> Result<Self> {
-        let client = Netns::new()?;
+    /// A namespace, link, address, route, rule or the server cannot be made.
+    pub fn new(tag: &str, options: Options) -> Result<Self> {
+        let node = Netns::new()?;
         let server_ns = Netns::new()?;
-        client.ip(&[
-            "link",
-            "add",
-            "c0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "s0",
-            "netns",
-            &server_ns.path(),
-        ])?;
-        client.ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "c0"])?;
-        client.ip(&["link", "set", "c0", "up"])?;
+        veth(&node, "c0", &server_ns, "s0")?;
+        node.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", "c0"])?;
+        node.ip(&["link", "set", "c0", "up"])?;
         server_ns.ip(&["addr", "add", &format!("{SERVER_IP}/24"), "dev", "s0"])?;
         server_ns.ip(&["link", "set", "s0", "up"])?;
         for i in 0..BACKENDS {
             let ip = backend(i).ip().to_string();
             server_ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"])?;
         }
-        let gw = SERVER_IP.to_string();
-        for dst in ["10.244.1.0/24", "10.96.0.0/16"] {
-            client.ip(&["route", "add", dst, "via", &gw])?;
+        for dst in ROUTED {
+            node.ip(&["route", "add", dst, "via", &SERVER_IP.to_string()])?;
+        }
+        let pod = match options.placement {
+            Placement::Node => None,
+            Placement::Pod => {
+                let pod = Netns::new()?;
+                veth(&pod, "eth0", &node, "p0")?;
+                pod.ip(&["addr", "add", &format!("{POD_IP}/24"), "dev", "eth0"])?;
+                pod.ip(&["link", "set", "eth0", "up"])?;
+                node.ip(&["addr", "add", &format!("{POD_GW}/24"), "dev", "p0"])?;
+                node.ip(&["link", "set", "p0", "up"])?;
+                for dst in ROUTED {
+                    pod.ip(&["route", "add", dst, "via", &POD_GW.to_string()])?;
+                }
+                let pods = format!("{}/24", Ipv4Addr::from(u32::from(POD_IP) & !0xff));
+                server_ns.ip(&["route", "add", &pods, "via", &NODE_IP.to_string()])?;
+                node.sysctl("net.ipv4.ip_forward", "1")?;
+                Some(pod)
+            }
+        };
+        if options.node_nat {
+            node_nat(&node)?;
         }
         // Many short connections: use the whole port range (closes are RSTs, so no TIME_WAIT).
-        client.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
-        let cgroup = Cgroup2::new(&format!("kb-dp-{}-{tag}", std::process::id()))?;
+        pod.as_ref()
+            .unwrap_or(&node)
+            .sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
+        let cgroup = Cgroup2::new(&format!("dp-{tag}"))?;
         let server = start_server(&server_ns)?;
         Ok(Topology {
             server,
             cgroup,
-            client,
+            pod,
+            node,
             _server_ns: server_ns,
         })
     }
 
-    /// The client namespace.
+    /// The namespace the client runs in.
     pub fn client(&self) -> &Netns {
-        &self.client
+        self.pod.as_ref().unwrap_or(&self.node)
+    }
+
+    /// The node's namespace, where service rules go.
+    pub fn node(&self) -> &Netns {
+        &self.node
     }
 
     /// The client's cgroup2 directory.
@@ -120,6 +176,59 @@ impl Drop for Topology {
         let _ = self.server.kill();
         let _ = self.server.wait();
     }
+}
+
+/// A veth pair `a_name` in `a`, `b_name` in `b`.
+fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> Result<()> {
+    a.ip(&[
+        "link",
+        "add",
+        a_name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_name,
+        "netns",
+        &b.path(),
+    ])
+}
+
+/// The NAT table Keelson's agent writes on every node (`agent/src/network/nft.rs`): empty
+/// DNAT chains for hostPorts and the pod network's masquerade of traffic leaving the cluster
+/// CIDR. Its hooks make the node track connections, as every node of a pod network does.
+fn node_nat(node: &Netns) -> Result<()> {
+    let script = format!(
+        "table ip keelson {{\n\
+         chain prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}\n\
+         chain output {{ type nat hook output priority -100; policy accept; }}\n\
+         chain postrouting {{ type nat hook postrouting priority srcnat; policy accept;\n\
+         ip saddr {CLUSTER_CIDR} ip daddr != {CLUSTER_CIDR} masquerade\n}}\n}}\n"
+    );
+    let mut cmd = Command::new("nft");
+    cmd.args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let placed = node.place(&mut cmd, None)?;
+    let mut child = cmd
+        .spawn()
+        .context("starting nft (Debian package nftables) for the node's NAT table")?;
+    drop(placed);
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .context("feeding nft the node's NAT table")?;
+    }
+    let out = child.wait_with_output().context("waiting for nft")?;
+    if !out.status.success() {
+        bail!(
+            "nft failed on the node's NAT table ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
 }
 
 /// Starts `keelson-bench dataplane-server` in `netns` and waits until it listens.
