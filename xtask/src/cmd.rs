@@ -56,5 +56,25 @@ pub fn probe(cmd: &mut Command) -> Option<String> {
 pub fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(repo_root());
+    without_run_env(&mut cmd);
     cmd
+}
+
+/// Removes the variables `cargo run` set for the xtask itself (`CARGO_MANIFEST_DIR`,
+/// `CARGO_PKG_*`, …). `ring`'s build script declares `rerun-if-env-changed` on several of
+/// them, so a cargo started with them rebuilds `ring` and everything above it (rustls, kube,
+/// the agent) whenever the previous build of the same profile came from a plain `cargo`.
+fn without_run_env(cmd: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                key,
+                "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            cmd.env_remove(key);
+        }
+    }
 }

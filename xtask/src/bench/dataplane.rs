@@ -23,10 +23,7 @@ pub fn run(extra: &[String]) -> Result<()> {
     // The `bench-driver` profile (workspace Cargo.toml): release settings, full optimisation
     // for the code on the measured path, the set-up-only dependencies unoptimised.
     step("build the benchmark driver with the agent's load balancer (profile bench-driver)");
-    let mut build = cargo();
-    build.args(["build", "--profile", "bench-driver", "-p", "keelson-bench"]);
-    without_run_env(&mut build);
-    run_cmd(&mut build)?;
+    run_cmd(cargo().args(["build", "--profile", "bench-driver", "-p", "keelson-bench"]))?;
     let release = super::target_dir().join("bench-driver");
     let out = super::target_dir().join("bench");
     step("bench dataplane: eBPF vs iptables vs IPVS vs direct, 100/1,000/10,000 services");
@@ -37,23 +34,4 @@ pub fn run(extra: &[String]) -> Result<()> {
             .arg(&out)
             .args(extra),
     )
-}
-
-/// Removes the variables `cargo run` set for the xtask itself (`CARGO_MANIFEST_DIR`,
-/// `CARGO_PKG_*`, …). `ring`'s build script declares `rerun-if-env-changed` on several of
-/// them, so a cargo started with them rebuilds `ring` and everything above it (rustls, kube,
-/// the agent) whenever the previous build of the same profile came from a plain `cargo`.
-fn without_run_env(cmd: &mut Command) {
-    for (key, _) in std::env::vars_os() {
-        let Some(key) = key.to_str() else { continue };
-        if key.starts_with("CARGO_PKG_")
-            || key.starts_with("CARGO_MANIFEST_")
-            || matches!(
-                key,
-                "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
-            )
-        {
-            cmd.env_remove(key);
-        }
-    }
 }
