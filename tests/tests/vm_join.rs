@@ -5,7 +5,8 @@
 //! kubeconfig (a token from `keelson token create`) and `/etc/keelson/agent-args`; the agent
 //! trades the token for node credentials (a CSR the controllers approve and sign). A qemu VM (TCG) PXE-boots from its NIC's iPXE ROM,
 //! runs `keelson-agent boot`, and the test asserts through the API that its Node registers and
-//! turns Ready and that a pod the scheduler places on it runs and logs.
+//! turns Ready and that a pod the scheduler places on it runs and logs, inside the limits of its
+//! spec on this pure cgroup v2 host (a pod allocating past its memory limit is OOMKilled).
 //!
 //! The VM (by PID), the servers, the tap, the bridge and the namespace are removed on drop,
 //! also when the test fails.
@@ -286,6 +287,8 @@ profile = "node"
     )
 }
 
+/// Two pods for the node: `hello` logs a greeting and what its cgroup looks like (the node
+/// image is a pure cgroup v2 host), `oom` allocates past its memory limit.
 fn pod_manifest() -> String {
     format!(
         r#"apiVersion: v1
@@ -299,7 +302,32 @@ spec:
   - name: hello
     image: {image}
     imagePullPolicy: Never
-    command: ["sh", "-c", "echo hello from $(hostname); while true; do sleep 5; done"]
+    resources:
+      limits: {{cpu: 200m, memory: 64Mi}}
+    command:
+    - sh
+    - -c
+    - |
+      echo hello from $(hostname)
+      echo cgroup: $(cat /proc/self/cgroup)
+      echo memory.max: $(cat /sys/fs/cgroup/memory.max)
+      echo cpu.max: $(cat /sys/fs/cgroup/cpu.max)
+      while true; do sleep 5; done
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: oom
+  namespace: default
+spec:
+  restartPolicy: Never
+  containers:
+  - name: oom
+    image: {image}
+    imagePullPolicy: Never
+    resources:
+      limits: {{cpu: 100m, memory: 32Mi}}
+    command: ["sh", "-c", "x=a; while true; do x=$x$x; done"]
 "#,
         image = "busybox:1.36"
     )
@@ -449,9 +477,29 @@ fn a_pxe_booted_vm_joins_and_runs_a_pod() -> Result<()> {
     // Its log, proxied by the API server from the agent in the VM.
     let log = env.wait_for("the pod's log", Duration::from_secs(30), |env| {
         let log = env.kubectl(&["logs", "hello", "-n", "default"])?;
-        Ok(log.contains("hello from").then_some(log))
+        Ok(log.contains("cpu.max:").then_some(log))
     })?;
     ensure!(log.contains("hello from hello"), "pod log: {log}");
+    // On this pure cgroup v2 host the container has its own cgroup namespace (its cgroup is
+    // the root it sees) and the limits of its spec.
+    for line in [
+        "cgroup: 0::/\n",
+        "memory.max: 67108864\n",
+        "cpu.max: 20000 100000\n",
+    ] {
+        ensure!(log.contains(line), "pod log lacks {line:?}: {log}");
+    }
+    // The memory limit holds: the kernel's OOM killer ends the container, reported as such.
+    let oom = env.wait_for("pod oom to fail", Duration::from_secs(120), |env| {
+        Ok(env
+            .get(&["pod", "oom", "-n", "default"])?
+            .filter(|p| p["status"]["phase"] == "Failed"))
+    })?;
+    let terminated = &oom["status"]["containerStatuses"][0]["state"]["terminated"];
+    ensure!(
+        terminated["reason"] == "OOMKilled" && terminated["exitCode"] == 137,
+        "pod oom ended otherwise: {terminated}"
+    );
     println!("whole join in {:.0?}", started.elapsed());
     Ok(())
 }
