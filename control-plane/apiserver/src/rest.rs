@@ -487,7 +487,14 @@ pub(crate) async fn write(
         .pointer("/metadata/finalizers")
         .and_then(Value::as_array)
         .is_some_and(|f| !f.is_empty());
-    if terminating && !finalizers_left {
+    // As in Kubernetes, a write finishes a deletion only once nothing holds it: no finalizers
+    // and no grace period left (a pod's agent writes status while it stops the containers,
+    // then deletes with grace 0).
+    let grace_left = new
+        .pointer("/metadata/deletionGracePeriodSeconds")
+        .and_then(Value::as_i64)
+        .is_some_and(|g| g > 0);
+    if terminating && !finalizers_left && !grace_left {
         let gone = api
             .store
             .delete(&t.key(), Some(expected))
