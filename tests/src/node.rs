@@ -333,11 +333,13 @@ impl NodeEnv {
             "2",
         ])
         // KEELSON_E2E_AGENT_LOG overrides the agent's log filter (e.g. the pod startup
-        // driver's timings at `keelson_agent::pods=debug`).
+        // driver's timings at `keelson_agent::pods=debug`). The memory checks log each
+        // measurement at debug (only agents started with `--eviction-hard` make them).
         .env(
             "RUST_LOG",
-            std::env::var("KEELSON_E2E_AGENT_LOG")
-                .unwrap_or_else(|_| "info,keelson_agent::logs=debug".to_owned()),
+            std::env::var("KEELSON_E2E_AGENT_LOG").unwrap_or_else(|_| {
+                "info,keelson_agent::logs=debug,keelson_agent::pods::sync::evict=debug".to_owned()
+            }),
         )
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)

@@ -96,6 +96,15 @@ impl PodManager {
         let available = capacity.saturating_sub(total);
         let threshold = cfg.threshold.bytes(capacity);
         let pressure = available < threshold;
+        tracing::debug!(
+            pods = candidates.len(),
+            working_set = total,
+            available,
+            threshold,
+            pressure,
+            evicting,
+            "memory check"
+        );
         observe_memory(pressure, cfg.transition);
         if !pressure || evicting {
             return;
