@@ -333,8 +333,8 @@ impl NodeEnv {
             "2",
         ])
         // KEELSON_E2E_AGENT_LOG overrides the agent's log filter (e.g. the pod startup
-        // driver's timings at `keelson_agent::pods=debug`). The memory checks log each
-        // measurement at debug (only agents started with `--eviction-hard` make them).
+        // driver's timings at `keelson_agent::pods=debug`). The memory-pressure checks
+        // log at debug when the pods' working set moves (what a missed eviction needs).
         .env(
             "RUST_LOG",
             std::env::var("KEELSON_E2E_AGENT_LOG").unwrap_or_else(|_| {

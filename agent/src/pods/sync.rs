@@ -191,6 +191,8 @@ pub struct PodManager {
     last_image_gc: Option<Instant>,
     eviction: Option<crate::node::eviction::EvictionConfig>,
     last_eviction_check: Option<Instant>,
+    /// The pods' working set and pressure the last logged memory check saw.
+    last_memory_logged: Option<(u64, bool)>,
     pods: HashMap<String, PodMem>,
     /// Wakes the sync loop: pod watch events, and supervisors whose container started or
     /// ended (so a container is reported Running without waiting for the resync).
@@ -371,6 +373,7 @@ impl PodManager {
             last_image_gc: None,
             eviction: None,
             last_eviction_check: None,
+            last_memory_logged: None,
             cfg,
             client,
             images,
