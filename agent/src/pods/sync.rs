@@ -146,6 +146,8 @@ struct PodMem {
     evicted: Option<String>,
     /// When this agent first synced the pod; cleared once it was reported Running.
     first_seen: Option<Instant>,
+    /// The pod's resourceVersion after this agent's last accepted status patch.
+    patched_version: Option<u64>,
 }
 
 /// A status patch computed by a pod's sync, sent with the others at the end of the round.
@@ -154,6 +156,24 @@ struct StatusPatch {
     namespace: String,
     name: String,
     status: Value,
+    /// The resourceVersion the status was computed from, sent as the patch's precondition.
+    version: Option<String>,
+}
+
+/// The resourceVersion to patch `pod` at: the watch's copy, or the one our own last patch
+/// returned if the watch has not caught up with it yet. A patch carrying it is refused
+/// (409) if anyone else changed the pod since, above all if it was deleted meanwhile: the
+/// API server ends a terminating pod on any write, and a status computed before the
+/// deletion must not end it before its containers were stopped.
+fn patch_version(pod: &Pod, patched: Option<u64>) -> Option<String> {
+    match (pod.metadata.resource_version.as_deref(), patched) {
+        (Some(seen), Some(ours)) => Some(match seen.parse::<u64>() {
+            Ok(seen) => seen.max(ours).to_string(),
+            Err(_) => seen.to_owned(),
+        }),
+        (Some(seen), None) => Some(seen.to_owned()),
+        (None, ours) => ours.map(|v| v.to_string()),
+    }
 }
 
 /// What one container contributes to the pod's status.
@@ -594,33 +614,45 @@ impl PodManager {
         let started = Instant::now();
         let count = patches.len();
         let client = self.client.clone();
-        let sent: Vec<(StatusPatch, bool)> = futures::stream::iter(patches)
+        let sent: Vec<(StatusPatch, Option<u64>)> = futures::stream::iter(patches)
             .map(|p| {
                 let api: Api<Pod> = Api::namespaced(client.clone(), &p.namespace);
                 async move {
-                    let result = api
-                        .patch_status(
-                            &p.name,
-                            &PatchParams::default(),
-                            &Patch::Merge(&json!({ "status": &p.status })),
-                        )
-                        .await;
-                    if let Err(e) = &result {
-                        tracing::warn!(pod = %p.name, error = %e, "status update");
+                    let mut body = json!({ "status": &p.status });
+                    if let Some(v) = &p.version {
+                        body["metadata"] = json!({ "resourceVersion": v });
                     }
-                    (p, result.is_ok())
+                    let result = api
+                        .patch_status(&p.name, &PatchParams::default(), &Patch::Merge(&body))
+                        .await;
+                    match &result {
+                        // Changed (or being deleted) since: the next round sees it and retries.
+                        Err(kube::Error::Api(s)) if s.code == 409 => {
+                            tracing::debug!(pod = %p.name, "status update: the pod changed meanwhile");
+                        }
+                        Err(e) => tracing::warn!(pod = %p.name, error = %e, "status update"),
+                        Ok(_) => {}
+                    }
+                    let version = result.ok().map(|pod| {
+                        pod.metadata
+                            .resource_version
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0)
+                    });
+                    (p, version)
                 }
             })
             .buffer_unordered(PATCH_CONCURRENCY)
             .collect()
             .await;
-        for (p, ok) in sent {
+        for (p, version) in sent {
             let Some(mem) = self.pods.get_mut(&p.uid) else {
                 continue;
             };
-            if !ok {
+            let Some(version) = version else {
                 continue;
-            }
+            };
+            mem.patched_version = Some(version).filter(|v| *v > 0);
             if p.status["phase"] == "Running"
                 && let Some(seen) = mem.first_seen.take()
             {
@@ -657,6 +689,7 @@ impl PodManager {
                 termed: HashSet::new(),
                 evicted: None,
                 first_seen: Some(Instant::now()),
+                patched_version: None,
             }
         })
     }
@@ -1302,11 +1335,13 @@ impl PodManager {
         if mem.last_status.as_ref() == Some(&status) {
             return;
         }
+        let version = patch_version(pod, mem.patched_version);
         self.patches.push(StatusPatch {
             uid: record.uid.clone(),
             namespace: record.namespace.clone(),
             name: record.name.clone(),
             status,
+            version,
         });
     }
 
@@ -1502,5 +1537,35 @@ impl PodManager {
             let _ = fs::remove_dir_all(self.cfg.layout.pod_logs(record));
         }
         tracing::info!(pod = %record.name, namespace = %record.namespace, "pod removed from the node");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod_at(version: Option<&str>) -> Pod {
+        let mut pod = Pod::default();
+        pod.metadata.resource_version = version.map(str::to_owned);
+        pod
+    }
+
+    #[test]
+    fn status_patches_name_the_newest_version_known() {
+        // The watch is behind our own last patch: ours.
+        assert_eq!(patch_version(&pod_at(Some("7")), Some(9)), Some("9".into()));
+        // Someone changed the pod after our patch (a deletion): theirs.
+        assert_eq!(
+            patch_version(&pod_at(Some("12")), Some(9)),
+            Some("12".into())
+        );
+        assert_eq!(patch_version(&pod_at(Some("5")), None), Some("5".into()));
+        assert_eq!(patch_version(&pod_at(None), Some(3)), Some("3".into()));
+        assert_eq!(patch_version(&pod_at(None), None), None);
+        // Not a number: sent as the watch has it.
+        assert_eq!(
+            patch_version(&pod_at(Some("x1")), Some(3)),
+            Some("x1".into())
+        );
     }
 }
