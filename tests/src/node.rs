@@ -332,7 +332,15 @@ impl NodeEnv {
             "--container-log-max-files",
             "2",
         ])
-        .env("RUST_LOG", "info,keelson_agent::logs=debug")
+        // KEELSON_E2E_AGENT_LOG overrides the agent's log filter (e.g. the pod startup
+        // driver's timings at `keelson_agent::pods=debug`). The memory-pressure checks
+        // log at debug when the pods' working set moves (what a missed eviction needs).
+        .env(
+            "RUST_LOG",
+            std::env::var("KEELSON_E2E_AGENT_LOG").unwrap_or_else(|_| {
+                "info,keelson_agent::logs=debug,keelson_agent::pods::sync::evict=debug".to_owned()
+            }),
+        )
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);

@@ -208,6 +208,51 @@ fn agent_image(node: &NodeEnv, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// What the memory controller says of the pod `uid` of `env`'s agent, and the state of every
+/// process in it (for a failed eviction: is the memory there, did the processes run?).
+fn pod_memory_report(env: &NodeEnv, uid: &str) -> String {
+    let Ok(root) = keelson_e2e::cgroup2_mount() else {
+        return "no cgroup2 mount".into();
+    };
+    let Ok(rel) = env.cgroup2_dir().strip_prefix(&root) else {
+        return "the node's cgroup is outside the cgroup2 mount".into();
+    };
+    let memory = Path::new("/sys/fs/cgroup/memory");
+    let (dir, usage_file) = if memory.is_dir() {
+        (memory.join(rel), "memory.usage_in_bytes")
+    } else {
+        (env.cgroup2_dir().to_owned(), "memory.current")
+    };
+    let dir = dir.join("pods").join(format!("pod{uid}"));
+    let usage = fs::read_to_string(dir.join(usage_file)).unwrap_or_else(|e| e.to_string());
+    let mut out = format!("{} {usage_file}={}", dir.display(), usage.trim());
+    let mut dirs = vec![dir];
+    while let Some(d) = dirs.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        dirs.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+        let procs = fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.split_whitespace() {
+            let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let fields: Vec<&str> = status
+                .lines()
+                .filter(|l| {
+                    ["Name:", "State:", "VmRSS:", "SigIgn:", "SigBlk:"]
+                        .iter()
+                        .any(|k| l.starts_with(k))
+                })
+                .collect();
+            let wchan = fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+            out += &format!(
+                "\n  {pid} {} wchan={wchan}",
+                fields.join(" ").replace('\t', " ")
+            );
+        }
+    }
+    out
+}
+
 #[test]
 fn registry_pulls_gc_attach_and_memory_eviction() -> Result<()> {
     require_root()?;
@@ -494,10 +539,17 @@ fn registry_pulls_gc_attach_and_memory_eviction() -> Result<()> {
         let log = std::fs::read_to_string(cp.dir().join("agent.log")).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(60).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
+        let pod = get_json(&cp, &["pod", "hog"]).ok();
+        let uid = pod
+            .as_ref()
+            .and_then(|p| p.pointer("/metadata/uid"))
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         format!(
-            "hog: {}\nagent log (end):\n{}",
-            get_json(&cp, &["pod", "hog"])
-                .map_or_else(|e| e.to_string(), |p| p["status"].to_string()),
+            "hog: {}\nits cgroup: {}\nagent log (end):\n{}",
+            pod.as_ref()
+                .map_or_else(|| "not found".to_owned(), |p| p["status"].to_string()),
+            pod_memory_report(&env, uid),
             tail.join("\n")
         )
     })?;

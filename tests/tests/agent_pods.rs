@@ -64,13 +64,13 @@ fn pods_manifest(node: &str) -> String {
         )
     };
     let mut m = String::new();
-    // A web server that prints what it sees, then turns ready, then unready again.
+    // A web server that prints what it sees; ready while /www/ready.html exists (the test
+    // makes and removes it through exec, not on a timer that a busy machine can outrun).
     m += &pod(
         "web",
         "",
         "    command: [sh, -c]\n    args:\n    - |\n      echo pid=$$ hostname=$(hostname)\n      \
          echo hello-from-web > /www/index.html\n      \
-         (sleep 3; touch /www/ready.html; sleep 5; rm /www/ready.html) &\n      \
          exec httpd -f -p 8080 -h /www\n    ports: [{containerPort: 8080, name: http}]\n    \
          readinessProbe:\n      httpGet: {path: /ready.html, port: http}\n      \
          periodSeconds: 1\n      failureThreshold: 1\n",
@@ -403,11 +403,17 @@ fn run(cp: &ControlPlane, env: &NodeEnv, agent: keelson_e2e::node::Agent) -> Res
     );
 
     // Readiness follows the probe: unready, ready once the file exists, unready again.
+    ensure!(
+        condition(&pod(cp, "web")?, "Ready").as_deref() == Some("False"),
+        "web Ready before its readiness file exists"
+    );
+    cp.kubectl(&["exec", "web", "--", "touch", "/www/ready.html"])?;
     wait_for("web Ready", t, || {
         Ok((condition(&pod(cp, "web")?, "Ready").as_deref() == Some("True")).then_some(()))
     })?;
     let p = pod(cp, "web")?;
     ensure!(container_status(&p)["ready"] == true);
+    cp.kubectl(&["exec", "web", "--", "rm", "/www/ready.html"])?;
     wait_for("web unready again", t, || {
         Ok((condition(&pod(cp, "web")?, "Ready").as_deref() == Some("False")).then_some(()))
     })?;

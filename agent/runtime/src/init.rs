@@ -246,6 +246,7 @@ fn setup(args: &InitArgs, sock: &mut UnixStream, ready_sent: &mut bool) -> Resul
             ..hook_state
         },
     )?;
+    crate::signal::reset_for_exec();
     let errno = match execve(&c_path, &c_argv, &c_env) {
         Ok(never) => match never {},
         Err(errno) => errno,
@@ -542,6 +543,7 @@ fn exec_process(args: &ExecArgs) -> Result<Infallible> {
     }
     chdir(process.cwd().as_path()).map_err(sys("chdir", process.cwd().display().to_string()))?;
     let (c_path, c_argv, c_env) = exec_args(process)?;
+    crate::signal::reset_for_exec();
     let errno = match execve(&c_path, &c_argv, &c_env) {
         Ok(never) => match never {},
         Err(errno) => errno,

@@ -64,6 +64,42 @@ pub fn block_forwarded() -> nix::Result<()> {
     )
 }
 
+/// Gives every signal its default disposition and unblocks all of them, as a process
+/// started by runc or crun finds them. Called in the container's init and exec helper just
+/// before `execve(2)`: a caught signal is reset by `execve` itself, but an ignored one stays
+/// ignored, and the processes the runtime is started from (a Rust supervisor, a shell in the
+/// background) ignore `SIGPIPE` or `SIGINT`/`SIGQUIT`. A container that inherited an ignored
+/// `SIGPIPE` sees `EPIPE` instead of dying, which changes what pipelines like `yes | head`
+/// do.
+pub fn reset_for_exec() {
+    // The kernel's `struct sigaction` all zero is SIG_DFL with no flags and an empty mask,
+    // whatever the architecture's field order; four words cover its size everywhere.
+    // The raw system call, because glibc's wrapper refuses the two real-time signals it keeps
+    // for itself, which a parent can still have left ignored.
+    let default = [0u64; 4];
+    for signo in 1..=libc::SIGRTMAX() {
+        if signo != libc::SIGKILL && signo != libc::SIGSTOP {
+            // SAFETY: rt_sigaction(2) reads a zeroed kernel sigaction of sufficient size; no
+            // old action is written. An unknown signal number fails harmlessly. Nothing in
+            // this process relies on a handler afterwards: it execs next.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    signo,
+                    default.as_ptr(),
+                    std::ptr::null_mut::<u64>(),
+                    std::mem::size_of::<u64>(),
+                );
+            }
+        }
+    }
+    let _ = nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&nix::sys::signal::SigSet::empty()),
+        None,
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1222,3 +1222,56 @@ fn pause_resume_and_update() {
     assert!(!fx.root.join(&id).exists());
     assert!(!fx.cgroup_dir("pids").exists(), "cgroup left behind");
 }
+
+/// The runtime is a Rust program (it ignores SIGPIPE), and may itself be started with SIGINT
+/// and SIGQUIT ignored (a background job of a shell): the container's processes, from `run` and
+/// from `exec`, start with every signal at its default and none blocked, as under runc/crun.
+/// With SIGPIPE ignored, `yes | head` would leave `yes` failing with EPIPE instead of dying.
+#[test]
+fn container_processes_start_with_default_signals() {
+    let check = "grep -E '^Sig(Ign|Blk)' /proc/self/status; \
+                 (yes; echo yes-exit=$? >&2) | head -c 2 >/dev/null";
+    let fx = Fixture::new("signals", &BundleOptions::sh(check));
+    let bundle = fx.bundle.to_string_lossy().into_owned();
+    let id = fx.id("run");
+    let mut cmd = fx.cmd();
+    cmd.args(["run", "--bundle", &bundle, &id]);
+    // SAFETY: signal(2) between fork and exec of the runtime only.
+    unsafe {
+        use std::os::unix::process::CommandExt as _;
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
+            libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let out = cmd.output().expect("run");
+    let (text, err) = (stdout(&out), stderr(&out));
+    assert!(out.status.success(), "run failed: {err}\n{text}");
+    assert!(text.contains("SigIgn:\t0000000000000000"), "{text}");
+    assert!(text.contains("SigBlk:\t0000000000000000"), "{text}");
+    // 128 + SIGPIPE: killed by the signal, not an EPIPE error.
+    assert!(err.contains("yes-exit=141"), "{err}");
+
+    fx.write_config(&BundleOptions::sh("while :; do sleep 0.05; done"));
+    let id = fx.id("exec");
+    let status = fx
+        .cmd()
+        .args(["run", "--detach", "--bundle", &bundle, &id])
+        // The detached container keeps what it inherits: no pipes here.
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run --detach");
+    assert!(status.success());
+    fx.wait_status(&id, "running", Duration::from_secs(5));
+    let out = fx.output(&["exec", &id, "sh", "-c", check]);
+    let (text, err) = (stdout(&out), stderr(&out));
+    assert!(out.status.success(), "exec failed: {err}\n{text}");
+    assert!(text.contains("SigIgn:\t0000000000000000"), "{text}");
+    assert!(text.contains("SigBlk:\t0000000000000000"), "{text}");
+    assert!(err.contains("yes-exit=141"), "{err}");
+    let _ = fx.output(&["kill", &id, "KILL"]);
+    fx.wait_status(&id, "stopped", Duration::from_secs(5));
+    assert!(fx.output(&["delete", &id]).status.success());
+}

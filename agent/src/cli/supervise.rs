@@ -31,6 +31,13 @@ pub struct SuperviseArgs {
     /// Log files kept, the current one included.
     #[arg(long, default_value_t = Limits::default().max_files)]
     log_max_files: usize,
+    /// Leave the caller's session first (so that the supervisor outlives the agent).
+    #[arg(long)]
+    detach: bool,
+    /// Standard output is a pipe that gets one byte once the container runs, and closes when
+    /// the supervisor ends; the supervisor's own stdout becomes /dev/null.
+    #[arg(long)]
+    started_on_stdout: bool,
 }
 
 impl SuperviseArgs {
@@ -40,6 +47,16 @@ impl SuperviseArgs {
     }
 
     pub fn run(self) -> anyhow::Result<()> {
+        if self.detach
+            && let Err(e) = nix::unistd::setsid()
+        {
+            tracing::warn!(error = %e, "leaving the agent's session");
+        }
+        let started = if self.started_on_stdout {
+            keelson_agent::pods::supervisor::take_stdout()
+        } else {
+            None
+        };
         let spec = SuperviseSpec {
             runtime_root: self.runtime_root,
             id: self.id,
@@ -50,6 +67,7 @@ impl SuperviseArgs {
                 max_files: self.log_max_files.max(1),
             },
             cgroup_path: self.cgroup_path,
+            started,
         };
         let code = supervise(&spec);
         tracing::info!(id = %spec.id, code, "container ended");

@@ -8,13 +8,14 @@
 //! open; attach writes the client's input into it. With `stdinOnce: true`, closing stdin on
 //! the client marks it closed and the process then reads end of input.
 //!
-//! No TTY: containers run on pipes, never on a terminal. Offering one would need the
-//! supervisor to create the container with a console socket, own the pseudo-terminal's master
-//! for the container's whole life, copy it into the log and relay attach input and resize
-//! messages to it (another FIFO); not done yet. A `tty=true` request gets the plain streams,
-//! as kubectl does itself for a container without `tty: true`.
+//! A container with `tty: true` runs on a pseudo-terminal whose master its supervisor keeps
+//! ([`crate::pods::console`]): the terminal's output is in the log (stdout), the stdin FIFO
+//! feeds the terminal, and resize messages go to the supervisor's resize FIFO as
+//! `<columns> <rows>` lines. A `tty=true` request to a container without a terminal gets the
+//! plain streams, as kubectl does itself for a container without `tty: true`.
 
 use std::io::{Read as _, Seek as _, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -25,8 +26,11 @@ use axum::response::{IntoResponse, Response};
 use tokio::io::AsyncWriteExt as _;
 
 use super::cri;
-use super::exec::{CLOSE, ExecQuery, PROTOCOLS, STDERR, STDIN, STDOUT, finish};
+use super::exec::{
+    CLOSE, ExecQuery, PROTOCOLS, RESIZE, STDERR, STDIN, STDOUT, finish, terminal_size,
+};
 use super::server::{ServerState, current_attempt};
+use crate::pods::console::RESIZE_FIFO;
 use crate::pods::layout::PodRecord;
 use crate::pods::status::{AttemptState, attempt_state};
 use crate::pods::supervisor::{EXIT_FILE, STDIN_CLOSED, STDIN_FIFO};
@@ -64,7 +68,8 @@ impl Tail {
             return out;
         };
         self.offset += end as u64 + 1;
-        for line in String::from_utf8_lossy(&buf[..=end]).lines() {
+        // Split on `\n` only: a terminal's lines end in `\r`, which the client needs.
+        for line in String::from_utf8_lossy(&buf[..end]).split('\n') {
             if let Some(e) = cri::parse_line(line) {
                 let mut bytes = e.content.as_bytes().to_vec();
                 if !e.partial {
@@ -126,6 +131,26 @@ pub async fn attach(
             }
         })
         .into_response()
+}
+
+/// Passes a resize message on to the supervisor of a container with a terminal.
+fn send_resize(adir: &std::path::Path, payload: &[u8]) {
+    let Some((columns, rows)) = terminal_size(payload) else {
+        return;
+    };
+    let fifo = adir.join(RESIZE_FIFO);
+    // Non-blocking: the supervisor holds the reading end; without it, there is no one to tell.
+    let sent = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .and_then(|mut f| {
+            use std::io::Write as _;
+            f.write_all(format!("{columns} {rows}\n").as_bytes())
+        });
+    if let Err(e) = sent {
+        tracing::debug!(fifo = %fifo.display(), error = %e, "passing on a resize");
+    }
 }
 
 async fn open_stdin(adir: &std::path::Path) -> Option<tokio::net::unix::pipe::Sender> {
@@ -192,6 +217,7 @@ async fn session(
                         stdin = None;
                         mark_closed();
                     }
+                    Some(&RESIZE) => send_resize(&adir, &data[1..]),
                     _ => {}
                 },
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
@@ -227,7 +253,8 @@ mod tests {
         write!(
             f,
             "2024-01-01T00:00:01Z stdout P par\n2024-01-01T00:00:01Z stdout F t\n\
-             2024-01-01T00:00:02Z stderr F oops\n2024-01-01T00:00:03Z stdout F half"
+             2024-01-01T00:00:02Z stderr F oops\n2024-01-01T00:00:02Z stdout F tty\r\n\
+             2024-01-01T00:00:03Z stdout F half"
         )
         .expect("write");
         let got = tail.read_new();
@@ -236,7 +263,8 @@ mod tests {
             [
                 ("stdout", b"par".to_vec()),
                 ("stdout", b"t\n".to_vec()),
-                ("stderr", b"oops\n".to_vec())
+                ("stderr", b"oops\n".to_vec()),
+                ("stdout", b"tty\r\n".to_vec())
             ]
         );
         // Rotated: a new, shorter file is read from its start.

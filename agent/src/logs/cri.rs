@@ -21,6 +21,18 @@ pub fn format_line(ts: &jiff::Timestamp, stream: &str, line: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Partial entries (`P`) for output that does not end its line yet, such as a terminal's
+/// prompt; `line` holds no `\n`.
+pub fn format_partial(ts: &jiff::Timestamp, stream: &str, line: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(line.len() + 48);
+    for chunk in line.chunks(MAX_LINE) {
+        out.extend_from_slice(format!("{ts} {stream} P ").as_bytes());
+        out.extend_from_slice(chunk);
+        out.push(b'\n');
+    }
+    out
+}
+
 /// One parsed entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry<'a> {

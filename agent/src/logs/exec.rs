@@ -30,7 +30,7 @@ pub(super) const STDIN: u8 = 0;
 pub(super) const STDOUT: u8 = 1;
 pub(super) const STDERR: u8 = 2;
 const ERROR: u8 = 3;
-const RESIZE: u8 = 4;
+pub(super) const RESIZE: u8 = 4;
 /// v5: `[CLOSE, channel]` closes a channel.
 pub(super) const CLOSE: u8 = 255;
 
@@ -255,20 +255,26 @@ fn receive_fd(conn: &std::os::unix::net::UnixStream) -> anyhow::Result<OwnedFd> 
     anyhow::bail!("the console socket carried no descriptor")
 }
 
-/// Applies a resize message (`{"Width": W, "Height": H}`) to the terminal.
-fn resize(terminal: &std::fs::File, payload: &[u8]) {
+/// The (columns, rows) of a resize message (`{"Width": W, "Height": H}`).
+pub(super) fn terminal_size(payload: &[u8]) -> Option<(u16, u16)> {
     #[derive(serde::Deserialize)]
     #[serde(rename_all = "PascalCase")]
     struct Size {
         width: u16,
         height: u16,
     }
-    let Ok(size) = serde_json::from_slice::<Size>(payload) else {
+    let size = serde_json::from_slice::<Size>(payload).ok()?;
+    Some((size.width, size.height))
+}
+
+/// Applies a resize message to the terminal.
+fn resize(terminal: &std::fs::File, payload: &[u8]) {
+    let Some((columns, rows)) = terminal_size(payload) else {
         return;
     };
     let ws = libc::winsize {
-        ws_row: size.height,
-        ws_col: size.width,
+        ws_row: rows,
+        ws_col: columns,
         ws_xpixel: 0,
         ws_ypixel: 0,
     };

@@ -197,8 +197,13 @@ async fn container_logs(
     };
     // Only complete entries; a half-written last line is picked up by follow.
     let complete = text.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1);
-    let body = String::from_utf8_lossy(&text[..complete]).into_owned();
-    let mut entries: VecDeque<&str> = body.lines().collect();
+    let body = String::from_utf8_lossy(&text[..complete.saturating_sub(1)]).into_owned();
+    // Split on `\n` only: a terminal's lines end in `\r`, which is part of their content.
+    let mut entries: VecDeque<&str> = if complete == 0 {
+        VecDeque::new()
+    } else {
+        body.split('\n').collect()
+    };
     if let Some(n) = q.tail_lines
         && n >= 0
     {
@@ -276,7 +281,7 @@ impl Follow {
             return out;
         };
         self.offset += end as u64 + 1;
-        for line in String::from_utf8_lossy(&buf[..=end]).lines() {
+        for line in String::from_utf8_lossy(&buf[..end]).split('\n') {
             render(line, self.timestamps, &mut out);
         }
         out

@@ -172,6 +172,8 @@ pub fn make_spec(
     }
     process.set_args(Some(args));
     process.set_env(Some(environment(container, image, pod)));
+    // `tty: true`: the supervisor takes the terminal's master through a console socket.
+    process.set_terminal(Some(container.tty == Some(true)));
     let cwd = container
         .working_dir
         .clone()

@@ -1,7 +1,11 @@
 //! Events about pods, as the kubelet reports them (`kubectl describe pod` shows them):
 //! Pulled, Created, Started, Killing, BackOff, Unhealthy, Failed. Posted as core/v1 Events
 //! in the pod's namespace in the background; a failed post is logged and dropped, never
-//! holding up the pod.
+//! holding up the pod. Only a few posts are in flight at once: a wave of starting pods makes
+//! three Events each, and a burst of them in front of the API server delayed the status
+//! patches that report the pods Running.
+
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::{Api, api::PostParams};
@@ -16,17 +20,26 @@ pub enum Kind {
     Warning,
 }
 
+/// Event posts in flight at once, per recorder.
+const IN_FLIGHT: usize = 2;
+
 /// Posts Events for the pods of one node.
 #[derive(Clone)]
 pub struct Recorder {
     client: kube::Client,
     node: String,
+    /// Bounds the posts in flight (first come, first posted).
+    posts: Arc<tokio::sync::Semaphore>,
 }
 
 impl Recorder {
     /// A recorder reporting as the kubelet of `node`.
     pub fn new(client: kube::Client, node: String) -> Self {
-        Recorder { client, node }
+        Recorder {
+            client,
+            node,
+            posts: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
+        }
     }
 
     /// Reports `reason: message` about `pod` (and its `container`, if given).
@@ -77,7 +90,11 @@ impl Recorder {
             }
         };
         let api: Api<Event> = Api::namespaced(self.client.clone(), &namespace);
+        let posts = Arc::clone(&self.posts);
         tokio::spawn(async move {
+            let Ok(_permit) = posts.acquire().await else {
+                return;
+            };
             if let Err(e) = api.create(&PostParams::default(), &event).await {
                 tracing::debug!(error = %e, "posting an event");
             }

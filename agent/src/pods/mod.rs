@@ -3,6 +3,7 @@
 //! back-off; deletion stops containers gracefully; status goes back through `pods/status`.
 
 pub mod bundle;
+pub mod console;
 pub mod events;
 pub mod layout;
 pub mod probe;

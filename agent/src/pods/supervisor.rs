@@ -16,12 +16,13 @@ use std::sync::{Arc, Mutex};
 use keelson_runtime::ContainerBuilder;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 
+use super::console::{self, ConsoleSocket, RESIZE_FIFO, TTY_FILE};
 use super::layout::{ExitRecord, now_rfc3339, write_json};
 use crate::logs::cri;
 use crate::logs::rotate::{Limits, RotatingLog};
 
 /// What a supervisor runs.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SuperviseSpec {
     /// The runtime's state root.
     pub runtime_root: PathBuf,
@@ -35,6 +36,25 @@ pub struct SuperviseSpec {
     pub log_limits: Limits,
     /// The container's cgroup path.
     pub cgroup_path: String,
+    /// Gets one byte once the container runs (the agent's wake-up); closed when we exit.
+    pub started: Option<OwnedFd>,
+}
+
+/// Moves what standard output is (the agent's start pipe) to a close-on-exec descriptor of
+/// its own, which the container does not inherit, and points standard output at /dev/null.
+pub fn take_stdout() -> Option<OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: duplicating our own standard output; the copy is owned by no one else.
+    let fd = unsafe { libc::fcntl(1, libc::F_DUPFD_CLOEXEC, 3) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: just made above.
+    let taken = unsafe { OwnedFd::from_raw_fd(fd) };
+    if let Ok(null) = File::options().write(true).open("/dev/null") {
+        dup2(null.as_raw_fd(), 1);
+    }
+    Some(taken)
 }
 
 /// Errors before the container runs (recorded as a start error).
@@ -83,9 +103,15 @@ pub const STDIN_CLOSED: &str = "stdin-closed";
 /// The container's end of the stdin FIFO (read) and the supervisor's (write), if the bundle
 /// has one.
 fn open_stdin(bundle: &Path) -> Result<Option<(OwnedFd, OwnedFd)>, SuperviseError> {
+    open_fifo(&bundle.join(STDIN_FIFO))
+}
+
+/// Both ends of the FIFO at `path`, if there is one: the reader's and a writer that keeps
+/// the reader from seeing end of input.
+fn open_fifo(path: &Path) -> Result<Option<(OwnedFd, OwnedFd)>, SuperviseError> {
     use nix::fcntl::{FcntlArg, OFlag, fcntl, open};
     use nix::sys::stat::Mode;
-    let path = bundle.join(STDIN_FIFO);
+    let path = path.to_owned();
     if !fs::symlink_metadata(&path).is_ok_and(|m| {
         use std::os::unix::fs::FileTypeExt as _;
         m.file_type().is_fifo()
@@ -217,6 +243,12 @@ fn run(spec: &SuperviseSpec) -> Result<ExitRecord, SuperviseError> {
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
     let stdin = open_stdin(&spec.bundle)?;
+    // `tty: true`: the runtime hands us the terminal's master through this socket.
+    let console = if spec.bundle.join(TTY_FILE).exists() {
+        Some(ConsoleSocket::bind().map_err(io_err("bind a console socket for", &spec.bundle))?)
+    } else {
+        None
+    };
     // The init inherits descriptors 0, 1 and 2: point them at the pipes (and the stdin FIFO)
     // while it is cloned.
     // SAFETY: duplicating our own standard descriptors.
@@ -230,7 +262,14 @@ fn run(spec: &SuperviseSpec) -> Result<ExitRecord, SuperviseError> {
     dup2(err_w.as_raw_fd(), 2);
     let built = ContainerBuilder::new(&spec.id, &spec.runtime_root)
         .with_bundle(&spec.bundle)
-        .and_then(|b| b.with_cgroup_path(&spec.cgroup_path).build());
+        .and_then(|b| {
+            let b = b.with_cgroup_path(&spec.cgroup_path);
+            match &console {
+                Some(c) => b.with_console_socket(c.path()),
+                None => b,
+            }
+            .build()
+        });
     dup2(saved_in, 0);
     dup2(saved_out, 1);
     dup2(saved_err, 2);
@@ -242,15 +281,54 @@ fn run(spec: &SuperviseSpec) -> Result<ExitRecord, SuperviseError> {
     }
     drop(out_w);
     drop(err_w);
-    // Only the container reads the FIFO; the supervisor keeps a writer.
-    let stdin_keeper = stdin.map(|(_, write)| write);
     let mut container = built?;
+    // With a terminal, the container's stdio is the terminal; the supervisor feeds it the
+    // stdin FIFO. Otherwise only the container reads the FIFO. The supervisor keeps a writer.
+    let terminal = match &console {
+        Some(c) => match c.receive_master() {
+            Ok(master) => Some(master),
+            Err(e) => {
+                let _ = container.delete(true);
+                return Err(io_err("receive the terminal on", c.path())(e));
+            }
+        },
+        None => None,
+    };
+    // The socket was only needed for the hand-over: remove it now, so that a supervisor
+    // killed later leaves no directory behind.
+    drop(console);
+    let stdin_keeper = match (stdin, &terminal) {
+        (Some((read, write)), Some(master)) => {
+            let master = master
+                .try_clone()
+                .map_err(io_err("clone the terminal of", &spec.bundle))?;
+            console::relay_input(read, master);
+            Some(write)
+        }
+        (stdin, _) => stdin.map(|(_, write)| write),
+    };
+    let _resize_keeper = match &terminal {
+        Some(master) => match open_fifo(&spec.bundle.join(RESIZE_FIFO))? {
+            Some((read, write)) => {
+                let master = master
+                    .try_clone()
+                    .map_err(io_err("clone the terminal of", &spec.bundle))?;
+                console::relay_resize(read, master);
+                Some(write)
+            }
+            None => None,
+        },
+        None => None,
+    };
     if let Err(e) = container.start() {
         let _ = container.delete(true);
         return Err(e.into());
     }
     let started_at = now_rfc3339();
     let _ = fs::write(spec.bundle.join(STARTED_FILE), &started_at);
+    if let Some(fd) = &spec.started {
+        let _ = nix::unistd::write(fd, b"s");
+    }
     // Held until the container ends, unless stdinOnce lets it go after the first attach.
     let _stdin_keeper = match stdin_keeper {
         Some(k) if spec.bundle.join(STDIN_ONCE).exists() => {
@@ -264,9 +342,15 @@ fn run(spec: &SuperviseSpec) -> Result<ExitRecord, SuperviseError> {
         let log = Arc::clone(&log);
         std::thread::spawn(move || copy_lines(pipe, stream, log))
     });
+    let terminal_done = terminal.map(|master| console::copy_output(master, Arc::clone(&log)));
     let code = container.wait()?;
     for c in copiers {
         let _ = c.join();
+    }
+    // The terminal's output ends when its last holder closes it; a process that left the
+    // container with it must not keep the exit from being recorded.
+    if let Some(done) = terminal_done {
+        let _ = done.recv_timeout(std::time::Duration::from_secs(2));
     }
     let oom = container
         .cgroup()

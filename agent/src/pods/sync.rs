@@ -144,6 +144,36 @@ struct PodMem {
     termed: HashSet<String>,
     /// The eviction message, once the pod was evicted.
     evicted: Option<String>,
+    /// When this agent first synced the pod; cleared once it was reported Running.
+    first_seen: Option<Instant>,
+    /// The pod's resourceVersion after this agent's last accepted status patch.
+    patched_version: Option<u64>,
+}
+
+/// A status patch computed by a pod's sync, sent with the others at the end of the round.
+struct StatusPatch {
+    uid: String,
+    namespace: String,
+    name: String,
+    status: Value,
+    /// The resourceVersion the status was computed from, sent as the patch's precondition.
+    version: Option<String>,
+}
+
+/// The resourceVersion to patch `pod` at: the watch's copy, or the one our own last patch
+/// returned if the watch has not caught up with it yet. A patch carrying it is refused
+/// (409) if anyone else changed the pod since, above all if it was deleted meanwhile: the
+/// API server ends a terminating pod on any write, and a status computed before the
+/// deletion must not end it before its containers were stopped.
+fn patch_version(pod: &Pod, patched: Option<u64>) -> Option<String> {
+    match (pod.metadata.resource_version.as_deref(), patched) {
+        (Some(seen), Some(ours)) => Some(match seen.parse::<u64>() {
+            Ok(seen) => seen.max(ours).to_string(),
+            Err(_) => seen.to_owned(),
+        }),
+        (Some(seen), None) => Some(seen.to_owned()),
+        (None, ours) => ours.map(|v| v.to_string()),
+    }
 }
 
 /// What one container contributes to the pod's status.
@@ -181,8 +211,18 @@ pub struct PodManager {
     last_image_gc: Option<Instant>,
     eviction: Option<crate::node::eviction::EvictionConfig>,
     last_eviction_check: Option<Instant>,
+    /// The pods' working set and pressure the last logged memory check saw.
+    last_memory_logged: Option<(u64, bool)>,
     pods: HashMap<String, PodMem>,
+    /// Wakes the sync loop: pod watch events, and supervisors whose container started or
+    /// ended (so a container is reported Running without waiting for the resync).
+    wake: Arc<tokio::sync::Notify>,
+    /// Status patches of the current round (see [`StatusPatch`]).
+    patches: Vec<StatusPatch>,
 }
+
+/// Status patches in flight at once: a round's patches go out together, not one per pod.
+const PATCH_CONCURRENCY: usize = 16;
 
 /// How often the image file system is checked against the GC thresholds.
 const IMAGE_GC_PERIOD: Duration = Duration::from_secs(30);
@@ -288,6 +328,56 @@ fn restart_wanted(policy: &str, code: i32) -> bool {
     }
 }
 
+/// Makes the pod's sandbox if it has none, and its network link if `needs_link` (hostNetwork
+/// pods share the node's network instead); returns the link it made.
+async fn make_sandbox(
+    cfg: PodManagerConfig,
+    record: PodRecord,
+    host_network: bool,
+    needs_link: bool,
+) -> (PodRecord, anyhow::Result<Option<PodLink>>) {
+    let result = async {
+        let started = Instant::now();
+        let ns = cfg.layout.pod(&record.uid).join("ns");
+        if !sandbox::exists(&ns) {
+            let (dir, name) = (ns.clone(), record.name.clone());
+            tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                sandbox::create(&dir, &name)?;
+                if host_network {
+                    share_node_netns(&dir.join("net"))?;
+                }
+                Ok(())
+            })
+            .await??;
+            tracing::debug!(pod = %record.name, ms = started.elapsed().as_millis() as u64, "sandbox made");
+        }
+        let Some(net) = cfg.network.as_ref().filter(|_| needs_link && !host_network) else {
+            return Ok(None);
+        };
+        let started = Instant::now();
+        let ip = net.ipam.allocate(&record.uid)?;
+        let veth = host_veth(&record.uid);
+        setup_pod_link(
+            &net.bridge,
+            &ns.join("net"),
+            &veth,
+            ip,
+            net.ipam.gateway(),
+            net.ipam.cidr(),
+        )
+        .await?;
+        let link = PodLink {
+            ip,
+            host_veth: veth,
+        };
+        write_json(&cfg.layout.pod(&record.uid).join("network.json"), &link)?;
+        tracing::info!(pod = %record.name, %ip, ms = started.elapsed().as_millis() as u64, "pod network ready");
+        Ok(Some(link))
+    }
+    .await;
+    (record, result)
+}
+
 impl PodManager {
     /// A manager for the node; the image store lives under the state dir.
     ///
@@ -303,10 +393,13 @@ impl PodManager {
             last_image_gc: None,
             eviction: None,
             last_eviction_check: None,
+            last_memory_logged: None,
             cfg,
             client,
             images,
             pods: HashMap::new(),
+            wake: Arc::new(tokio::sync::Notify::new()),
+            patches: Vec::new(),
         })
     }
 
@@ -377,11 +470,16 @@ impl PodManager {
         mut self,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<()> {
+        // Image references are parsed with a regular expression compiled on first use, which
+        // took over a second in a debug build: compile it now, not when the first pod comes.
+        tokio::task::spawn_blocking(|| {
+            let _ = crate::image::parse_reference("keelson.invalid/warm-up:1");
+        });
         let api: Api<Pod> = Api::all(self.client.clone());
         let (reader, writer) = reflector::store();
         let config =
             watcher::Config::default().fields(&format!("spec.nodeName={}", self.cfg.node_name));
-        let notify = Arc::new(tokio::sync::Notify::new());
+        let notify = Arc::clone(&self.wake);
         let n = Arc::clone(&notify);
         let watch = tokio::spawn(async move {
             let mut stream = reflector(writer, watcher(api, config))
@@ -403,7 +501,13 @@ impl PodManager {
         loop {
             let pods = reader.state();
             self.check_memory(&pods).await;
+            let round = Instant::now();
             self.sync_all(&pods).await;
+            tracing::debug!(
+                pods = pods.len(),
+                ms = round.elapsed().as_millis() as u64,
+                "sync round"
+            );
             self.image_gc(&pods).await;
             tokio::select! {
                 _ = notify.notified() => {}
@@ -416,6 +520,7 @@ impl PodManager {
     }
 
     async fn sync_all(&mut self, pods: &[Arc<Pod>]) {
+        self.prepare_sandboxes(pods).await;
         let mut seen = HashSet::new();
         for pod in pods {
             let Some(uid) = pod.uid() else { continue };
@@ -447,6 +552,123 @@ impl PodManager {
             }
         }
         self.pods.retain(|uid, _| seen.contains(uid));
+        self.send_patches().await;
+    }
+
+    /// Makes the sandboxes and pod network links of new pods all at once: namespaces and
+    /// veths are the slowest part of a pod's start, and pods of one wave need not wait for
+    /// each other. Failures are left to each pod's own sync, which retries and reports them.
+    async fn prepare_sandboxes(&mut self, pods: &[Arc<Pod>]) {
+        let mut jobs = Vec::new();
+        for pod in pods {
+            if pod.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let record = pod_record(pod);
+            if record.uid.is_empty() {
+                continue;
+            }
+            let host_network = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.host_network)
+                .unwrap_or(false);
+            let ns = self.cfg.layout.pod(&record.uid).join("ns");
+            let needs_link =
+                !host_network && self.cfg.network.is_some() && self.mem(&record).link.is_none();
+            if sandbox::exists(&ns) && !needs_link {
+                continue;
+            }
+            jobs.push(make_sandbox(
+                self.cfg.clone(),
+                record,
+                host_network,
+                needs_link,
+            ));
+        }
+        if jobs.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let count = jobs.len();
+        for (record, result) in futures::future::join_all(jobs).await {
+            match result {
+                Ok(Some(link)) => self.mem(&record).link = Some(link),
+                Ok(None) => {}
+                Err(e) => tracing::debug!(pod = %record.name, error = %e, "sandbox (retried)"),
+            }
+        }
+        tracing::debug!(
+            pods = count,
+            ms = started.elapsed().as_millis() as u64,
+            "sandboxes and links made"
+        );
+    }
+
+    /// Sends the round's status patches, several at a time.
+    async fn send_patches(&mut self) {
+        let patches = std::mem::take(&mut self.patches);
+        if patches.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let count = patches.len();
+        let client = self.client.clone();
+        let sent: Vec<(StatusPatch, Option<u64>)> = futures::stream::iter(patches)
+            .map(|p| {
+                let api: Api<Pod> = Api::namespaced(client.clone(), &p.namespace);
+                async move {
+                    let mut body = json!({ "status": &p.status });
+                    if let Some(v) = &p.version {
+                        body["metadata"] = json!({ "resourceVersion": v });
+                    }
+                    let result = api
+                        .patch_status(&p.name, &PatchParams::default(), &Patch::Merge(&body))
+                        .await;
+                    match &result {
+                        // Changed (or being deleted) since: the next round sees it and retries.
+                        Err(kube::Error::Api(s)) if s.code == 409 => {
+                            tracing::debug!(pod = %p.name, "status update: the pod changed meanwhile");
+                        }
+                        Err(e) => tracing::warn!(pod = %p.name, error = %e, "status update"),
+                        Ok(_) => {}
+                    }
+                    let version = result.ok().map(|pod| {
+                        pod.metadata
+                            .resource_version
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0)
+                    });
+                    (p, version)
+                }
+            })
+            .buffer_unordered(PATCH_CONCURRENCY)
+            .collect()
+            .await;
+        for (p, version) in sent {
+            let Some(mem) = self.pods.get_mut(&p.uid) else {
+                continue;
+            };
+            let Some(version) = version else {
+                continue;
+            };
+            mem.patched_version = Some(version).filter(|v| *v > 0);
+            if p.status["phase"] == "Running"
+                && let Some(seen) = mem.first_seen.take()
+            {
+                tracing::debug!(
+                    pod = %p.name,
+                    ms = seen.elapsed().as_millis() as u64,
+                    "pod reported Running"
+                );
+            }
+            mem.last_status = Some(p.status);
+        }
+        tracing::debug!(
+            patches = count,
+            ms = started.elapsed().as_millis() as u64,
+            "status patches sent"
+        );
     }
 
     fn mem(&mut self, record: &PodRecord) -> &mut PodMem {
@@ -466,6 +688,8 @@ impl PodManager {
                 kill_sent: false,
                 termed: HashSet::new(),
                 evicted: None,
+                first_seen: Some(Instant::now()),
+                patched_version: None,
             }
         })
     }
@@ -491,7 +715,9 @@ impl PodManager {
             .as_ref()
             .and_then(|s| s.host_network)
             .unwrap_or(false);
+        let started = Instant::now();
         let setup = self.ensure_sandbox(&record, host_network).await;
+        let sandbox_ms = started.elapsed().as_millis() as u64;
         if setup.is_ok() {
             self.sync_host_ports(pod, &record);
         }
@@ -527,7 +753,17 @@ impl PodManager {
             };
             views.push((c, view));
         }
+        let containers_ms = started.elapsed().as_millis() as u64 - sandbox_ms;
         self.post_status(pod, &record, &init_views, &views).await;
+        if fresh || started.elapsed() > Duration::from_millis(20) {
+            tracing::debug!(
+                pod = %record.name,
+                sandbox_ms,
+                containers_ms,
+                ms = started.elapsed().as_millis() as u64,
+                "pod synced"
+            );
+        }
         Ok(())
     }
 
@@ -537,39 +773,14 @@ impl PodManager {
         host_network: bool,
     ) -> anyhow::Result<()> {
         let ns = self.cfg.layout.pod(&record.uid).join("ns");
-        if !sandbox::exists(&ns) {
-            sandbox::create(&ns, &record.name)?;
-            if host_network {
-                share_node_netns(&ns.join("net"))?;
-            }
-        }
-        if host_network {
-            // The node's own network: no veth, no address of the pod CIDR.
+        let needs_link =
+            !host_network && self.cfg.network.is_some() && self.mem(record).link.is_none();
+        if sandbox::exists(&ns) && !needs_link {
             return Ok(());
         }
-        if let Some(net) = self.cfg.network.clone()
-            && self.mem(record).link.is_none()
-        {
-            let ip = net.ipam.allocate(&record.uid)?;
-            let veth = host_veth(&record.uid);
-            setup_pod_link(
-                &net.bridge,
-                &ns.join("net"),
-                &veth,
-                ip,
-                net.ipam.gateway(),
-                net.ipam.cidr(),
-            )
-            .await?;
-            let link = PodLink {
-                ip,
-                host_veth: veth,
-            };
-            write_json(
-                &self.cfg.layout.pod(&record.uid).join("network.json"),
-                &link,
-            )?;
-            tracing::info!(pod = %record.name, %ip, "pod network ready");
+        let (_, result) =
+            make_sandbox(self.cfg.clone(), record.clone(), host_network, needs_link).await;
+        if let Some(link) = result? {
             self.mem(record).link = Some(link);
         }
         Ok(())
@@ -816,7 +1027,14 @@ impl PodManager {
             }
             pulling::ImageReady::Failed(reason, message) => return Err((reason, message)),
         };
+        let started = Instant::now();
         let result = self.launch(pod, record, c, n).await;
+        tracing::debug!(
+            pod = %record.name,
+            container = %c.name,
+            ms = started.elapsed().as_millis() as u64,
+            "launched"
+        );
         let image = c.image.clone().unwrap_or_default();
         let events = self.events.clone();
         let mem = self
@@ -878,6 +1096,7 @@ impl PodManager {
         let image_ref = c.image.clone().unwrap_or_default();
         let images = self.images.clone();
         let r = image_ref.clone();
+        let started = Instant::now();
         let image = match tokio::task::spawn_blocking(move || images.resolve(&r)).await {
             Ok(Ok(image)) => image,
             Ok(Err(e)) => {
@@ -896,6 +1115,7 @@ impl PodManager {
             }
             Err(e) => return Err(("ErrImagePull".to_owned(), e.to_string())),
         };
+        let resolve_ms = started.elapsed().as_millis() as u64;
         let sandbox = self.cfg.layout.pod(&record.uid).join("ns");
         let volumes =
             super::volumes::prepare(&self.client, pod, &self.cfg.layout.volumes(&record.uid))
@@ -928,11 +1148,21 @@ impl PodManager {
                 fs::write(adir.join(super::supervisor::STDIN_ONCE), b"").map_err(io)?;
             }
         }
+        if c.tty == Some(true) {
+            // The supervisor keeps the terminal; attach sends window sizes through the FIFO.
+            fs::write(adir.join(super::console::TTY_FILE), b"").map_err(io)?;
+            let fifo = adir.join(super::console::RESIZE_FIFO);
+            if !fifo.exists() {
+                nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+                    .map_err(|e| io(e.into()))?;
+            }
+        }
         fs::write(
             adir.join("image"),
             format!("{}\n{}", image_ref, image.digest),
         )
         .map_err(io)?;
+        let bundle_ms = started.elapsed().as_millis() as u64 - resolve_ms;
         let id = container_id(&record.uid, &c.name, n);
         let log = self.cfg.layout.log_file(record, &c.name, n);
         let cgroup = format!(
@@ -955,19 +1185,53 @@ impl PodManager {
             .arg(self.cfg.log_limits.max_size.to_string())
             .arg("--log-max-files")
             .arg(self.cfg.log_limits.max_files.to_string())
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
+            .arg("--detach")
+            .arg("--started-on-stdout");
+        // The supervisor writes into this pipe (its stdout) once the container runs, and it
+        // closes when the supervisor ends: the sync loop wakes then, not at its next resync.
+        let (started_r, started_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+                .map_err(|e| io(e.into()))?;
+        // No pre_exec hook (the supervisor leaves our session itself): the standard library
+        // then spawns with posix_spawn instead of forking the whole agent, which cost tens of
+        // milliseconds per container while a wave of pods starts.
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::from(started_w))
             .stderr(std::process::Stdio::null());
-        // SAFETY: setsid is async-signal-safe; the supervisor leaves the agent's session so
-        // that it outlives the agent.
-        unsafe {
-            cmd.pre_exec(|| {
-                nix::unistd::setsid()
-                    .map(drop)
-                    .map_err(std::io::Error::from)
-            });
+        let launched = Instant::now();
+        let spawned = cmd.spawn();
+        // The command holds our copy of the pipe's write end: drop it, so only the
+        // supervisor's copy keeps the pipe open.
+        drop(cmd);
+        let mut child = spawned.map_err(io)?;
+        tracing::debug!(
+            pod = %record.name,
+            container = %c.name,
+            resolve_ms,
+            bundle_ms,
+            spawn_ms = launched.elapsed().as_millis() as u64,
+            "supervisor spawned"
+        );
+        let wake = Arc::clone(&self.wake);
+        let (pod_name, container) = (record.name.clone(), c.name.clone());
+        match tokio::net::unix::pipe::Receiver::from_owned_fd(started_r) {
+            Ok(mut started) => {
+                let wake = Arc::clone(&wake);
+                tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt as _;
+                    let mut byte = [0u8; 1];
+                    let _ = started.read(&mut byte).await;
+                    tracing::debug!(
+                        pod = %pod_name,
+                        container = %container,
+                        ms = launched.elapsed().as_millis() as u64,
+                        "supervisor: container started"
+                    );
+                    wake.notify_one();
+                });
+            }
+            Err(e) => tracing::debug!(error = %e, "supervisor start pipe"),
         }
-        let mut child = cmd.spawn().map_err(io)?;
         let pid = child.id().unwrap_or(0);
         let start = keelson_runtime::state::proc_start_time(pid as i32).map_or(0, |(s, _)| s);
         write_json(&adir.join(PID_FILE), &(pid, start)).map_err(io)?;
@@ -977,6 +1241,8 @@ impl PodManager {
             {
                 tracing::debug!(pid, sig, "supervisor killed");
             }
+            // The attempt is over: report it (and restart it) without waiting for the resync.
+            wake.notify_one();
         });
         // Keep the previous attempt (lastState, previous logs); drop older ones.
         if n >= 2 {
@@ -1069,18 +1335,14 @@ impl PodManager {
         if mem.last_status.as_ref() == Some(&status) {
             return;
         }
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), &record.namespace);
-        match api
-            .patch_status(
-                &record.name,
-                &PatchParams::default(),
-                &Patch::Merge(&json!({ "status": status })),
-            )
-            .await
-        {
-            Ok(_) => self.mem(record).last_status = Some(status),
-            Err(e) => tracing::warn!(pod = %record.name, error = %e, "status update"),
-        }
+        let version = patch_version(pod, mem.patched_version);
+        self.patches.push(StatusPatch {
+            uid: record.uid.clone(),
+            namespace: record.namespace.clone(),
+            name: record.name.clone(),
+            status,
+            version,
+        });
     }
 
     /// The `containerStatuses` (or `initContainerStatuses`) entries of `views`.
@@ -1275,5 +1537,35 @@ impl PodManager {
             let _ = fs::remove_dir_all(self.cfg.layout.pod_logs(record));
         }
         tracing::info!(pod = %record.name, namespace = %record.namespace, "pod removed from the node");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod_at(version: Option<&str>) -> Pod {
+        let mut pod = Pod::default();
+        pod.metadata.resource_version = version.map(str::to_owned);
+        pod
+    }
+
+    #[test]
+    fn status_patches_name_the_newest_version_known() {
+        // The watch is behind our own last patch: ours.
+        assert_eq!(patch_version(&pod_at(Some("7")), Some(9)), Some("9".into()));
+        // Someone changed the pod after our patch (a deletion): theirs.
+        assert_eq!(
+            patch_version(&pod_at(Some("12")), Some(9)),
+            Some("12".into())
+        );
+        assert_eq!(patch_version(&pod_at(Some("5")), None), Some("5".into()));
+        assert_eq!(patch_version(&pod_at(None), Some(3)), Some("3".into()));
+        assert_eq!(patch_version(&pod_at(None), None), None);
+        // Not a number: sent as the watch has it.
+        assert_eq!(
+            patch_version(&pod_at(Some("x1")), Some(3)),
+            Some("x1".into())
+        );
     }
 }

@@ -96,6 +96,23 @@ impl PodManager {
         let available = capacity.saturating_sub(total);
         let threshold = cfg.threshold.bytes(capacity);
         let pressure = available < threshold;
+        // Logged when the pods' working set moved by a MiB or more, or pressure changed: the
+        // trail that shows whether a pod's memory was seen at all.
+        let moved = self
+            .last_memory_logged
+            .is_none_or(|(ws, p)| p != pressure || ws.abs_diff(total) >= 1 << 20);
+        if moved {
+            self.last_memory_logged = Some((total, pressure));
+            tracing::debug!(
+                pods = candidates.len(),
+                working_set = total,
+                available,
+                threshold,
+                pressure,
+                evicting,
+                "memory check"
+            );
+        }
         observe_memory(pressure, cfg.transition);
         if !pressure || evicting {
             return;
