@@ -458,6 +458,11 @@ fn scale_from_zero(c: &Cluster) -> Result<()> {
     wait_for_exactly(c, 1, addr, &names, 6)?;
 
     c.kubectl(&["scale", "deployment/scale", "--replicas=0"])?;
+    // While they stop (grace period), the pods are terminating endpoints that may still serve
+    // new connections when nothing else does; once they are gone every connect is refused.
+    c.lab.eventually("the scaled-down pods to be gone", T, || {
+        Ok(c.pod_names("app=scale")?.is_empty().then_some(()))
+    })?;
     wait_refused(c, 1, addr)?;
     Ok(())
 }
