@@ -269,17 +269,9 @@ pub(super) fn terminal_size(payload: &[u8]) -> Option<(u16, u16)> {
 
 /// Applies a resize message to the terminal.
 fn resize(terminal: &std::fs::File, payload: &[u8]) {
-    let Some((columns, rows)) = terminal_size(payload) else {
-        return;
-    };
-    let ws = libc::winsize {
-        ws_row: rows,
-        ws_col: columns,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer; the fd is our open master.
-    unsafe { libc::ioctl(terminal.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    if let Some((columns, rows)) = terminal_size(payload) {
+        crate::pods::console::set_size(terminal, columns, rows);
+    }
 }
 
 async fn session(

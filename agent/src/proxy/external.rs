@@ -281,16 +281,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn local_addresses_are_shared_between_services_and_pruned() {
-        let mut main = table();
-        let mut ext: Fake = ExternalFrontends::new(
+    /// External frontends with the tc path's (fake) maps.
+    fn with_packet_path() -> Fake {
+        ExternalFrontends::new(
             NodeAddrs::default(),
             Some(PacketMaps {
                 table: table(),
                 local: HashMap::new(),
             }),
-        );
+        )
+    }
+
+    #[test]
+    fn local_addresses_are_shared_between_services_and_pruned() {
+        let mut main = table();
+        let mut ext = with_packet_path();
         let a: Key = ("default".into(), "a".into());
         let b: Key = ("default".into(), "b".into());
         let pod = u32::from("10.244.0.2".parse::<Ipv4Addr>().unwrap()).to_be();
@@ -344,13 +349,7 @@ mod tests {
     #[test]
     fn the_packet_path_takes_the_services_selection_options() {
         let mut main = table();
-        let mut ext: Fake = ExternalFrontends::new(
-            NodeAddrs::default(),
-            Some(PacketMaps {
-                table: table(),
-                local: HashMap::new(),
-            }),
-        );
+        let mut ext = with_packet_path();
         let key: Key = ("default".into(), "sticky".into());
         let options = lb::ServiceOptions {
             algorithm: lb::Algorithm::Maglev,

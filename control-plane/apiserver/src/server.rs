@@ -107,18 +107,12 @@ pub struct Started {
     api: Arc<Api>,
     listener: tokio::net::TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    url: String,
 }
 
 impl Started {
     /// The API, e.g. for [`Api::local_client`].
     pub fn api(&self) -> &Arc<Api> {
         &self.api
-    }
-
-    /// The URL clients reach it at.
-    pub fn url(&self) -> &str {
-        &self.url
     }
 
     /// Serves HTTPS until `shutdown` completes.
@@ -198,12 +192,7 @@ pub async fn start(store: Arc<dyn Storage>, opts: ServeOptions) -> Result<Starte
         }
     }
     tracing::info!(%server_url, kubeconfig = %opts.admin_kubeconfig.display(), "serving the Kubernetes API");
-    Ok(Started {
-        api,
-        listener,
-        tls,
-        url: server_url,
-    })
+    Ok(Started { api, listener, tls })
 }
 
 /// Writes a kubeconfig for the cluster admin (`system:masters`), readable by its owner only.

@@ -182,18 +182,16 @@ fn translate(
 ) -> ApiResult<Option<(&'static str, Value)>> {
     let matches = |o: &Value| labels.matches(o) && fields.matches(o);
     let current = object::decode(r, &event.current)?;
-    // Without selectors the previous state matched if there was one: no need to parse it.
-    let everything = labels.is_empty() && fields.is_empty();
-    let previous = match &event.previous {
-        Some(_) if everything => Some(Value::Null),
-        Some(p) => Some(object::decode(r, p)?),
-        None => None,
+    // Whether the watcher saw the object before. Without selectors it did if there was a
+    // previous state: no need to parse it.
+    let was = match &event.previous {
+        None => false,
+        Some(_) if labels.is_empty() && fields.is_empty() => true,
+        Some(p) => matches(&object::decode(r, p)?),
     };
-    let was = previous.as_ref().is_some_and(|p| everything || matches(p));
     Ok(match event.kind {
         EventKind::Delete => was.then_some(("DELETED", current)),
         EventKind::Put => match (was, matches(&current)) {
-            (_, true) if previous.is_none() => Some(("ADDED", current)),
             (true, true) => Some(("MODIFIED", current)),
             (false, true) => Some(("ADDED", current)),
             (true, false) => {
