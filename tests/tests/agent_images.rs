@@ -525,7 +525,9 @@ fn registry_pulls_gc_attach_and_memory_eviction() -> Result<()> {
     );
     m += &pod_yaml(&node, "hog", &img("test/busybox:1"), "", "").replace(
         "command: [sleep, '3600']",
-        "command: [sh, -c, 'x=$(yes | head -c 90000000); echo filled; sleep 3600']",
+        // The shell must stay to hold the variable: a plain final `sleep` would be exec'd in
+        // its place (busybox sh does so), freeing the 90 MB the moment they were filled.
+        "command: [sh, -c, 'x=$(yes | head -c 90000000); echo filled; while sleep 3600; do :; done']",
     );
     cp.apply(&m)?;
     wait_running(&cp, "guaranteed", t)?;
