@@ -336,27 +336,49 @@ impl ReplicaSets {
     }
 }
 
-/// The pods to delete first: unscheduled, then pending, then not ready, then the most
-/// recently ready, then the youngest.
+/// The pods to delete first, in Kubernetes' order: unscheduled, then pending, then not
+/// ready, then the lowest `controller.kubernetes.io/pod-deletion-cost`, then those sharing
+/// their node with more of the set's pods (so that scaling down keeps the set spread), then
+/// the most recently ready, then the youngest.
 fn pick_victims<'a>(active: &[&'a Arc<Pod>], n: usize) -> Vec<&'a Arc<Pod>> {
     let phase_rank = |p: &Pod| match p.status.as_ref().and_then(|s| s.phase.as_deref()) {
         Some("Pending") | None => 0,
         Some("Running") => 2,
         _ => 1,
     };
+    let mut on_node: HashMap<&str, usize> = HashMap::new();
+    for p in active {
+        if let Some(node) = util::pod_node(p) {
+            *on_node.entry(node).or_default() += 1;
+        }
+    }
     let mut ranked: Vec<&'a Arc<Pod>> = active.to_vec();
     ranked.sort_by_key(|p| {
         let ready_since = util::pod_ready_since(p).flatten().map(|t| t.0);
+        let co_located = util::pod_node(p).map_or(0, |n| on_node.get(n).copied().unwrap_or(0));
         (
             util::pod_node(p).is_some(),
             phase_rank(p),
             util::pod_ready(p),
+            deletion_cost(p),
+            Reverse(co_located),
             Reverse(ready_since),
             Reverse(p.metadata.creation_timestamp.as_ref().map(|t| t.0)),
         )
     });
     ranked.truncate(n);
     ranked
+}
+
+/// The pod's `controller.kubernetes.io/pod-deletion-cost` (0 when absent or not an int32, as
+/// Kubernetes treats it).
+fn deletion_cost(pod: &Pod) -> i32 {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("controller.kubernetes.io/pod-deletion-cost"))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -389,5 +411,31 @@ mod tests {
             .filter_map(|p| p.metadata.name.clone())
             .collect();
         assert_eq!(names, ["pending", "unready"]);
+    }
+
+    #[test]
+    fn doubled_up_and_cheap_pods_go_before_others() {
+        let (a, b, c, d) = (
+            pod("alone", Some("n1"), true),
+            pod("shared-1", Some("n2"), true),
+            pod("shared-2", Some("n2"), true),
+            pod("cheap", Some("n3"), true),
+        );
+        let mut cheap = (*d).clone();
+        cheap.metadata.annotations = Some(
+            [(
+                "controller.kubernetes.io/pod-deletion-cost".to_owned(),
+                "-5".to_owned(),
+            )]
+            .into(),
+        );
+        let d = Arc::new(cheap);
+        let active = vec![&a, &b, &c, &d];
+        let names: Vec<_> = pick_victims(&active, 2)
+            .iter()
+            .filter_map(|p| p.metadata.name.clone())
+            .collect();
+        assert_eq!(names[0], "cheap");
+        assert!(names[1].starts_with("shared-"), "{names:?}");
     }
 }

@@ -86,6 +86,57 @@ async fn rolled_out(client: &Client, name: &str, replicas: i32) {
     .await;
 }
 
+/// Where the pods went and why, for a failed placement assertion: every pod's node, every
+/// node's taints and the events of the test's namespace and of its nodes.
+async fn scheduling_report(client: &Client) -> String {
+    let mut out = String::new();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    for p in pods
+        .list(&ListParams::default())
+        .await
+        .into_iter()
+        .flatten()
+    {
+        let spec = p.spec.unwrap_or_default();
+        out += &format!(
+            "pod {} node={:?} deleting={}\n",
+            p.metadata.name.unwrap_or_default(),
+            spec.node_name,
+            p.metadata.deletion_timestamp.is_some()
+        );
+    }
+    let nodes: Api<Node> = Api::all(client.clone());
+    for n in nodes
+        .list(&ListParams::default())
+        .await
+        .into_iter()
+        .flatten()
+    {
+        let taints = n.spec.and_then(|s| s.taints).unwrap_or_default();
+        out += &format!(
+            "node {} taints={:?}\n",
+            n.metadata.name.unwrap_or_default(),
+            taints.iter().map(|t| &t.key).collect::<Vec<_>>()
+        );
+    }
+    let events: Api<Event> = Api::all(client.clone());
+    for e in events
+        .list(&ListParams::default())
+        .await
+        .into_iter()
+        .flatten()
+    {
+        out += &format!(
+            "event {} {} {}: {}\n",
+            e.involved_object.kind.unwrap_or_default(),
+            e.involved_object.name.unwrap_or_default(),
+            e.reason.unwrap_or_default(),
+            e.message.unwrap_or_default()
+        );
+    }
+    out
+}
+
 async fn scale(client: &Client, name: &str, replicas: i32) {
     let api: Api<Deployment> = Api::namespaced(client.clone(), "default");
     api.patch(
@@ -114,11 +165,13 @@ async fn deployment_scales_up_and_down_spread_over_nodes() {
         .iter()
         .filter_map(|p| p.spec.as_ref().and_then(|s| s.node_name.clone()))
         .collect();
-    assert_eq!(
-        nodes.len(),
-        3,
-        "three pods of one owner land on three nodes"
-    );
+    if nodes.len() != 3 {
+        panic!(
+            "three pods of one owner land on three nodes, not {}:\n{}",
+            nodes.len(),
+            scheduling_report(&c.client).await
+        );
+    }
     for p in &pods {
         let owner = p
             .metadata

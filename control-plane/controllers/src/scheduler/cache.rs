@@ -154,6 +154,8 @@ impl PodReq {
 struct Placed {
     node: String,
     req: PodReq,
+    /// Placed by this scheduler, its binding not yet seen in a watch event.
+    assumed: bool,
 }
 
 /// One node and the sums of what its pods request.
@@ -347,12 +349,23 @@ impl Cache {
         }
     }
 
-    /// Accounts a pod to `node` (replacing an earlier account of the same pod); true if it
-    /// was not accounted there yet.
+    /// Accounts a pod whose binding to `node` was seen (replacing an earlier account of the
+    /// same pod); true if it was not accounted there yet.
     pub fn add_pod(&mut self, key: Key, node: &str, req: PodReq) -> bool {
-        if let Some(old) = self.pods.get(&key)
+        self.account(key, node, req, false)
+    }
+
+    /// Accounts a pod the scheduler has just placed on `node`, before its binding is
+    /// written; true if it was not accounted there yet.
+    pub fn assume_pod(&mut self, key: Key, node: &str, req: PodReq) -> bool {
+        self.account(key, node, req, true)
+    }
+
+    fn account(&mut self, key: Key, node: &str, req: PodReq, assumed: bool) -> bool {
+        if let Some(old) = self.pods.get_mut(&key)
             && old.node == node
         {
+            old.assumed &= assumed;
             return false;
         }
         self.remove_pod(&key);
@@ -369,6 +382,7 @@ impl Cache {
             Placed {
                 node: node.to_owned(),
                 req,
+                assumed,
             },
         );
         true
@@ -395,9 +409,16 @@ impl Cache {
         self.pods.contains_key(key)
     }
 
-    /// Forgets everything.
-    pub fn clear_pods(&mut self) {
-        let keys: Vec<Key> = self.pods.keys().cloned().collect();
+    /// Forgets every pod except assumed ones that `still_pending` says are still waiting
+    /// for their binding: a relisted watch shows those unbound (or not yet at all), and
+    /// forgetting them would let the next decisions ignore pods that are about to land.
+    pub fn clear_pods(&mut self, still_pending: impl Fn(&Key) -> bool) {
+        let keys: Vec<Key> = self
+            .pods
+            .iter()
+            .filter(|(k, p)| !(p.assumed && still_pending(k)))
+            .map(|(k, _)| k.clone())
+            .collect();
         for k in keys {
             self.remove_pod(&k);
         }
@@ -446,5 +467,36 @@ mod tests {
         assert_eq!(c.placed().count(), 1);
         c.remove_pod(&key);
         assert_eq!(c.anti_affinity_pods().count(), 0);
+    }
+
+    #[test]
+    fn a_relist_keeps_pods_still_waiting_for_their_binding() {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "default",
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                    "name": "rs", "uid": "rs-uid", "controller": true}]},
+            "spec": {"containers": []},
+        }))
+        .expect("pod");
+        let mut c = Cache::default();
+        let (bound, binding, gone) = (
+            Key::new("default", "bound"),
+            Key::new("default", "binding"),
+            Key::new("default", "gone"),
+        );
+        c.add_pod(bound.clone(), "a", PodReq::of(&pod));
+        c.assume_pod(binding.clone(), "a", PodReq::of(&pod));
+        c.assume_pod(gone.clone(), "a", PodReq::of(&pod));
+        // The relisted store still shows `binding` unbound; `gone` is no longer there.
+        c.clear_pods(|k| *k == binding);
+        assert!(c.has_pod(&binding));
+        assert!(!c.has_pod(&bound) && !c.has_pod(&gone));
+        assert_eq!(c.nodes[0].owners.get("rs-uid"), Some(&1));
+        // Once its binding is seen the pod is no longer assumed and a relist forgets it
+        // (to be accounted again from the listed object).
+        c.add_pod(binding.clone(), "a", PodReq::of(&pod));
+        c.clear_pods(|_| true);
+        assert!(!c.has_pod(&binding));
+        assert_eq!(c.placed().count(), 0);
     }
 }

@@ -13,7 +13,7 @@ pub(crate) mod queue;
 mod topology;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     sync::{Arc, Mutex, atomic::AtomicBool},
     time::Duration,
 };
@@ -44,8 +44,20 @@ struct State {
 
 impl State {
     /// Accounts a pod to a node, waking pods that wait for placements.
+    /// Accounts a pod seen bound to `node`.
     fn place(&mut self, key: Key, node: &str, req: PodReq) {
-        if self.cache.add_pod(key, node, req) && self.waiting_for_pods {
+        let added = self.cache.add_pod(key, node, req);
+        self.placed(added);
+    }
+
+    /// Accounts a pod this scheduler decided to bind to `node`.
+    fn assume(&mut self, key: Key, node: &str, req: PodReq) {
+        let added = self.cache.assume_pod(key, node, req);
+        self.placed(added);
+    }
+
+    fn placed(&mut self, added: bool) {
+        if added && self.waiting_for_pods {
             self.waiting_for_pods = false;
             self.queue.cluster_changed();
         }
@@ -115,8 +127,14 @@ impl Scheduler {
                         }
                     }
                     Change::Relisted => {
-                        s.cache.clear_pods();
-                        for p in store.state() {
+                        let pods = store.state();
+                        let unbound: HashSet<Key> = pods
+                            .iter()
+                            .filter(|p| util::pod_node(p).is_none())
+                            .map(|p| Key::of(p.as_ref()))
+                            .collect();
+                        s.cache.clear_pods(|k| unbound.contains(k));
+                        for p in pods {
                             on_pod(&mut s, &p, &name);
                         }
                         s.queue.cluster_changed();
@@ -373,7 +391,7 @@ fn decide(s: &mut State, pod: Arc<Pod>) -> Decision {
         }
     }
     let node = s.cache.nodes[best.0].name.clone();
-    s.place(key, &node, req);
+    s.assume(key, &node, req);
     Decision::Bind(pod, node)
 }
 
