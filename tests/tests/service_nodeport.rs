@@ -13,7 +13,8 @@
 //!   source address and port) to the same backend; `sessionAffinity: ClientIP` keeps a
 //!   client on one backend over many connections (the random Service above spreads them);
 //!   the proxies' `/metrics` count packets and new flows per frontend, and drops on a node
-//!   without a local endpoint under `externalTrafficPolicy: Local`;
+//!   without a local endpoint under `externalTrafficPolicy: Local`; a Local LoadBalancer's
+//!   `healthCheckNodePort` answers 200 on the node with its endpoint and 503 on the other;
 //! - `keelson-agent lb dump` shows the NodePort frontends, their counters and tracked flows;
 //! - a flow through a node survives a `kill -9` and restart of its proxy, and an upgrade
 //!   from tc links of an older version (replaced, not kept); `lb detach` removes the tc
@@ -57,6 +58,8 @@ const NODE_PORT_STICKY: u16 = 30940;
 /// `np-sticky`'s affinity timeout: long enough for a burst of connections on a busy machine.
 const STICKY_TIMEOUT_SECS: u32 = 8;
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+/// The health-check node port of np-one (a LoadBalancer with the Local policy).
+const HEALTH_PORT_ONE: u16 = 30919;
 /// Each proxy's metrics endpoint, on the loopback of its node's namespace.
 const METRICS: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9464);
 /// Source ports of the client flows sent through both nodes to the Maglev Service.
@@ -105,8 +108,9 @@ apiVersion: v1
 kind: Service
 metadata: {{name: np-one, namespace: default}}
 spec:
-  type: NodePort
+  type: LoadBalancer
   externalTrafficPolicy: Local
+  healthCheckNodePort: {HEALTH_PORT_ONE}
   selector: {{app: np, np-one: "yes"}}
   ports: [{{name: tcp, port: {TCP_PORT}, targetPort: {TCP_PORT}, nodePort: {NODE_PORT_ONE}}}]
 ---
@@ -353,18 +357,24 @@ fn ns_file(netns: &Netns) -> Result<std::fs::File> {
     })
 }
 
-/// The value of counter `name` on `node`'s metrics endpoint for the tc path's frontend of
-/// Service default/`service` on the node's address and `port`.
-fn tc_counter(node: &LabNode, name: &str, service: &str, port: u16) -> Result<u64> {
-    // Without a half-close, which the server may take for the client going away.
-    let body = in_ns(node.env().netns(), || {
-        let mut conn = TcpStream::connect_timeout(&METRICS, Duration::from_secs(2))?;
+/// An HTTP/1.0 GET of `path` on `addr` from inside `netns`, without a half-close (which an
+/// HTTP server may take for the client going away): the whole response.
+fn http_without_half_close(netns: &Netns, addr: SocketAddr, path: &str) -> Result<String> {
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    in_ns(netns, move || {
+        let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
         conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-        conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n")?;
+        conn.write_all(request.as_bytes())?;
         let mut response = String::new();
         conn.read_to_string(&mut response)?;
         Ok(response)
-    })?;
+    })
+}
+
+/// The value of counter `name` on `node`'s metrics endpoint for the tc path's frontend of
+/// Service default/`service` on the node's address and `port`.
+fn tc_counter(node: &LabNode, name: &str, service: &str, port: u16) -> Result<u64> {
+    let body = http_without_half_close(node.env().netns(), METRICS, "/metrics")?;
     ensure!(
         body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"),
         "/metrics on {}:\n{body}",
@@ -526,6 +536,23 @@ fn run(lab: &Lab, bpffs: &Bpffs, kubeconfig: &Path, proxies: &mut [Option<Proxy>
         ensure!(
             got.is_err(),
             "node-0 has no np-one endpoint but answered: {got:?}"
+        );
+    }
+
+    // Its health-check node port tells an outside load balancer the same: 200 on node-1,
+    // 503 on node-0.
+    for (i, (code, local)) in [(503, 0), (200, 1)].into_iter().enumerate() {
+        let addr = SocketAddr::from((lab.node(i).ip(), HEALTH_PORT_ONE));
+        let response = http_without_half_close(cns, addr, "/healthz")?;
+        ensure!(
+            response.starts_with(&format!("HTTP/1.0 {code}"))
+                || response.starts_with(&format!("HTTP/1.1 {code}")),
+            "health check {addr}: {response}"
+        );
+        ensure!(
+            response.contains(&format!("\"localEndpoints\":{local}"))
+                && response.contains("\"name\":\"np-one\""),
+            "health check {addr}: {response}"
         );
     }
 

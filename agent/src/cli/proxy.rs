@@ -48,6 +48,13 @@ pub struct ProxyArgs {
     /// sockets and its pods' reach them.
     #[arg(long = "nodeport-interface")]
     nodeport_interfaces: Vec<String>,
+    /// Address on which the health-check node ports of `externalTrafficPolicy: Local`
+    /// LoadBalancer Services are served (200 with local endpoints, 503 without).
+    #[arg(long, default_value = "0.0.0.0")]
+    health_check_address: std::net::IpAddr,
+    /// Do not serve health-check node ports.
+    #[arg(long)]
+    no_health_check_ports: bool,
 }
 
 pub(super) async fn client(path: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
@@ -144,6 +151,7 @@ impl ProxyArgs {
             let settings = Settings {
                 default_algorithm: self.lb_algorithm,
                 names,
+                health_bind: (!self.no_health_check_ports).then_some(self.health_check_address),
             };
             let result = proxy::run_with(client, table, external, settings, stop_signal()).await;
             drop(stop_tx);

@@ -57,6 +57,20 @@ fn takes_new_connections(e: &Endpoint) -> bool {
     c.and_then(|c| c.ready) != Some(false) && c.and_then(|c| c.terminating) != Some(true)
 }
 
+/// How many distinct endpoints on `node` take new connections: what a health-check node
+/// port reports.
+pub fn local_endpoints(slices: &[&EndpointSlice], node: &str) -> usize {
+    let mut addresses: Vec<&str> = slices
+        .iter()
+        .flat_map(|s| s.endpoints.iter())
+        .filter(|e| e.node_name.as_deref() == Some(node) && takes_new_connections(e))
+        .flat_map(|e| e.addresses.iter().map(String::as_str))
+        .collect();
+    addresses.sort_unstable();
+    addresses.dedup();
+    addresses.len()
+}
+
 /// Terminating but still serving: the fallback when nothing else is ready.
 fn terminating_but_serving(e: &Endpoint) -> bool {
     let c = e.conditions.as_ref();

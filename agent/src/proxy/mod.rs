@@ -4,11 +4,13 @@
 //! Each change to a Service or one of its EndpointSlices recomputes only that Service's
 //! frontends ([`desired`]) and writes only their map entries; after a (re)list the maps are
 //! pruned of Services that no longer exist, so an agent restarted while Services were deleted
-//! converges. Only ready endpoints (or, when a port has none, terminating but serving ones)
+//! converges. [`health`] serves the health-check node ports of `externalTrafficPolicy: Local`
+//! load balancers. Only ready endpoints (or, when a port has none, terminating but serving ones)
 //! become backends. [`metrics`] serves the per-service counters.
 
 pub mod desired;
 mod external;
+pub mod health;
 pub mod metrics;
 mod nodes;
 mod sync;

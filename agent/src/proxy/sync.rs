@@ -12,6 +12,7 @@ use kube::{Client, ResourceExt as _, runtime::watcher};
 use super::{
     desired::{external, frontends, options},
     external::ExternalFrontends,
+    health::HealthChecks,
     metrics::ServiceNames,
     nodes,
 };
@@ -40,6 +41,9 @@ pub struct Settings {
     pub default_algorithm: Algorithm,
     /// Filled with the Service of every programmed frontend, for the metrics endpoint.
     pub names: ServiceNames,
+    /// Serve the health-check node ports of `externalTrafficPolicy: Local` LoadBalancers on
+    /// this address (kube-proxy: `0.0.0.0`); `None`: not served.
+    pub health_bind: Option<std::net::IpAddr>,
 }
 
 /// A Service, by namespace and name.
@@ -50,6 +54,7 @@ struct State<S, B, V> {
     slices: HashMap<Key, HashMap<String, EndpointSlice>>,
     programmed: HashMap<Key, Vec<Frontend>>,
     external: ExternalFrontends<S, B, V>,
+    health: Option<HealthChecks>,
     service_list: Relist<Key>,
     slice_list: Relist<(Key, String)>,
 }
@@ -77,13 +82,22 @@ where
                     .get(key)
                     .map(|m| m.values().collect())
                     .unwrap_or_default();
+                if let Some(health) = &mut self.health {
+                    let node = self.external.node().name.as_deref();
+                    health.reconcile(key, Some(svc), &slices, node);
+                }
                 (
                     frontends(svc, &slices),
                     Some(external(svc, &slices, self.external.node())),
                     options(svc, self.settings.default_algorithm),
                 )
             }
-            None => (Vec::new(), None, lb::ServiceOptions::default()),
+            None => {
+                if let Some(health) = &mut self.health {
+                    health.reconcile(key, None, &[], None);
+                }
+                (Vec::new(), None, lb::ServiceOptions::default())
+            }
         };
         let old_external = self.external.frontends_of(key);
         self.external
@@ -276,9 +290,11 @@ where
 {
     let mut changes = std::pin::pin!(svcwatch::changes(client.clone()));
     let mut node_ips = std::pin::pin!(nodes::addresses(client));
+    let health = settings.health_bind.map(HealthChecks::new);
     let mut state = State {
         table,
         settings,
+        health,
         services: HashMap::new(),
         slices: HashMap::new(),
         programmed: HashMap::new(),

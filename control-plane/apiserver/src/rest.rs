@@ -461,6 +461,25 @@ fn precondition(obj: &Value) -> ApiResult<Option<Revision>> {
 
 /// Writes `new` over the stored object (revision `expected`), finishing deletion when the
 /// last finalizer of a terminating object is removed.
+/// [`write`]s an update of `old`; a Service's node ports are kept, claimed and freed with it
+/// ([`services::on_update`]).
+async fn write_update(
+    api: &Api,
+    t: &Target,
+    old: &Value,
+    mut new: Value,
+    expected: Revision,
+    dry_run: bool,
+) -> ApiResult<Value> {
+    if !is_service(t.resource) {
+        return write(api, t, new, expected, dry_run).await;
+    }
+    let claims = services::on_update(api, t.resource, old, &mut new, dry_run).await?;
+    let written = write(api, t, new, expected, dry_run).await;
+    claims.settle(api, written.is_ok()).await;
+    written
+}
+
 pub(crate) async fn write(
     api: &Api,
     t: &Target,
@@ -543,10 +562,8 @@ async fn update(api: &Api, req: &Request, status_only: bool) -> ApiResult<Reply>
     object::carry_over(t.resource, &old, &mut obj, status_only);
     keep_certificate(t, &old, &mut obj);
     managed::track_update(Some(&old), &mut obj, &manager(req)?, scope(t, status_only));
-    if is_service(t.resource) {
-        services::on_update(api, t.resource, &old, &mut obj, req.query.dry_run()?).await?;
-    }
-    let body = write(api, t, obj, revision, req.query.dry_run()?).await?;
+    let written = write_update(api, t, &old, obj, revision, req.query.dry_run()?).await;
+    let body = written?;
     Ok(Reply {
         code: StatusCode::OK,
         body,
@@ -587,10 +604,8 @@ async fn patch(api: &Api, req: &Request, status_only: bool) -> ApiResult<Reply> 
         object::carry_over(t.resource, &old, &mut new, status_only);
         keep_certificate(t, &old, &mut new);
         managed::track_update(Some(&old), &mut new, &manager, scope(t, status_only));
-        if is_service(t.resource) {
-            services::on_update(api, t.resource, &old, &mut new, req.query.dry_run()?).await?;
-        }
-        match write(api, t, new, revision, req.query.dry_run()?).await {
+        let written = write_update(api, t, &old, new, revision, req.query.dry_run()?).await;
+        match written {
             Err(e) if e.reason == "Conflict" => continue,
             result => {
                 return result.map(|body| Reply {
@@ -746,10 +761,8 @@ async fn apply_patch(api: &Api, req: &Request, status_only: bool) -> ApiResult<R
             Some(o) => object::metadata_mut(&mut new).insert("managedFields".into(), o),
             None => object::metadata_mut(&mut new).remove("managedFields"),
         };
-        if is_service(t.resource) {
-            services::on_update(api, t.resource, &old, &mut new, req.query.dry_run()?).await?;
-        }
-        match write(api, t, new, revision, req.query.dry_run()?).await {
+        let written = write_update(api, t, &old, new, revision, req.query.dry_run()?).await;
+        match written {
             Err(e) if e.reason == "Conflict" => continue,
             result => {
                 return result.map(|body| Reply {

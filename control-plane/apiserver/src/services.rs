@@ -2,9 +2,12 @@
 //! node-port range, done by the API server as in Kubernetes.
 //!
 //! Each allocation is a key in the store created only if absent, so two API servers (or two
-//! requests) can never hand out the same address; deleting the Service deletes its keys.
+//! requests) can never hand out the same address; an update that drops a node port, and
+//! deleting the Service, delete its keys. A LoadBalancer Service with `externalTrafficPolicy:
+//! Local` also gets a `healthCheckNodePort`, on which every node's proxy says whether it has
+//! local endpoints.
 
-use std::net::Ipv4Addr;
+use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use serde_json::{Value, json};
 
@@ -218,72 +221,194 @@ async fn allocate_into(
             o.entry("internalTrafficPolicy").or_insert(json!("Cluster"));
         }
     }
-    allocate_node_ports(api, r, &name, spec, dry_run, got).await
+    allocate_node_ports(api, r, &name, spec, None, dry_run, got).await
 }
 
+/// The node ports a Service's spec holds: its ports' `nodePort`s and its
+/// `healthCheckNodePort`.
+fn held_ports(spec: Option<&Value>) -> BTreeSet<u16> {
+    let Some(spec) = spec else {
+        return BTreeSet::new();
+    };
+    let ports = spec
+        .get("ports")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.get("nodePort"));
+    ports
+        .chain(spec.get("healthCheckNodePort"))
+        .filter_map(Value::as_i64)
+        .filter_map(|n| u16::try_from(n).ok())
+        .collect()
+}
+
+/// Whether a Service needs a node port for health checks: a LoadBalancer that keeps traffic
+/// on nodes with local endpoints, so the load balancer must learn which nodes those are.
+fn wants_health_check(spec: &Value) -> bool {
+    spec.get("type").and_then(Value::as_str) == Some("LoadBalancer")
+        && spec.get("externalTrafficPolicy").and_then(Value::as_str) == Some("Local")
+}
+
+/// Claims node ports for one Service write: the ports the Service already holds (`held`)
+/// stay its own, ports it names are claimed if free, missing ones allocated at random.
+struct PortClaims<'a> {
+    api: &'a Api,
+    r: &'a Resource,
+    name: &'a str,
+    held: BTreeSet<u16>,
+    dry_run: bool,
+}
+
+impl PortClaims<'_> {
+    async fn requested(&self, field: &str, n: i64, got: &mut Allocated) -> ApiResult<u16> {
+        let range = &self.api.config.service_ranges.node_ports;
+        let n = u16::try_from(n).ok().filter(|n| range.contains(n)).ok_or_else(|| {
+            invalid(self.r, self.name, field, format!(
+                "Invalid value: {n}: provided port is not in the valid range. The range of valid ports is {}-{}",
+                range.start(), range.end()
+            ))
+        })?;
+        let key = format!("{PORT_KEYS}{n}");
+        // Ports the Service holds (or claimed earlier in this write, e.g. the same number
+        // for TCP and UDP) are its own already.
+        if self.dry_run || self.held.contains(&n) || got.keys.contains(&key) {
+            return Ok(n);
+        }
+        if !claim(self.api, key.clone()).await? {
+            return Err(invalid(
+                self.r,
+                self.name,
+                field,
+                format!("Invalid value: {n}: provided port is already allocated"),
+            ));
+        }
+        got.keys.push(key);
+        Ok(n)
+    }
+
+    async fn any(&self, got: &mut Allocated) -> ApiResult<u16> {
+        let range = &self.api.config.service_ranges.node_ports;
+        if self.dry_run {
+            return Ok(*range.start());
+        }
+        let span = u32::from(range.end() - range.start()) + 1;
+        let start = random_u32() % span;
+        for step in 0..span {
+            let n = *range.start() + u16::try_from((start + step) % span).unwrap_or(0);
+            let key = format!("{PORT_KEYS}{n}");
+            if claim(self.api, key.clone()).await? {
+                got.keys.push(key);
+                return Ok(n);
+            }
+        }
+        Err(ApiError::internal("no node ports left to allocate"))
+    }
+}
+
+/// The node port `old` gave the port with the same number and protocol, which an update
+/// that leaves it out keeps (as Kubernetes does).
+fn previous_node_port(old: Option<&Value>, port: &Value) -> Option<i64> {
+    let key = |p: &Value| {
+        (
+            p.get("port").and_then(Value::as_i64),
+            p.get("protocol")
+                .and_then(Value::as_str)
+                .unwrap_or("TCP")
+                .to_owned(),
+        )
+    };
+    old?.get("ports")?
+        .as_array()?
+        .iter()
+        .find(|p| key(p) == key(port))?
+        .get("nodePort")?
+        .as_i64()
+}
+
+/// Gives a Service the node ports its type needs and takes away those it no longer needs
+/// (ports carried over from `old` are dropped; ports asked for anew are refused).
 async fn allocate_node_ports(
     api: &Api,
     r: &Resource,
     name: &str,
     spec: &mut Value,
+    old: Option<&Value>,
     dry_run: bool,
     got: &mut Allocated,
 ) -> ApiResult<()> {
-    if !wants_node_ports(spec) {
-        return Ok(());
-    }
-    if let Some(o) = spec.as_object_mut() {
+    let claims = PortClaims {
+        api,
+        r,
+        name,
+        held: held_ports(old),
+        dry_run,
+    };
+    let node_ports = wants_node_ports(spec);
+    if node_ports && let Some(o) = spec.as_object_mut() {
         o.entry("externalTrafficPolicy").or_insert(json!("Cluster"));
     }
-    let range = api.config.service_ranges.node_ports.clone();
-    let Some(Value::Array(ports)) = spec.get_mut("ports") else {
-        return Ok(());
-    };
-    for (i, p) in ports.iter_mut().enumerate() {
-        let port = match p.get("nodePort").and_then(Value::as_i64) {
-            Some(n) => {
-                let n = u16::try_from(n).ok().filter(|n| range.contains(n)).ok_or_else(|| {
-                    invalid(r, name, &format!("spec.ports[{i}].nodePort"), format!(
-                        "Invalid value: {n}: provided port is not in the valid range. The range of valid ports is {}-{}",
-                        range.start(), range.end()
-                    ))
-                })?;
-                let key = format!("{PORT_KEYS}{n}");
-                // An update keeps the node ports it already has.
-                if !dry_run
-                    && !got.keys.contains(&key)
-                    && api.store.get(&key).await.ok().flatten().is_none()
-                {
-                    if !claim(api, key.clone()).await? {
+    let kind = spec
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("ClusterIP")
+        .to_owned();
+    if let Some(Value::Array(ports)) = spec.get_mut("ports") {
+        for (i, p) in ports.iter_mut().enumerate() {
+            let field = format!("spec.ports[{i}].nodePort");
+            let requested = p.get("nodePort").and_then(Value::as_i64);
+            if !node_ports {
+                match requested {
+                    Some(n) if u16::try_from(n).is_ok_and(|n| claims.held.contains(&n)) => {
+                        if let Some(o) = p.as_object_mut() {
+                            o.remove("nodePort");
+                        }
+                    }
+                    Some(_) => {
                         return Err(invalid(
                             r,
                             name,
-                            &format!("spec.ports[{i}].nodePort"),
-                            format!("Invalid value: {n}: provided port is already allocated"),
+                            &field,
+                            format!("Forbidden: may not be used when `type` is '{kind}'"),
                         ));
                     }
-                    got.keys.push(key);
+                    None => {}
                 }
-                n
+                continue;
             }
-            None if dry_run => *range.start(),
-            None => {
-                let span = u32::from(range.end() - range.start()) + 1;
-                let start = random_u32() % span;
-                let mut found = None;
-                for step in 0..span {
-                    let n = *range.start() + u16::try_from((start + step) % span).unwrap_or(0);
-                    let key = format!("{PORT_KEYS}{n}");
-                    if claim(api, key.clone()).await? {
-                        got.keys.push(key);
-                        found = Some(n);
-                        break;
-                    }
-                }
-                found.ok_or_else(|| ApiError::internal("no node ports left to allocate"))?
-            }
+            let port = match requested.or_else(|| previous_node_port(old, p)) {
+                Some(n) => claims.requested(&field, n, got).await?,
+                None => claims.any(got).await?,
+            };
+            p["nodePort"] = json!(port);
+        }
+    }
+    let field = "spec.healthCheckNodePort";
+    let requested = spec.get("healthCheckNodePort").and_then(Value::as_i64);
+    if wants_health_check(spec) {
+        let previous = old
+            .filter(|o| wants_health_check(o))
+            .and_then(|o| o.get("healthCheckNodePort"))
+            .and_then(Value::as_i64);
+        let port = match requested.or(previous) {
+            Some(n) => claims.requested(field, n, got).await?,
+            None => claims.any(got).await?,
         };
-        p["nodePort"] = json!(port);
+        spec["healthCheckNodePort"] = json!(port);
+    } else if let Some(n) = requested {
+        if !u16::try_from(n).is_ok_and(|n| claims.held.contains(&n)) {
+            return Err(invalid(
+                r,
+                name,
+                field,
+                "Invalid value: may only be set when `type` is 'LoadBalancer' and \
+                 `externalTrafficPolicy` is 'Local'"
+                    .into(),
+            ));
+        }
+        if let Some(o) = spec.as_object_mut() {
+            o.remove("healthCheckNodePort");
+        }
     }
     Ok(())
 }
@@ -310,7 +435,9 @@ async fn allocate_ip(
     ))
 }
 
-/// Allocates node ports an updated Service newly needs, and keeps its cluster IP.
+/// Keeps an updated Service's cluster IP and node ports, allocates the node ports it newly
+/// needs and notes those it no longer holds, to be given back once the update is written
+/// ([`Update::settle`]).
 ///
 /// # Errors
 /// As [`allocate`]; 422 when the cluster IP is changed.
@@ -320,7 +447,7 @@ pub async fn on_update(
     old: &Value,
     new: &mut Value,
     dry_run: bool,
-) -> ApiResult<()> {
+) -> ApiResult<Update> {
     let name = new
         .pointer("/metadata/name")
         .and_then(Value::as_str)
@@ -365,13 +492,47 @@ pub async fn on_update(
         }
     }
     let mut got = Allocated::default();
+    let old_spec = old.get("spec");
     if let Some(spec) = new.get_mut("spec").filter(|s| s.is_object())
-        && let Err(e) = allocate_node_ports(api, r, &name, spec, dry_run, &mut got).await
+        && let Err(e) = allocate_node_ports(api, r, &name, spec, old_spec, dry_run, &mut got).await
     {
         got.release(api).await;
         return Err(e);
     }
-    Ok(())
+    let kept = held_ports(new.get("spec"));
+    let freed = if dry_run {
+        Vec::new()
+    } else {
+        held_ports(old_spec)
+            .difference(&kept)
+            .map(|n| format!("{PORT_KEYS}{n}"))
+            .collect()
+    };
+    Ok(Update {
+        allocated: got,
+        freed,
+    })
+}
+
+/// What an update of a Service claimed and gave up, settled once the write is done.
+#[must_use = "the claims must be settled after the write"]
+pub struct Update {
+    allocated: Allocated,
+    freed: Vec<String>,
+}
+
+impl Update {
+    /// Releases the node ports the Service no longer holds if the update was `written`, or
+    /// those it claimed for the update if not.
+    pub async fn settle(self, api: &Api, written: bool) {
+        if written {
+            for key in self.freed {
+                let _ = api.store.delete(&key, None).await;
+            }
+        } else {
+            self.allocated.release(api).await;
+        }
+    }
 }
 
 /// Releases what a deleted Service held.
@@ -383,13 +544,8 @@ pub async fn release(store: &dyn Storage, obj: &Value) {
     {
         let _ = store.delete(&format!("{IP_KEYS}{ip}"), None).await;
     }
-    if let Some(Value::Array(ports)) = obj.pointer("/spec/ports") {
-        for n in ports
-            .iter()
-            .filter_map(|p| p.get("nodePort").and_then(Value::as_i64))
-        {
-            let _ = store.delete(&format!("{PORT_KEYS}{n}"), None).await;
-        }
+    for n in held_ports(obj.get("spec")) {
+        let _ = store.delete(&format!("{PORT_KEYS}{n}"), None).await;
     }
 }
 
