@@ -582,21 +582,35 @@ fn an_upgrade_replaces_older_programs_and_maps_of_another_layout() -> Result<()>
     let cg = cgroup.path().to_str().context("cgroup path")?;
     let vip = "10.96.0.32:80";
 
-    // A map of this name with another layout is pinned: it is replaced, not misread (the
-    // programs would not even load against it).
+    // Maps of these names with another layout are pinned: they are replaced, not misread
+    // (the programs would not even load against them). `MAGLEV` as version 3 and older
+    // pinned it: a hash map of (set id, index) → slot, now an array of whole tables.
     std::fs::create_dir(&pins)?;
     pin_hash_map(&pins.join("SVC_CONFIG"), 4, 4)?;
+    pin_hash_map(&pins.join("MAGLEV"), 8, 4)?;
     let out = lb(&pins, &["attach", "--cgroup", cg])?;
     ensure!(out.contains("attached"), "attach said: {out}");
     lb(&pins, &["set", vip, &a.addr().to_string()])?;
     assert_eq!(backend(&netns, &cgroup, vip)?, "backend-a");
+    let maglev_vip = "10.96.0.33:80";
+    lb(
+        &pins,
+        &[
+            "set",
+            maglev_vip,
+            "--algorithm",
+            "maglev",
+            &a.addr().to_string(),
+        ],
+    )?;
+    assert_eq!(backend(&netns, &cgroup, maglev_vip)?, "backend-a");
 
     // Links pinned under the names an older agent used (version 1: the bare program name)
     // are older programs: the next attach puts this version's beside them, then removes
     // them; the services in the shared maps keep answering throughout.
     let programs = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
     for p in programs {
-        std::fs::rename(pins.join(format!("{p}_v3")), pins.join(p))
+        std::fs::rename(pins.join(format!("{p}_v4")), pins.join(p))
             .with_context(|| format!("renaming the {p} link pin"))?;
     }
     assert_eq!(backend(&netns, &cgroup, vip)?, "backend-a");
@@ -607,9 +621,10 @@ fn an_upgrade_replaces_older_programs_and_maps_of_another_layout() -> Result<()>
     );
     for p in programs {
         ensure!(!pins.join(p).exists(), "old link {p} still pinned");
-        ensure!(pins.join(format!("{p}_v3")).exists(), "{p}_v3 not pinned");
+        ensure!(pins.join(format!("{p}_v4")).exists(), "{p}_v4 not pinned");
     }
     assert_eq!(backend(&netns, &cgroup, vip)?, "backend-a");
+    assert_eq!(backend(&netns, &cgroup, maglev_vip)?, "backend-a");
     Ok(())
 }
 
