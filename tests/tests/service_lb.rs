@@ -212,6 +212,139 @@ fn maglev_sends_a_client_to_the_same_backend_from_two_load_balancers() -> Result
     Ok(())
 }
 
+/// One TCP request to `addr` from a fresh process in `netns` and `cgroup` whose socket is
+/// bound to `source` first (a client address of its own): the answering backend's name, or
+/// the client's error text.
+fn ask_from(
+    netns: &Netns,
+    cgroup: &Cgroup2,
+    addr: &str,
+    source: &str,
+) -> Result<Result<String, String>> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_netprobe"));
+    cmd.args(["tcp", addr, "q", source]);
+    let fds = place(&mut cmd, netns, Some(cgroup))?;
+    let out = cmd.output().context("starting netprobe")?;
+    drop(fds);
+    Ok(if out.status.success() {
+        let text = String::from_utf8_lossy(&out.stdout);
+        let reply = text
+            .lines()
+            .find_map(|l| l.strip_prefix("reply: "))
+            .unwrap_or_default();
+        Ok(reply.split(':').next().unwrap_or_default().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    })
+}
+
+#[test]
+fn maglev_changes_flip_tables_and_keep_clients_on_valid_backends() -> Result<()> {
+    require_root()?;
+    let netns = Netns::new()?;
+    let cgroup = Cgroup2::new("lb-flip")?;
+    let bpffs = Bpffs::mount()?;
+    let pins = bpffs.path().join("keelson");
+    let servers = ["a", "b", "c"]
+        .map(|n| EchoServer::tcp(&netns, &format!("backend-{n}")))
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    let addr = |i: usize| servers[i].addr().to_string();
+    let name = |i: usize| format!("backend-{}", ["a", "b", "c"][i]);
+    let cg = cgroup.path().to_str().context("cgroup path")?;
+    lb(&pins, &["attach", "--cgroup", cg])?;
+    let vip = "10.96.0.34:80";
+    let set = |backends: &[usize]| -> Result<()> {
+        let addrs: Vec<String> = backends.iter().map(|i| addr(*i)).collect();
+        let mut args = vec!["set", vip, "--algorithm", "maglev"];
+        args.extend(addrs.iter().map(String::as_str));
+        lb(&pins, &args).map(drop)
+    };
+    // Clients with addresses of their own (on the namespace's loopback): Maglev hashes each
+    // to a table entry, so together they exercise most of the table.
+    let clients: Vec<String> = (10..34).map(|i| format!("127.0.0.{i}")).collect();
+    // Each client once: every request must be answered by a backend of `allowed`.
+    let round = |allowed: &[usize]| -> Result<Vec<String>> {
+        let allowed: Vec<String> = allowed.iter().map(|i| name(*i)).collect();
+        let mut got = Vec::new();
+        for c in &clients {
+            let b = ask_from(&netns, &cgroup, vip, c)?
+                .map_err(|e| anyhow::anyhow!("client {c}: {e}"))?;
+            ensure!(
+                allowed.contains(&b),
+                "client {c} reached {b}, not one of {allowed:?}"
+            );
+            got.push(b);
+        }
+        Ok(got)
+    };
+
+    set(&[0, 1])?;
+    let two = round(&[0, 1])?;
+    ensure!(two.contains(&name(0)) && two.contains(&name(1)), "{two:?}");
+    assert_eq!(
+        round(&[0, 1])?,
+        two,
+        "Maglev moved clients without a change"
+    );
+
+    // Grown to three: the new set's table (the pair's other one) is in use at once — the old
+    // two-backend table never names slot 2, where c is.
+    set(&[0, 1, 2])?;
+    let three = round(&[0, 1, 2])?;
+    ensure!(
+        three.contains(&name(2)),
+        "no client reached the new backend: {three:?}"
+    );
+    assert_eq!(round(&[0, 1, 2])?, three);
+
+    // b leaves and c takes its slot (1): the previous table, naming slot 2, would now send
+    // c's clients to a slot the set no longer has (refused). None is refused.
+    set(&[0, 2])?;
+    let after = round(&[0, 2])?;
+    ensure!(after.contains(&name(2)), "{after:?}");
+    // Clients of the surviving backends stay where they were (Maglev's promise, for c
+    // too although its slot changed): only b's clients move.
+    for ((c, before), now) in clients.iter().zip(&three).zip(&after) {
+        ensure!(
+            before == &name(1) || before == now,
+            "client {c} moved from {before} to {now} although {before} stayed"
+        );
+    }
+
+    // Under continuous connects, backend changes back and forth (each flipping to the other
+    // table of the pair) never refuse a connection nor send one anywhere but a backend.
+    let stop = AtomicBool::new(false);
+    let requests = std::thread::scope(|scope| -> Result<usize> {
+        let load = scope.spawn(|| -> Result<usize> {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let c = &clients[n % clients.len()];
+                let b = ask_from(&netns, &cgroup, vip, c)?
+                    .map_err(|e| anyhow::anyhow!("client {c} during changes: {e}"))?;
+                ensure!(b.starts_with("backend-"), "client {c} reached {b}");
+                n += 1;
+            }
+            Ok(n)
+        });
+        let changed = [[0, 1], [1, 2], [0, 2], [2, 0], [1, 0], [0, 2]]
+            .into_iter()
+            .cycle()
+            .take(12)
+            .try_for_each(|backends| set(&backends));
+        stop.store(true, Ordering::Relaxed);
+        let requests = load
+            .join()
+            .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
+        changed?;
+        Ok(requests)
+    })?;
+    ensure!(requests > 0, "no request during the changes");
+    eprintln!("{requests} requests during 12 Maglev changes, all answered by a backend");
+    round(&[0, 2])?;
+    Ok(())
+}
+
 /// A TCP server in `netns` that answers every line of every connection with
 /// `<name>:<line>`, each connection on its own thread, until dropped.
 struct LineEcho {
@@ -582,21 +715,35 @@ fn an_upgrade_replaces_older_programs_and_maps_of_another_layout() -> Result<()>
     let cg = cgroup.path().to_str().context("cgroup path")?;
     let vip = "10.96.0.32:80";
 
-    // A map of this name with another layout is pinned: it is replaced, not misread (the
-    // programs would not even load against it).
+    // Maps of these names with another layout are pinned: they are replaced, not misread
+    // (the programs would not even load against them). `MAGLEV` as version 3 and older
+    // pinned it: a hash map of (set id, index) → slot, now an array of whole tables.
     std::fs::create_dir(&pins)?;
     pin_hash_map(&pins.join("SVC_CONFIG"), 4, 4)?;
+    pin_hash_map(&pins.join("MAGLEV"), 8, 4)?;
     let out = lb(&pins, &["attach", "--cgroup", cg])?;
     ensure!(out.contains("attached"), "attach said: {out}");
     lb(&pins, &["set", vip, &a.addr().to_string()])?;
     assert_eq!(backend(&netns, &cgroup, vip)?, "backend-a");
+    let maglev_vip = "10.96.0.33:80";
+    lb(
+        &pins,
+        &[
+            "set",
+            maglev_vip,
+            "--algorithm",
+            "maglev",
+            &a.addr().to_string(),
+        ],
+    )?;
+    assert_eq!(backend(&netns, &cgroup, maglev_vip)?, "backend-a");
 
     // Links pinned under the names an older agent used (version 1: the bare program name)
     // are older programs: the next attach puts this version's beside them, then removes
     // them; the services in the shared maps keep answering throughout.
     let programs = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
     for p in programs {
-        std::fs::rename(pins.join(format!("{p}_v3")), pins.join(p))
+        std::fs::rename(pins.join(format!("{p}_v4")), pins.join(p))
             .with_context(|| format!("renaming the {p} link pin"))?;
     }
     assert_eq!(backend(&netns, &cgroup, vip)?, "backend-a");
@@ -607,9 +754,10 @@ fn an_upgrade_replaces_older_programs_and_maps_of_another_layout() -> Result<()>
     );
     for p in programs {
         ensure!(!pins.join(p).exists(), "old link {p} still pinned");
-        ensure!(pins.join(format!("{p}_v3")).exists(), "{p}_v3 not pinned");
+        ensure!(pins.join(format!("{p}_v4")).exists(), "{p}_v4 not pinned");
     }
     assert_eq!(backend(&netns, &cgroup, vip)?, "backend-a");
+    assert_eq!(backend(&netns, &cgroup, maglev_vip)?, "backend-a");
     Ok(())
 }
 

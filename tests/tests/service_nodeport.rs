@@ -557,6 +557,7 @@ fn run(lab: &Lab, bpffs: &Bpffs, kubeconfig: &Path, proxies: &mut [Option<Proxy>
     }
 
     selection_and_counters(lab, &client, &pods)?;
+    maglev_table_flips(lab, &client, &pods)?;
 
     // An externalIP routed to node-0.
     run_in(
@@ -708,6 +709,90 @@ fn run(lab: &Lab, bpffs: &Bpffs, kubeconfig: &Path, proxies: &mut [Option<Proxy>
     eprintln!(
         "node-0 stopped serving {:?} after detach",
         detached.elapsed()
+    );
+    Ok(())
+}
+
+/// Sends one new flow per port of `ports` from the client through both nodes to the Maglev
+/// Service; every flow must be answered, by the same pod through either node. Returns the
+/// answering pods.
+fn maglev_flows(lab: &Lab, client: &LabHost, ports: std::ops::Range<u16>) -> Result<Vec<String>> {
+    let (node0, node1) = (lab.node(0), lab.node(1));
+    let mut pods = Vec::new();
+    for port in ports {
+        let src = SocketAddrV4::new(client.ip(), port);
+        let via0 = tcp_ask_from(
+            client.netns(),
+            src,
+            SocketAddr::from((node0.ip(), NODE_PORT_MAGLEV)),
+        )?;
+        let via1 = tcp_ask_from(
+            client.netns(),
+            src,
+            SocketAddr::from((node1.ip(), NODE_PORT_MAGLEV)),
+        )?;
+        ensure!(
+            via0.pod == via1.pod,
+            "flow from {src}: {via0:?} through node-0 but {via1:?} through node-1"
+        );
+        pods.push(via0.pod);
+    }
+    Ok(pods)
+}
+
+/// A Maglev Service's backend changes on the tc path. Each change writes the unused table of
+/// the frontend's pair and flips to it with the new backend set, so once a node has the new
+/// set every new flow uses the new table: shrunk to one backend, a stale two-backend table
+/// would send about half the flows to a slot the set no longer has (dropped); grown back, the
+/// flows spread over both again, still agreeing across nodes (the pair's other table).
+fn maglev_table_flips(lab: &Lab, client: &LabHost, pods: &[PodInfo]) -> Result<()> {
+    const FLOWS: u16 = 12;
+    let mut next = 43_000u16;
+    let mut ports = || {
+        let range = next..next + FLOWS;
+        next += FLOWS;
+        range
+    };
+    let only = &pods[1].name;
+    lab.cp().kubectl(&[
+        "patch",
+        "service",
+        "np-maglev",
+        "-p",
+        r#"{"spec":{"selector":{"app":"np","np-one":"yes"}}}"#,
+    ])?;
+    // While the change spreads (EndpointSlice, then each proxy), flows may still see the old
+    // set; failures then are retried.
+    lab.eventually("np-maglev to send every flow to one pod", T, || {
+        Ok(maglev_flows(lab, client, ports())
+            .is_ok_and(|p| p.iter().all(|p| p == only))
+            .then_some(()))
+    })?;
+    let chosen = maglev_flows(lab, client, ports()).context("np-maglev shrunk to one pod")?;
+    ensure!(
+        chosen.iter().all(|p| p == only),
+        "np-maglev with one endpoint sent flows to {chosen:?}"
+    );
+
+    lab.cp().kubectl(&[
+        "patch",
+        "service",
+        "np-maglev",
+        "-p",
+        r#"{"spec":{"selector":{"app":"np","np-one":null}}}"#,
+    ])?;
+    lab.eventually("np-maglev to spread over both pods again", T, || {
+        Ok(maglev_flows(lab, client, ports())
+            .is_ok_and(|p| p.iter().any(|p| p != only))
+            .then_some(()))
+    })?;
+    let chosen: BTreeSet<String> = maglev_flows(lab, client, ports())
+        .context("np-maglev grown back to two pods")?
+        .into_iter()
+        .collect();
+    ensure!(
+        chosen.len() == 2,
+        "np-maglev with two endpoints sent {FLOWS} flows to {chosen:?} only"
     );
     Ok(())
 }

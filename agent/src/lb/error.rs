@@ -98,6 +98,14 @@ pub enum Error {
     /// All service ids are in use.
     #[error("no free service id left")]
     IdsExhausted,
+    /// Every Maglev table pair is taken by another Maglev service.
+    #[error("service {frontend} cannot use Maglev: all {max} Maglev services' tables are taken")]
+    MaglevTablesExhausted {
+        /// The service.
+        frontend: Frontend,
+        /// How many Maglev services the map holds.
+        max: u32,
+    },
 }
 
 /// Result of load balancer operations.

@@ -7,8 +7,9 @@
 //! Upgrades: link pins carry a version ([`LINK_VERSION`]). An agent whose programs differ from
 //! the pinned ones attaches its own beside them (cgroup programs run in attach order, so the
 //! old ones keep balancing meanwhile, into the shared maps) and then unpins the old links.
-//! A pinned map whose key or value size differs from this build's is unpinned and created
-//! afresh instead of being misread; the proxy refills it on its first sync.
+//! A pinned map whose type, key or value size differs from this build's is unpinned and
+//! created afresh instead of being misread; the proxy refills it on its first sync (version 4
+//! turned the Maglev hash maps into arrays of whole tables: their old pins go this way).
 
 use std::{
     fs::File,
@@ -18,18 +19,19 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader, Pod,
-    maps::{HashMap as BpfHashMap, Map, MapData, MapInfo, PerCpuHashMap},
+    maps::{HashMap as BpfHashMap, Map, MapData, MapInfo, MapType, PerCpuHashMap},
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
 use keelson_ebpf_common::{
     AFFINITY_MAP, AffinityKey, AffinityValue, BACKENDS_MAP, Backend, BackendKey, MAGLEV_MAP,
-    MaglevKey, REVNAT_MAP, RevNatKey, RevNatValue, SERVICES_MAP, STATS_MAP, SVC_CONFIG_MAP,
+    MaglevTable, REVNAT_MAP, RevNatKey, RevNatValue, SERVICES_MAP, STATS_MAP, SVC_CONFIG_MAP,
     ServiceConfig, ServiceEntry, ServiceKey, ServiceStats, VIPS_MAP,
 };
 
 use super::{
     bpffs::{ensure_dir, io_err},
     error::{Error, Result},
+    maglev_tables::MmapTables,
     selection::{SelectionMaps, SummedPerCpu},
     table::ServiceTable,
 };
@@ -43,8 +45,8 @@ const PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"]
 /// Version of the programs' link pins; raise it whenever the programs change behaviour or
 /// start using other maps, so that an upgraded agent replaces the attached programs.
 /// Version 1 pinned links under the bare program name; version 3 counts refusals as drops
-/// in a larger counters value.
-pub const LINK_VERSION: u32 = 3;
+/// in a larger counters value; version 4 reads Maglev tables from an array of whole tables.
+pub const LINK_VERSION: u32 = 4;
 /// The maps of the object, pinned by name, with their key and value sizes.
 const MAPS: [(&str, usize, usize); 8] = [
     (
@@ -56,7 +58,7 @@ const MAPS: [(&str, usize, usize); 8] = [
     (VIPS_MAP, size_of::<u32>(), size_of::<u32>()),
     (REVNAT_MAP, size_of::<RevNatKey>(), size_of::<RevNatValue>()),
     (SVC_CONFIG_MAP, size_of::<u32>(), size_of::<ServiceConfig>()),
-    (MAGLEV_MAP, size_of::<MaglevKey>(), size_of::<u32>()),
+    (MAGLEV_MAP, size_of::<u32>(), size_of::<MaglevTable>()),
     (
         AFFINITY_MAP,
         size_of::<AffinityKey>(),
@@ -79,7 +81,7 @@ fn legacy_link_names(program: &str) -> impl Iterator<Item = String> {
 /// The selection maps over the kernel maps.
 pub type KernelSelectionMaps = SelectionMaps<
     BpfHashMap<MapData, u32, ServiceConfig>,
-    BpfHashMap<MapData, MaglevKey, u32>,
+    MmapTables,
     SummedPerCpu<u32, ServiceStats>,
 >;
 
@@ -165,7 +167,7 @@ pub fn attach(cgroup: &Path, pins: &Pins) -> Result<AttachOutcome> {
     Ok(AttachOutcome::Attached)
 }
 
-/// Unpins maps of the object (socket and tc paths) whose key or value size is not this
+/// Unpins maps of the object (socket and tc paths) whose type, key or value size is not this
 /// build's, so the loader creates them anew instead of failing on them.
 pub(super) fn replace_mismatched_maps(pins: &Pins) -> Result<()> {
     for (name, key_size, value_size) in MAPS.into_iter().chain(super::tc::MAPS) {
@@ -177,17 +179,27 @@ pub(super) fn replace_mismatched_maps(pins: &Pins) -> Result<()> {
             path: path.clone(),
             source,
         })?;
-        if info.key_size() as usize != key_size || info.value_size() as usize != value_size {
+        // Only the Maglev maps are arrays (created mmapable by the loader, as declared).
+        let array = matches!(info.map_type(), Ok(MapType::Array));
+        let wants_array = is_maglev_map(name);
+        if info.key_size() as usize != key_size
+            || info.value_size() as usize != value_size
+            || array != wants_array
+        {
             tracing::warn!(
                 map = name,
-                pinned = ?(info.key_size(), info.value_size()),
-                expected = ?(key_size, value_size),
+                pinned = ?(info.key_size(), info.value_size(), array),
+                expected = ?(key_size, value_size, wants_array),
                 "pinned map has another layout; replacing it"
             );
             std::fs::remove_file(&path).map_err(|e| io_err("remove pin", path, e))?;
         }
     }
     Ok(())
+}
+
+fn is_maglev_map(name: &str) -> bool {
+    name == MAGLEV_MAP || name == keelson_ebpf_common::NP_MAGLEV_MAP
 }
 
 fn attach_one(ebpf: &mut Ebpf, name: &'static str, cgroup: &File, pin: &Path) -> Result<()> {
@@ -230,7 +242,7 @@ fn attach_one(ebpf: &mut Ebpf, name: &'static str, cgroup: &File, pin: &Path) ->
 pub fn open(pins: &Pins) -> Result<KernelServiceTable> {
     let selection: KernelSelectionMaps = SelectionMaps {
         config: open_hash_map(&pins.path(SVC_CONFIG_MAP))?,
-        maglev: open_hash_map(&pins.path(MAGLEV_MAP))?,
+        maglev: open_maglev_tables(&pins.path(MAGLEV_MAP))?,
         stats: SummedPerCpu(open_per_cpu_hash_map(&pins.path(STATS_MAP))?),
     };
     ServiceTable::new(
@@ -248,6 +260,15 @@ fn open_map(path: &Path) -> Result<Map> {
     };
     let data = MapData::from_pin(path).map_err(open_err)?;
     Map::from_map_data(data).map_err(open_err)
+}
+
+/// Opens a pinned Maglev array map and maps it into memory.
+pub(super) fn open_maglev_tables(path: &Path) -> Result<MmapTables> {
+    let open_err = |source| Error::OpenPin {
+        path: path.into(),
+        source,
+    };
+    MmapTables::new(MapData::from_pin(path).map_err(open_err)?).map_err(open_err)
 }
 
 pub(super) fn open_hash_map<K: Pod, V: Pod>(path: &Path) -> Result<BpfHashMap<MapData, K, V>> {

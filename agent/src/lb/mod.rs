@@ -22,6 +22,8 @@ mod bpffs;
 mod error;
 mod loader;
 pub mod maglev;
+mod maglev_slots;
+pub mod maglev_tables;
 pub mod maps;
 mod selection;
 mod service;

@@ -8,9 +8,15 @@ use aya::{
     maps::{MapData, MapError, PerCpuHashMap, PerCpuValues},
     util::nr_cpus,
 };
-use keelson_ebpf_common::{FLAG_AFFINITY, FLAG_MAGLEV, MaglevKey, ServiceConfig, ServiceStats};
+use keelson_ebpf_common::{
+    FLAG_AFFINITY, FLAG_MAGLEV, FLAG_MAGLEV_TABLE, MAGLEV_TABLES_PER_SERVICE, MAX_MAGLEV_SERVICES,
+    ServiceConfig, ServiceStats,
+};
 
-use super::maps::KvMap;
+use super::{
+    maglev_tables::{InMemoryTables, MaglevTables},
+    maps::KvMap,
+};
 
 /// Default `sessionAffinityConfig.clientIP.timeoutSeconds`, as in Kubernetes: three hours.
 pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10_800;
@@ -76,8 +82,20 @@ impl ServiceOptions {
             stats_id,
             flags,
             affinity_timeout_secs: self.affinity_timeout_secs.unwrap_or(0),
-            pad: 0,
+            maglev_table: 0,
         }
+    }
+
+    /// The same configuration using Maglev table `table`.
+    pub(crate) fn with_table(mut cfg: ServiceConfig, table: u32) -> ServiceConfig {
+        cfg.flags |= FLAG_MAGLEV_TABLE;
+        cfg.maglev_table = table;
+        cfg
+    }
+
+    /// The Maglev table a configuration names, if any.
+    pub(crate) fn table_of(cfg: &ServiceConfig) -> Option<u32> {
+        (cfg.flags & FLAG_MAGLEV_TABLE != 0).then_some(cfg.maglev_table)
     }
 
     /// The options a configuration value stands for.
@@ -127,33 +145,19 @@ pub trait SelectionStore: Send {
     /// # Errors
     /// The map cannot be read.
     fn configs(&self) -> Result<Vec<(u32, ServiceConfig)>, MapError>;
-    /// Sets one Maglev table entry.
+    /// Number of Maglev tables (two per Maglev service).
+    fn maglev_tables(&self) -> u32;
+    /// Writes Maglev table `table` whole: entry `i` → `slots[i]`. The table must not be in
+    /// use by a published backend set.
     ///
     /// # Errors
-    /// The map cannot be written.
-    fn set_maglev(&mut self, key: MaglevKey, slot: u32) -> Result<(), MapError>;
-    /// Removes one Maglev table entry.
+    /// `table` is out of range.
+    fn write_maglev_table(&mut self, table: u32, slots: &[u32]) -> Result<(), MapError>;
+    /// Maglev table `table`.
     ///
     /// # Errors
-    /// The map cannot be written.
-    fn remove_maglev(&mut self, key: &MaglevKey) -> Result<(), MapError>;
-    /// Writes backend set `id`'s whole Maglev table: entry `i` → `slots[i]` (one system call
-    /// on kernel maps).
-    ///
-    /// # Errors
-    /// The map cannot be written.
-    fn set_maglev_table(&mut self, id: u32, slots: &[u32]) -> Result<(), MapError> {
-        (0u32..)
-            .zip(slots)
-            .try_for_each(|(index, slot)| self.set_maglev(maglev_key(id, index), *slot))
-    }
-    /// Removes entries `0..len` of backend set `id`'s Maglev table.
-    ///
-    /// # Errors
-    /// The map cannot be written.
-    fn remove_maglev_table(&mut self, id: u32, len: u32) -> Result<(), MapError> {
-        (0..len).try_for_each(|index| self.remove_maglev(&maglev_key(id, index)))
-    }
+    /// `table` is out of range.
+    fn maglev_table(&self, table: u32) -> Result<Vec<u32>, MapError>;
     /// Creates or zeroes the counters of a service.
     ///
     /// # Errors
@@ -174,15 +178,11 @@ pub trait SelectionStore: Send {
     fn as_any(&self) -> &dyn std::any::Any;
 }
 
-fn maglev_key(service_id: u32, index: u32) -> MaglevKey {
-    MaglevKey { service_id, index }
-}
-
 /// The three selection maps (kernel maps in production, in-memory maps in tests).
 pub struct SelectionMaps<C, M, T> {
     /// Backend-set id → configuration.
     pub config: C,
-    /// Maglev table entries.
+    /// Maglev tables.
     pub maglev: M,
     /// Counters.
     pub stats: T,
@@ -191,7 +191,7 @@ pub struct SelectionMaps<C, M, T> {
 impl<C, M, T> SelectionStore for SelectionMaps<C, M, T>
 where
     C: KvMap<u32, ServiceConfig> + Send + 'static,
-    M: KvMap<MaglevKey, u32> + Send + 'static,
+    M: MaglevTables + 'static,
     T: KvMap<u32, ServiceStats> + Send + 'static,
 {
     #[cfg(test)]
@@ -211,22 +211,14 @@ where
     fn configs(&self) -> Result<Vec<(u32, ServiceConfig)>, MapError> {
         self.config.entries()
     }
-    fn set_maglev(&mut self, key: MaglevKey, slot: u32) -> Result<(), MapError> {
-        self.maglev.insert(key, slot)
+    fn maglev_tables(&self) -> u32 {
+        self.maglev.count()
     }
-    fn remove_maglev(&mut self, key: &MaglevKey) -> Result<(), MapError> {
-        self.maglev.remove(key)
+    fn write_maglev_table(&mut self, table: u32, slots: &[u32]) -> Result<(), MapError> {
+        self.maglev.write(table, slots)
     }
-    fn set_maglev_table(&mut self, id: u32, slots: &[u32]) -> Result<(), MapError> {
-        let keys: Vec<MaglevKey> = (0u32..)
-            .zip(slots)
-            .map(|(index, _)| maglev_key(id, index))
-            .collect();
-        self.maglev.insert_many(&keys, slots)
-    }
-    fn remove_maglev_table(&mut self, id: u32, len: u32) -> Result<(), MapError> {
-        let keys: Vec<MaglevKey> = (0..len).map(|index| maglev_key(id, index)).collect();
-        self.maglev.remove_many(&keys)
+    fn maglev_table(&self, table: u32) -> Result<Vec<u32>, MapError> {
+        self.maglev.read(table)
     }
     fn reset_stats(&mut self, stats_id: u32) -> Result<(), MapError> {
         self.stats.insert(stats_id, ServiceStats::default())
@@ -244,7 +236,7 @@ where
 pub fn in_memory() -> Box<dyn SelectionStore> {
     Box::new(SelectionMaps {
         config: std::collections::HashMap::<u32, ServiceConfig>::new(),
-        maglev: std::collections::HashMap::<MaglevKey, u32>::new(),
+        maglev: InMemoryTables::new(MAGLEV_TABLES_PER_SERVICE * MAX_MAGLEV_SERVICES),
         stats: std::collections::HashMap::<u32, ServiceStats>::new(),
     })
 }

@@ -3,8 +3,13 @@
 //! Changing one service touches only that service's entries. A new backend set is written
 //! under a fresh service id first and then published by replacing the one service entry, so a
 //! concurrent `connect` sees either the old set or the new one, never a mix or a hole. The
-//! set's selection configuration and Maglev table are written under the same fresh id, so they
-//! switch with it.
+//! set's selection configuration is written under the same fresh id, so it switches with it.
+//!
+//! A Maglev service holds a pair of tables in the Maglev map ([`maglev_slots`]); its
+//! configuration names the one in use. A change writes the other table (no program reads it)
+//! and names it in the new set's configuration, so publishing the set flips the table with it.
+//!
+//! [`maglev_slots`]: super::maglev_slots
 //!
 //! Backends that stay keep their slot across a change (a removed backend's slot is refilled
 //! by a new one or by the last slot), so session affinity, which remembers slots, survives
@@ -13,7 +18,7 @@
 use std::{collections::HashSet, net::SocketAddrV4};
 
 use keelson_ebpf_common::{
-    BACKENDS_MAP, Backend, BackendKey, FLAG_MAGLEV, MAGLEV_MAP, MAGLEV_SIZE,
+    BACKENDS_MAP, Backend, BackendKey, MAGLEV_MAP, MAGLEV_TABLES_PER_SERVICE,
     MAX_BACKENDS_PER_SERVICE, SERVICES_MAP, STATS_MAP, SVC_CONFIG_MAP, ServiceConfig, ServiceEntry,
     ServiceKey, ServiceStats, UNEXPOSED_STATS_ID, VIPS_MAP,
 };
@@ -21,8 +26,9 @@ use keelson_ebpf_common::{
 use super::{
     error::{Error, Result},
     maglev,
+    maglev_slots::{MaglevSlots, first_table, other_table, slot_of},
     maps::KvMap,
-    selection::{SelectionStore, ServiceOptions},
+    selection::{Algorithm, SelectionStore, ServiceOptions},
     service::{Frontend, backend_addr, backend_value},
 };
 
@@ -53,6 +59,7 @@ pub struct ServiceTable<S, B, V> {
     next_id: u32,
     used_stats: HashSet<u32>,
     next_stats: u32,
+    maglev_slots: MaglevSlots,
 }
 
 impl<S, B, V> ServiceTable<S, B, V>
@@ -77,17 +84,24 @@ where
             .map_err(map_err("iterate", SERVICES_MAP))?;
         let used_ids: HashSet<u32> = entries.iter().map(|(_, entry)| entry.id).collect();
         let next_id = used_ids.iter().max().map_or(1, |id| id.wrapping_add(1));
-        // Counter ids of live services only: configurations of sets being replaced share them.
+        // Counter ids and Maglev tables of live services only: configurations of sets being
+        // replaced share them.
         let mut used_stats = HashSet::from([UNEXPOSED_STATS_ID]);
+        let mut used_tables = Vec::new();
         for (_, entry) in &entries {
             if let Some(cfg) = selection
                 .config(entry.id)
                 .map_err(map_err("lookup", SVC_CONFIG_MAP))?
             {
                 used_stats.insert(cfg.stats_id);
+                used_tables.extend(ServiceOptions::table_of(&cfg).map(slot_of));
             }
         }
         let next_stats = used_stats.iter().max().map_or(1, |id| id.wrapping_add(1));
+        let maglev_slots = MaglevSlots::new(
+            selection.maglev_tables() / MAGLEV_TABLES_PER_SERVICE,
+            used_tables,
+        );
         Ok(ServiceTable {
             services,
             backends,
@@ -97,6 +111,7 @@ where
             next_id,
             used_stats,
             next_stats,
+            maglev_slots,
         })
     }
 
@@ -185,10 +200,14 @@ where
             None => Vec::new(),
         };
         let wanted: HashSet<&SocketAddrV4> = backends.iter().collect();
+        let wants_table = options.algorithm == Algorithm::Maglev && !backends.is_empty();
+        let old_table = old_cfg.as_ref().and_then(ServiceOptions::table_of);
+        // A Maglev set of an older agent has no table here yet: rewritten, not kept.
         if old.is_some()
             && old_backends.len() == wanted.len()
             && old_backends.iter().all(|b| wanted.contains(b))
             && old_cfg.map(|c| ServiceOptions::from_config(&c)) == Some(options)
+            && old_table.is_some() == wants_table
         {
             return Ok(());
         }
@@ -200,8 +219,29 @@ where
             Some(cfg) => (cfg.stats_id, false),
             None => (self.allocate_stats()?, true),
         };
+        // The service's other table (not in use), or the first of a fresh pair.
+        let (table, new_slot) = match (wants_table, old_table) {
+            (false, _) => (None, None),
+            (true, Some(t)) => (Some(other_table(t)), None),
+            (true, None) => match self.maglev_slots.allocate() {
+                Some(slot) => (Some(first_table(slot)), Some(slot)),
+                None => {
+                    if new_stats {
+                        let _ = self.selection.remove_stats(stats_id);
+                        self.used_stats.remove(&stats_id);
+                    }
+                    return Err(Error::MaglevTablesExhausted {
+                        frontend,
+                        max: self.maglev_slots.capacity(),
+                    });
+                }
+            },
+        };
         let id = self.allocate_id()?;
-        let cfg = options.config(stats_id);
+        let cfg = match table {
+            Some(t) => ServiceOptions::with_table(options.config(stats_id), t),
+            None => options.config(stats_id),
+        };
         let written = self.write_set(id, &arranged, cfg).and_then(|()| {
             self.services
                 .insert(key, ServiceEntry { id, count })
@@ -209,16 +249,23 @@ where
         });
         if let Err(e) = written {
             // Best effort: the new set is unreachable, so a failed cleanup only wastes room.
-            let _ = self.remove_set(id, count, Some(cfg));
+            let _ = self.remove_set(id, count);
             self.used_ids.remove(&id);
+            if let Some(slot) = new_slot {
+                self.maglev_slots.release(slot);
+            }
             if new_stats {
                 let _ = self.selection.remove_stats(stats_id);
                 self.used_stats.remove(&stats_id);
             }
             return Err(e);
         }
+        // Published: a table pair the service no longer uses is free again.
+        if let (Some(t), None) = (old_table, table) {
+            self.maglev_slots.release(slot_of(t));
+        }
         match old {
-            Some(old) => self.release(old, old_cfg)?,
+            Some(old) => self.release(old)?,
             None if vip => self.count_vip(key.addr, 1)?,
             None => {}
         }
@@ -227,26 +274,23 @@ where
 
     fn write_set(&mut self, id: u32, backends: &[SocketAddrV4], cfg: ServiceConfig) -> Result<()> {
         self.write_slots(id, backends)?;
-        if cfg.flags & FLAG_MAGLEV != 0 && !backends.is_empty() {
+        if let Some(table) = ServiceOptions::table_of(&cfg) {
             let slots: Vec<(u32, SocketAddrV4)> = (0u32..).zip(backends.iter().copied()).collect();
-            // The whole table in one batch: it is unreachable until the service entry names id.
+            // Through the map's memory mapping: the table is unreachable until the service
+            // entry names `id`, whose configuration names it.
             self.selection
-                .set_maglev_table(id, &maglev::table(&slots))
-                .map_err(map_err("insert", MAGLEV_MAP))?;
+                .write_maglev_table(table, &maglev::table(&slots))
+                .map_err(map_err("write", MAGLEV_MAP))?;
         }
         self.selection
             .set_config(id, cfg)
             .map_err(map_err("insert", SVC_CONFIG_MAP))
     }
 
-    fn remove_set(&mut self, id: u32, count: u32, cfg: Option<ServiceConfig>) -> Result<()> {
+    /// Removes a backend set's slots and configuration; its Maglev table (if any) stays, to
+    /// be overwritten by the next change of its service or the next owner of its pair.
+    fn remove_set(&mut self, id: u32, count: u32) -> Result<()> {
         self.remove_slots(id, count)?;
-        // An empty set has no table (see `write_set`).
-        if count > 0 && cfg.is_some_and(|c| c.flags & FLAG_MAGLEV != 0) {
-            self.selection
-                .remove_maglev_table(id, MAGLEV_SIZE)
-                .map_err(map_err("delete", MAGLEV_MAP))?;
-        }
         self.selection
             .remove_config(id)
             .map_err(map_err("delete", SVC_CONFIG_MAP))
@@ -288,8 +332,11 @@ where
             .remove(&key)
             .map_err(map_err("delete", SERVICES_MAP))?;
         let cfg = self.config_of(&old)?;
-        self.release(old, cfg)?;
+        self.release(old)?;
         if let Some(cfg) = cfg {
+            if let Some(t) = ServiceOptions::table_of(&cfg) {
+                self.maglev_slots.release(slot_of(t));
+            }
             self.selection
                 .remove_stats(cfg.stats_id)
                 .map_err(map_err("delete", STATS_MAP))?;
@@ -430,8 +477,8 @@ where
         Ok(())
     }
 
-    fn release(&mut self, entry: ServiceEntry, cfg: Option<ServiceConfig>) -> Result<()> {
-        self.remove_set(entry.id, entry.count, cfg)?;
+    fn release(&mut self, entry: ServiceEntry) -> Result<()> {
+        self.remove_set(entry.id, entry.count)?;
         self.used_ids.remove(&entry.id);
         Ok(())
     }
@@ -507,10 +554,10 @@ fn arrange(old: &[SocketAddrV4], new: &[SocketAddrV4]) -> Vec<SocketAddrV4> {
 mod tests {
     use std::collections::HashMap;
 
-    use keelson_ebpf_common::MaglevKey;
+    use keelson_ebpf_common::{FLAG_MAGLEV_TABLE, MAGLEV_SIZE};
 
     use super::*;
-    use crate::lb::selection::{Algorithm, SelectionMaps};
+    use crate::lb::{maglev_tables::InMemoryTables, selection::SelectionMaps};
 
     type Fake = ServiceTable<
         HashMap<ServiceKey, ServiceEntry>,
@@ -518,24 +565,18 @@ mod tests {
         HashMap<u32, u32>,
     >;
 
-    type FakeSelection = SelectionMaps<
-        HashMap<u32, ServiceConfig>,
-        HashMap<MaglevKey, u32>,
-        HashMap<u32, ServiceStats>,
-    >;
+    type FakeSelection =
+        SelectionMaps<HashMap<u32, ServiceConfig>, InMemoryTables, HashMap<u32, ServiceStats>>;
+
+    /// Room for this many Maglev services in the fake tables.
+    const FAKE_MAGLEV_SERVICES: u32 = 3;
 
     fn selection() -> Box<FakeSelection> {
         Box::new(SelectionMaps {
             config: HashMap::new(),
-            maglev: HashMap::new(),
+            maglev: InMemoryTables::new(FAKE_MAGLEV_SERVICES * MAGLEV_TABLES_PER_SERVICE),
             stats: HashMap::new(),
         })
-    }
-
-    /// The selection maps of a table over in-memory maps.
-    fn selection_maps(t: &Fake) -> &FakeSelection {
-        let any: &dyn std::any::Any = t.selection.as_any();
-        any.downcast_ref().expect("in-memory selection maps")
     }
 
     fn table() -> Fake {
@@ -746,42 +787,146 @@ mod tests {
         assert_eq!(t.selection.stats(first.stats_id).unwrap(), None);
     }
 
+    const MAGLEV: ServiceOptions = ServiceOptions {
+        algorithm: Algorithm::Maglev,
+        affinity_timeout_secs: None,
+    };
+
+    /// The Maglev table a frontend's live set uses, and its content as backend addresses.
+    fn live_table(t: &Fake, f: Frontend) -> (u32, Vec<SocketAddrV4>) {
+        let cfg = config(t, f);
+        let table = ServiceOptions::table_of(&cfg).expect("a Maglev table");
+        let backends = slots(t, f);
+        let content = t.selection.maglev_table(table).unwrap();
+        let addrs = content.iter().map(|s| backends[*s as usize]).collect();
+        (table, addrs)
+    }
+
+    /// The expected table for a set given in slot order, as addresses.
+    fn expected(backends: &[SocketAddrV4]) -> Vec<SocketAddrV4> {
+        let slots: Vec<(u32, SocketAddrV4)> = (0u32..).zip(backends.iter().copied()).collect();
+        maglev::table(&slots)
+            .iter()
+            .map(|s| backends[*s as usize])
+            .collect()
+    }
+
     #[test]
-    fn maglev_tables_are_written_with_the_set_and_removed_with_it() {
+    fn a_maglev_change_writes_the_other_table_and_flips_to_it_with_the_set() {
         let mut t = table();
         let web: Frontend = "10.96.0.10:80".parse().unwrap();
-        let maglev = ServiceOptions {
-            algorithm: Algorithm::Maglev,
-            affinity_timeout_secs: None,
-        };
         let backends = addrs(&["10.244.0.2:8080", "10.244.0.3:8080", "10.244.0.4:8080"]);
-        t.upsert_with(web, &backends, maglev).unwrap();
-        let id = t.maps().0[&web.key()].id;
-        let sel = selection_maps(&t);
-        assert_eq!(sel.maglev.len(), MAGLEV_SIZE as usize);
+        t.upsert_with(web, &backends, MAGLEV).unwrap();
+        let (first, content) = live_table(&t, web);
+        assert_eq!(content.len(), MAGLEV_SIZE as usize);
+        assert_eq!(content, expected(&slots(&t, web)));
+        let before = t.selection.maglev_table(first).unwrap();
+
+        // One backend replaced: the new set names the pair's other table, written whole,
+        // while the table the old set used is left as it was (a reader may still be on it).
+        let changed = addrs(&["10.244.0.2:8080", "10.244.0.9:8080", "10.244.0.4:8080"]);
+        t.upsert_with(web, &changed, MAGLEV).unwrap();
+        let (second, content) = live_table(&t, web);
+        assert_eq!(second, other_table(first));
+        assert_eq!(content, expected(&slots(&t, web)));
+        assert_eq!(t.selection.maglev_table(first).unwrap(), before);
+
+        // And back again: the pair alternates.
+        t.upsert_with(web, &backends, MAGLEV).unwrap();
+        assert_eq!(live_table(&t, web).0, first);
+        // Only the live set has a configuration.
+        assert_eq!(t.selection.configs().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn maglev_table_pairs_are_bounded_freed_and_recovered_after_a_restart() {
+        let mut t = table();
+        let one = addrs(&["10.244.0.2:8080"]);
+        let fronts: Vec<Frontend> = (1..=FAKE_MAGLEV_SERVICES + 1)
+            .map(|i| format!("10.96.0.{i}:80").parse().unwrap())
+            .collect();
+        for f in &fronts[..FAKE_MAGLEV_SERVICES as usize] {
+            t.upsert_with(*f, &one, MAGLEV).unwrap();
+        }
+        let last = fronts[FAKE_MAGLEV_SERVICES as usize];
+        let err = t.upsert_with(last, &one, MAGLEV).unwrap_err();
         assert!(
-            sel.maglev
-                .iter()
-                .all(|(k, slot)| k.service_id == id && *slot < 3)
+            matches!(err, Error::MaglevTablesExhausted { max: 3, .. }),
+            "{err}"
         );
+        // The refused service left nothing behind, not even counters.
+        assert_eq!(t.list().unwrap().len(), FAKE_MAGLEV_SERVICES as usize);
+        assert_eq!(selection_stats(&t), FAKE_MAGLEV_SERVICES as usize);
+        // Random services need no table.
+        t.upsert(last, &one).unwrap();
 
-        // A new set replaces the table; the old one is gone.
-        t.upsert_with(web, &backends[..2], maglev).unwrap();
-        let id2 = t.maps().0[&web.key()].id;
-        let sel = selection_maps(&t);
-        assert_eq!(sel.maglev.len(), MAGLEV_SIZE as usize);
-        assert!(sel.maglev.keys().all(|k| k.service_id == id2));
-        assert_eq!(slots(&t, web), backends[..2].to_vec());
+        // Removing a Maglev service, or turning it random or empty, frees its pair.
+        t.remove(fronts[0]).unwrap();
+        t.upsert_with(last, &one, MAGLEV).unwrap();
+        t.upsert(fronts[1], &one).unwrap();
+        assert_eq!(config(&t, fronts[1]).flags & FLAG_MAGLEV_TABLE, 0);
+        t.upsert_with(fronts[0], &one, MAGLEV).unwrap();
+        t.upsert_with(fronts[2], &[], MAGLEV).unwrap();
+        assert_eq!(config(&t, fronts[2]).flags & FLAG_MAGLEV_TABLE, 0);
 
-        t.upsert(web, &backends).unwrap();
-        assert!(selection_maps(&t).maglev.is_empty());
+        // A restarted agent learns the pairs in use from the pinned configurations.
+        let in_use: HashSet<u32> = [last, fronts[0]]
+            .iter()
+            .map(|f| slot_of(live_table(&t, *f).0))
+            .collect();
+        assert_eq!(in_use.len(), 2);
+        let Fake {
+            services,
+            backends,
+            vips,
+            selection,
+            ..
+        } = t;
+        let mut t = ServiceTable::new(services, backends, vips, selection).unwrap();
+        t.upsert_with(fronts[1], &one, MAGLEV).unwrap();
+        let fresh = slot_of(live_table(&t, fronts[1]).0);
+        assert!(!in_use.contains(&fresh), "pair {fresh} handed out twice");
+        assert!(matches!(
+            t.upsert_with(fronts[2], &one, MAGLEV),
+            Err(Error::MaglevTablesExhausted { .. })
+        ));
+    }
 
-        // An empty set (a Service before its endpoints) has no table to write or remove.
-        t.upsert_with(web, &[], maglev).unwrap();
-        assert!(selection_maps(&t).maglev.is_empty());
-        t.upsert_with(web, &backends, maglev).unwrap();
-        assert_eq!(selection_maps(&t).maglev.len(), MAGLEV_SIZE as usize);
-        t.upsert_with(web, &[], maglev).unwrap();
-        assert!(selection_maps(&t).maglev.is_empty());
+    #[test]
+    fn maglev_sets_of_an_older_agent_are_rewritten_with_a_table() {
+        let mut t = table();
+        let web: Frontend = "10.96.0.10:80".parse().unwrap();
+        let backends = addrs(&["10.244.0.2:8080", "10.244.0.3:8080"]);
+        t.upsert_with(web, &backends, MAGLEV).unwrap();
+        // What an older agent wrote: the Maglev flag, no table.
+        let id = t.services[&web.key()].id;
+        let mut cfg = t.selection.config(id).unwrap().unwrap();
+        cfg.flags &= !FLAG_MAGLEV_TABLE;
+        cfg.maglev_table = 0;
+        t.selection.set_config(id, cfg).unwrap();
+        let Fake {
+            services,
+            backends: b,
+            vips,
+            selection,
+            ..
+        } = t;
+        let mut t = ServiceTable::new(services, b, vips, selection).unwrap();
+        // The same backends and options: still rewritten, now with a table.
+        t.upsert_with(web, &backends, MAGLEV).unwrap();
+        assert_ne!(t.services[&web.key()].id, id);
+        let (_, content) = live_table(&t, web);
+        assert_eq!(content, expected(&slots(&t, web)));
+        // Unchanged from here on.
+        let id = t.services[&web.key()].id;
+        t.upsert_with(web, &backends, MAGLEV).unwrap();
+        assert_eq!(t.services[&web.key()].id, id);
+    }
+
+    /// Number of counter entries.
+    fn selection_stats(t: &Fake) -> usize {
+        let any: &dyn std::any::Any = t.selection.as_any();
+        let maps: &FakeSelection = any.downcast_ref().expect("in-memory selection maps");
+        maps.stats.len()
     }
 }

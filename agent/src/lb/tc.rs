@@ -20,7 +20,7 @@ use aya::{
     programs::{LinkOrder, SchedClassifier, TcAttachType, links::FdLink, tc::TcAttachOptions},
 };
 use keelson_ebpf_common::{
-    AffinityKey, AffinityValue, Backend, BackendKey, CtEntry, CtKey, MaglevKey, NP_ADDRS_MAP,
+    AffinityKey, AffinityValue, Backend, BackendKey, CtEntry, CtKey, MaglevTable, NP_ADDRS_MAP,
     NP_AFFINITY_MAP, NP_BACKENDS_MAP, NP_CT_MAP, NP_LOCAL_MAP, NP_MAGLEV_MAP, NP_REV_MAP,
     NP_SERVICES_MAP, NP_STATS_MAP, NP_SVC_CONFIG_MAP, RevEntry, ServiceConfig, ServiceEntry,
     ServiceKey, ServiceStats,
@@ -30,7 +30,7 @@ use super::{
     bpffs::{ensure_dir, io_err},
     error::{Error, Result},
     loader::{
-        KernelSelectionMaps, KernelServiceTable, OBJECT, Pins, open_hash_map,
+        KernelSelectionMaps, KernelServiceTable, OBJECT, Pins, open_hash_map, open_maglev_tables,
         open_per_cpu_hash_map, replace_mismatched_maps,
     },
     selection::{SelectionMaps, SummedPerCpu},
@@ -58,7 +58,7 @@ pub(super) const MAPS: [(&str, usize, usize); 10] = [
         size_of::<u32>(),
         size_of::<ServiceConfig>(),
     ),
-    (NP_MAGLEV_MAP, size_of::<MaglevKey>(), size_of::<u32>()),
+    (NP_MAGLEV_MAP, size_of::<u32>(), size_of::<MaglevTable>()),
     (
         NP_AFFINITY_MAP,
         size_of::<AffinityKey>(),
@@ -70,8 +70,9 @@ pub(super) const MAPS: [(&str, usize, usize); 10] = [
 const LINK_PREFIX: &str = "tc-";
 /// Version of the tc programs' link pins; raise it whenever the tc programs change behaviour
 /// or start using other maps. Version 1 pinned `tc-<direction>@…`; version 2 selects backends
-/// as the socket path does and counts packets and drops.
-pub const TC_LINK_VERSION: u32 = 2;
+/// as the socket path does and counts packets and drops; version 3 reads Maglev tables from an
+/// array of whole tables.
+pub const TC_LINK_VERSION: u32 = 3;
 
 /// The two tc programs and where each is attached.
 const PROGRAMS: [(&str, TcAttachType, &str); 2] = [
@@ -273,7 +274,7 @@ pub fn open_tc(pins: &Pins) -> Result<PacketMapsPinned> {
     let path = |name: &str| pins.dir().join(name);
     let selection: KernelSelectionMaps = SelectionMaps {
         config: open_hash_map(&path(NP_SVC_CONFIG_MAP))?,
-        maglev: open_hash_map(&path(NP_MAGLEV_MAP))?,
+        maglev: open_maglev_tables(&path(NP_MAGLEV_MAP))?,
         stats: SummedPerCpu(open_per_cpu_hash_map(&path(NP_STATS_MAP))?),
     };
     Ok(PacketMapsPinned {
@@ -326,7 +327,7 @@ mod tests {
         let pins = Pins::new("/sys/fs/bpf/keelson");
         assert_eq!(
             link_pin(&pins, "ingress", "eth0", 2),
-            Path::new("/sys/fs/bpf/keelson/tc-ingress_v2@eth0:2")
+            Path::new("/sys/fs/bpf/keelson/tc-ingress_v3@eth0:2")
         );
         assert_eq!(pin_interface("tc-ingress_v2@eth0:2"), Some("eth0"));
         // Version 1's pins are still recognised, so an upgrade removes them.

@@ -15,13 +15,58 @@ use super::{
     topology::{SERVICE_PORT, backend, endpoints, service_vip},
 };
 
+/// One timed update: the wall time from the call to its return (the new state published and
+/// the old one cleaned up), and what the thread did meanwhile, to tell an update that was slow
+/// from one whose thread was not running (preempted on a loaded machine).
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    /// Wall-clock time of the call.
+    pub wall: Duration,
+    /// CPU time of the calling thread during the call (user and kernel).
+    pub cpu: Duration,
+    /// Involuntary context switches of the thread during the call (preemptions).
+    pub preempted: u64,
+}
+
+/// The calling thread's CPU time and involuntary context switches so far.
+fn thread_usage() -> (Duration, u64) {
+    // SAFETY: both calls only write the structures passed, which live on this stack.
+    unsafe {
+        let mut ts: libc::timespec = std::mem::zeroed();
+        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts);
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
+        (
+            Duration::new(
+                u64::try_from(ts.tv_sec).unwrap_or(0),
+                u32::try_from(ts.tv_nsec).unwrap_or(0),
+            ),
+            u64::try_from(ru.ru_nivcsw).unwrap_or(0),
+        )
+    }
+}
+
+/// Runs `f`, timing it as a [`Sample`].
+fn timed(f: impl FnOnce() -> lb::Result<()>) -> Result<Sample> {
+    let (cpu0, sw0) = thread_usage();
+    let start = Instant::now();
+    f()?;
+    let wall = start.elapsed();
+    let (cpu1, sw1) = thread_usage();
+    Ok(Sample {
+        wall,
+        cpu: cpu1.saturating_sub(cpu0),
+        preempted: sw1.saturating_sub(sw0),
+    })
+}
+
 /// Timed Maglev service operations.
 pub struct MaglevTimes {
     /// Adding a Maglev service (its table written, then published).
-    pub adds: Vec<Duration>,
-    /// Replacing one endpoint of a Maglev service (a new table written and published, the
-    /// old one removed).
-    pub changes: Vec<Duration>,
+    pub adds: Vec<Sample>,
+    /// Replacing one endpoint of a Maglev service (a new table written and published with the
+    /// new set, the old set removed).
+    pub changes: Vec<Sample>,
 }
 
 /// The load balancer attached to one cgroup; detached and its pins removed on drop.
@@ -65,14 +110,12 @@ impl EbpfLb {
     ///
     /// # Errors
     /// A map operation fails.
-    pub fn time_adds(&self, n: u32, count: u32, per_service: u32) -> Result<Vec<Duration>> {
+    pub fn time_adds(&self, n: u32, count: u32, per_service: u32) -> Result<Vec<Sample>> {
         let mut table = lb::open(&self.pins)?;
         let mut times = Vec::with_capacity(count as usize);
         for k in n..n + count {
             let backends: Vec<SocketAddrV4> = endpoints(k, per_service);
-            let start = Instant::now();
-            table.upsert(frontend(k), &backends)?;
-            times.push(start.elapsed());
+            times.push(timed(|| table.upsert(frontend(k), &backends))?);
         }
         for k in n..n + count {
             table.remove(frontend(k))?;
@@ -94,9 +137,7 @@ impl EbpfLb {
         let mut adds = Vec::with_capacity(count as usize);
         for k in n..n + count {
             let backends = endpoints(k, per_service);
-            let start = Instant::now();
-            table.upsert_with(frontend(k), &backends, maglev)?;
-            adds.push(start.elapsed());
+            adds.push(timed(|| table.upsert_with(frontend(k), &backends, maglev))?);
         }
         let mut changes = Vec::with_capacity(count as usize);
         for k in n..n + count {
@@ -105,9 +146,7 @@ impl EbpfLb {
             let mut backends = endpoints(k, per_service);
             backends.pop();
             backends.push(backend(k * per_service + per_service));
-            let start = Instant::now();
-            table.upsert_with(frontend(k), &backends, maglev)?;
-            changes.push(start.elapsed());
+            changes.push(timed(|| table.upsert_with(frontend(k), &backends, maglev))?);
         }
         for k in n..n + count {
             table.remove(frontend(k))?;

@@ -198,6 +198,9 @@ fn run_blocking(args: &DataplaneArgs) -> Result<()> {
             p.finish(args)
                 .with_context(|| format!("updating {} with {n} services", p.point.system))?;
             report::print_row(&p.point);
+            if p.point.system == "ebpf" {
+                report::print_updates(&p.point);
+            }
             points.push(p.point.clone());
         }
     }
@@ -425,15 +428,23 @@ impl Prepared {
         match installed {
             Installed::Direct => {}
             Installed::Ebpf(lb) => {
-                record_adds(point, lb.time_adds(n, args.update_samples, per)?);
+                let adds = lb.time_adds(n, args.update_samples, per)?;
+                record_adds(point, adds.iter().map(|s| s.wall).collect());
+                point.add_one_p99_ms = p99(&adds);
+                point.add_one_slow = slow(&adds);
                 if args.maglev_samples > 0 {
                     let m = lb.time_maglev(n, args.maglev_samples, per)?;
                     point.maglev_samples = m.adds.len();
-                    let (mut adds, mut changes) = (m.adds, m.changes);
+                    let wall = |v: &[ebpf::Sample]| v.iter().map(|s| s.wall).collect::<Vec<_>>();
+                    let (mut adds, mut changes) = (wall(&m.adds), wall(&m.changes));
                     point.maglev_add_p50_ms = median(&mut adds).map(ms);
+                    point.maglev_add_p99_ms = p99(&m.adds);
                     point.maglev_add_max_ms = adds.iter().max().copied().map(ms);
                     point.maglev_update_p50_ms = median(&mut changes).map(ms);
+                    point.maglev_update_p99_ms = p99(&m.changes);
                     point.maglev_update_max_ms = changes.iter().max().copied().map(ms);
+                    let all: Vec<ebpf::Sample> = m.adds.iter().chain(&m.changes).copied().collect();
+                    point.maglev_slow = slow(&all);
                 }
             }
             Installed::Iptables(rules) => {
@@ -478,6 +489,31 @@ fn record_adds(point: &mut Point, mut adds: Vec<Duration>) {
     point.add_one_samples = adds.len();
     point.add_one_p50_ms = median(&mut adds).map(ms);
     point.add_one_max_ms = adds.iter().max().copied().map(ms);
+}
+
+/// The 99th percentile of the samples' wall times (nearest rank), ms.
+fn p99(samples: &[ebpf::Sample]) -> Option<f64> {
+    let mut wall: Vec<Duration> = samples.iter().map(|s| s.wall).collect();
+    wall.sort();
+    let rank = (wall.len() * 99).div_ceil(100);
+    wall.get(rank.checked_sub(1)?).copied().map(ms)
+}
+
+/// The samples over 1 ms of wall time, with the thread's CPU time and preemptions in each.
+fn slow(samples: &[ebpf::Sample]) -> report::SlowUpdates {
+    let over: Vec<&ebpf::Sample> = samples
+        .iter()
+        .filter(|s| s.wall > Duration::from_millis(1))
+        .collect();
+    report::SlowUpdates {
+        over_1ms: over.len(),
+        preempted: over.iter().filter(|s| s.preempted > 0).count(),
+        cpu_max_ms: samples.iter().map(|s| s.cpu).max().map(ms),
+        worst: over
+            .iter()
+            .map(|s| (ms(s.wall), ms(s.cpu), s.preempted))
+            .collect(),
+    }
 }
 
 fn median(times: &mut [Duration]) -> Option<Duration> {

@@ -52,19 +52,29 @@ pub struct Point {
     pub add_one_p50_ms: Option<f64>,
     /// Adding one service: the slowest of the timed adds, ms.
     pub add_one_max_ms: Option<f64>,
+    /// eBPF only: adding one service, 99th percentile (nearest rank), ms.
+    pub add_one_p99_ms: Option<f64>,
+    /// eBPF only: the adds over 1 ms and what their thread did meanwhile.
+    pub add_one_slow: SlowUpdates,
     /// Adds timed.
     pub add_one_samples: usize,
     /// iptables only: a full `iptables-restore` of every service (median), ms.
     pub full_restore_ms: Option<f64>,
     /// eBPF only: adding one Maglev service (its 1021-entry table written), median, ms.
     pub maglev_add_p50_ms: Option<f64>,
+    /// eBPF only: Maglev add, 99th percentile, ms.
+    pub maglev_add_p99_ms: Option<f64>,
     /// eBPF only: the slowest timed Maglev add, ms.
     pub maglev_add_max_ms: Option<f64>,
     /// eBPF only: changing one endpoint of a Maglev service (a new table published, the old
     /// one removed), median, ms.
     pub maglev_update_p50_ms: Option<f64>,
+    /// eBPF only: Maglev endpoint change, 99th percentile, ms.
+    pub maglev_update_p99_ms: Option<f64>,
     /// eBPF only: the slowest timed Maglev endpoint change, ms.
     pub maglev_update_max_ms: Option<f64>,
+    /// eBPF only: the Maglev adds and changes over 1 ms and what their thread did meanwhile.
+    pub maglev_slow: SlowUpdates,
     /// Maglev adds and changes timed (each).
     pub maglev_samples: usize,
 }
@@ -90,15 +100,35 @@ impl Point {
             load_ms: None,
             add_one_p50_ms: None,
             add_one_max_ms: None,
+            add_one_p99_ms: None,
+            add_one_slow: SlowUpdates::default(),
             add_one_samples: 0,
             full_restore_ms: None,
             maglev_add_p50_ms: None,
+            maglev_add_p99_ms: None,
             maglev_add_max_ms: None,
             maglev_update_p50_ms: None,
+            maglev_update_p99_ms: None,
             maglev_update_max_ms: None,
+            maglev_slow: SlowUpdates::default(),
             maglev_samples: 0,
         }
     }
+}
+
+/// Timed updates over 1 ms, to tell slow updates from a thread that was not running: an
+/// update preempted on a loaded machine shows a wall time far above its CPU time.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SlowUpdates {
+    /// Updates that took more than 1 ms of wall time.
+    pub over_1ms: usize,
+    /// Of those, the ones during which the thread was preempted (an involuntary context
+    /// switch).
+    pub preempted: usize,
+    /// The most CPU time (user and kernel) the thread spent in any one timed update, ms.
+    pub cpu_max_ms: Option<f64>,
+    /// Each update over 1 ms: (wall ms, thread CPU ms, involuntary context switches).
+    pub worst: Vec<(f64, f64, u64)>,
 }
 
 /// One system against direct connects and against iptables, at one number of services.
@@ -302,6 +332,45 @@ pub fn print_row(p: &Point) {
             3
         ),
     );
+}
+
+/// Prints the eBPF update times of a point: percentiles, and the updates over 1 ms with the
+/// CPU time and preemptions of their thread.
+pub fn print_updates(p: &Point) {
+    let slow = |s: &SlowUpdates| {
+        format!(
+            "{} over 1 ms ({} preempted; wall/cpu ms, preemptions: {}), most CPU in one: {} ms",
+            s.over_1ms,
+            s.preempted,
+            s.worst
+                .iter()
+                .map(|(w, c, n)| format!("{w:.2}/{c:.3}/{n}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            cell(s.cpu_max_ms, 3),
+        )
+    };
+    println!(
+        "{:>8} ebpf updates: add one p50/p99/max {}/{}/{} ms, {}",
+        p.services,
+        cell(p.add_one_p50_ms, 3),
+        cell(p.add_one_p99_ms, 3),
+        cell(p.add_one_max_ms, 3),
+        slow(&p.add_one_slow),
+    );
+    if p.maglev_samples > 0 {
+        println!(
+            "{:>8} ebpf Maglev: add p50/p99/max {}/{}/{} ms, change p50/p99/max {}/{}/{} ms, {}",
+            p.services,
+            cell(p.maglev_add_p50_ms, 3),
+            cell(p.maglev_add_p99_ms, 3),
+            cell(p.maglev_add_max_ms, 3),
+            cell(p.maglev_update_p50_ms, 3),
+            cell(p.maglev_update_p99_ms, 3),
+            cell(p.maglev_update_max_ms, 3),
+            slow(&p.maglev_slow),
+        );
+    }
 }
 
 /// The header of the table [`print_row`] prints.

@@ -148,8 +148,12 @@ mod tests {
 //   affinity, the service's stable counter id). Written under the fresh id before the service
 //   entry is published, so it switches atomically with the backend set. A service without an
 //   entry (written by an older agent) is balanced at random without affinity or counters.
-// - [`MAGLEV_MAP`]: [`MaglevKey`] (backend-set id, table index) → backend slot; only services
-//   using Maglev have entries, [`MAGLEV_SIZE`] each.
+// - [`MAGLEV_MAP`]: an array of whole lookup tables ([`MaglevTable`], [`MAGLEV_SIZE`] backend
+//   slots each), two per Maglev service: table `2 * s` and `2 * s + 1` of service slot `s`.
+//   A backend set's configuration names the table it uses ([`ServiceConfig::maglev_table`]);
+//   a change writes the service's other table (not in use) and publishes it with the new set,
+//   so readers see the old table or the new one, never a mix. The map is created with
+//   [`BPF_F_MMAPABLE`]: user space writes a table through a memory mapping, no system call.
 // - [`AFFINITY_MAP`]: [`AffinityKey`] (stable id, client) → [`AffinityValue`] (backend, last
 //   use), an LRU map.
 // - [`STATS_MAP`]: stable id → [`ServiceStats`], per CPU; id [`UNEXPOSED_STATS_ID`] counts
@@ -166,10 +170,14 @@ pub const STATS_MAP: &str = "LB_STATS";
 
 /// Size of every service's Maglev lookup table: a prime, so that each backend's permutation
 /// visits every entry. 1021 keeps the disruption of a backend change near the ideal 1/N for up
-/// to about 100 backends per service while a table stays 1021 map entries.
+/// to about 100 backends per service while a table stays within one 4 KiB page.
 pub const MAGLEV_SIZE: u32 = 1021;
-/// Capacity of the Maglev map: room for this many Maglev services' tables (allocated on use).
+/// Maglev services the socket path can hold; the Maglev map has two tables for each.
 pub const MAX_MAGLEV_SERVICES: u32 = 1024;
+/// Lookup tables per Maglev service: the one in use and the one the next change writes.
+pub const MAGLEV_TABLES_PER_SERVICE: u32 = 2;
+/// `BPF_F_MMAPABLE` (Linux 5.5): an array map user space can `mmap(2)`.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// Capacity of the session-affinity LRU map.
 pub const MAX_AFFINITY: u32 = 65_536;
 /// `BPF_F_NO_PREALLOC`: entries are allocated on insert, so unused capacity costs nothing.
@@ -181,6 +189,10 @@ pub const UNEXPOSED_STATS_ID: u32 = 0;
 pub const FLAG_MAGLEV: u32 = 1;
 /// [`ServiceConfig::flags`]: `sessionAffinity: ClientIP`.
 pub const FLAG_AFFINITY: u32 = 2;
+/// [`ServiceConfig::flags`]: [`ServiceConfig::maglev_table`] names this set's Maglev table.
+/// Sets written by an agent that kept tables in a hash map have [`FLAG_MAGLEV`] without it;
+/// the programs balance those at random until the agent rewrites them.
+pub const FLAG_MAGLEV_TABLE: u32 = 4;
 
 /// How one backend set of a service is balanced.
 #[repr(C)]
@@ -193,18 +205,31 @@ pub struct ServiceConfig {
     pub flags: u32,
     /// Session affinity timeout since last use, seconds.
     pub affinity_timeout_secs: u32,
-    /// Explicit padding; always zero.
+    /// With [`FLAG_MAGLEV_TABLE`]: the index of this set's table in the Maglev map; zero
+    /// otherwise.
+    pub maglev_table: u32,
+}
+
+/// One Maglev lookup table: entry [`maglev_index`]`(flow hash)` → backend slot of the set that
+/// uses it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevTable {
+    /// The entries.
+    pub entries: [u32; MAGLEV_SIZE as usize],
+    /// Explicit padding to a multiple of 8 bytes (the kernel's array stride); always zero.
+    /// It also keeps the verifier's bound of an entry's offset, which it tracks only to the
+    /// byte (`4 * index` ≤ 4083), inside the value.
     pub pad: u32,
 }
 
-/// One entry of a service's Maglev lookup table.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct MaglevKey {
-    /// The backend-set id ([`ServiceEntry::id`]).
-    pub service_id: u32,
-    /// Table index, `0..MAGLEV_SIZE`.
-    pub index: u32,
+/// The entry of a Maglev table a flow hash selects: `hash * MAGLEV_SIZE / 2^32`, as even as a
+/// modulo for a uniform hash, and a multiply and shift the verifier can bound (it tracks no
+/// range through a modulo on every kernel), so a table is indexed without a runtime check.
+#[must_use]
+#[inline(always)]
+pub const fn maglev_index(hash: u32) -> u32 {
+    ((hash as u64 * MAGLEV_SIZE as u64) >> 32) as u32
 }
 
 /// [`AffinityKey::kind`]: the client is a network namespace (`bpf_get_netns_cookie`).
@@ -322,7 +347,7 @@ pub const fn packet_flow_words(saddr: u32, sport: u16, dport: u16, proto: u8) ->
 mod pod_selection {
     // SAFETY: as in `pod`: `#[repr(C)]`, `Copy`, integers only, explicit padding.
     unsafe impl aya::Pod for super::ServiceConfig {}
-    unsafe impl aya::Pod for super::MaglevKey {}
+    unsafe impl aya::Pod for super::MaglevTable {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityValue {}
     unsafe impl aya::Pod for super::ServiceStats {}
@@ -336,10 +361,23 @@ mod selection_tests {
     #[test]
     fn selection_layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceConfig>(), 16);
-        assert_eq!(size_of::<MaglevKey>(), 8);
+        assert_eq!(size_of::<MaglevTable>(), 4 * MAGLEV_SIZE as usize + 4);
+        assert_eq!(size_of::<MaglevTable>() % 8, 0);
         assert_eq!(size_of::<AffinityKey>(), 16);
         assert_eq!(size_of::<AffinityValue>(), 24);
         assert_eq!(size_of::<ServiceStats>(), 40);
+    }
+
+    #[test]
+    fn maglev_index_covers_the_table_evenly() {
+        assert_eq!(maglev_index(0), 0);
+        assert_eq!(maglev_index(u32::MAX), MAGLEV_SIZE - 1);
+        let mut counts = [0u32; MAGLEV_SIZE as usize];
+        for c in 0..(MAGLEV_SIZE as u64 * 64) {
+            counts[maglev_index(flow_hash(c, 7)) as usize] += 1;
+        }
+        // 64 hashes per entry on average: no entry is starved or crowded.
+        assert!(counts.iter().all(|n| (20..=120).contains(n)), "{counts:?}");
     }
 
     #[test]
@@ -399,13 +437,14 @@ pub const NP_REV_MAP: &str = "NP_REV";
 /// Name (and pin name) of the tc path's per-backend-set configuration ([`ServiceConfig`]),
 /// keyed by the ids of [`NP_SERVICES_MAP`] entries (an id space of its own).
 pub const NP_SVC_CONFIG_MAP: &str = "NP_SVC_CONFIG";
-/// Name (and pin name) of the tc path's Maglev tables ([`MaglevKey`] → slot).
+/// Name (and pin name) of the tc path's Maglev tables (an array of [`MaglevTable`], laid out
+/// as [`MAGLEV_MAP`]).
 pub const NP_MAGLEV_MAP: &str = "NP_MAGLEV";
 /// Name (and pin name) of the tc path's session-affinity LRU map (clients by address).
 pub const NP_AFFINITY_MAP: &str = "NP_AFFINITY";
 /// Name (and pin name) of the tc path's per-frontend counters ([`ServiceStats`], per CPU).
 pub const NP_STATS_MAP: &str = "NP_STATS";
-/// Capacity of the tc path's Maglev map: room for this many Maglev frontends' tables.
+/// Maglev frontends the tc path can hold; its Maglev map has two tables for each.
 pub const MAX_NP_MAGLEV_SERVICES: u32 = 256;
 /// Capacity of the external frontends map.
 pub const MAX_NP_SERVICES: u32 = 16_384;

@@ -108,7 +108,8 @@ fn balance(ctx: &SockAddrContext) -> i32 {
     };
     let cfg = select::config::<Socket>(service);
     if service.count == 0 {
-        if let Some(cfg) = cfg {
+        // A set without configuration has no counters of its own.
+        if cfg.stats_id != UNEXPOSED_STATS_ID {
             select::count_refused::<Socket>(cfg.stats_id);
         }
         return refuse();

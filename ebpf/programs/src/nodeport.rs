@@ -35,15 +35,15 @@ use aya_ebpf::{
     },
     helpers::{bpf_fib_lookup, bpf_get_prandom_u32, bpf_redirect_neigh},
     macros::{classifier, map},
-    maps::{HashMap, LruHashMap, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
     programs::TcContext,
 };
 use keelson_ebpf_common::{
-    AffinityKey, AffinityValue, BPF_F_NO_PREALLOC, Backend, BackendKey, CLIENT_ADDR, CtEntry,
-    CtKey, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_SIZE, MAX_AFFINITY, MAX_NP_BACKENDS, MAX_NP_FLOWS,
-    MAX_NP_LOCAL, MAX_NP_MAGLEV_SERVICES, MAX_NP_SERVICES, MaglevKey, RevEntry, SNAT_PORT_COUNT,
-    SNAT_PORT_MIN, ServiceConfig, ServiceEntry, ServiceKey, ServiceStats, flow_hash,
-    packet_flow_words,
+    AffinityKey, AffinityValue, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, Backend, BackendKey,
+    CLIENT_ADDR, CtEntry, CtKey, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_TABLES_PER_SERVICE, MAX_AFFINITY,
+    MAX_NP_BACKENDS, MAX_NP_FLOWS, MAX_NP_LOCAL, MAX_NP_MAGLEV_SERVICES, MAX_NP_SERVICES,
+    MaglevTable, RevEntry, SNAT_PORT_COUNT, SNAT_PORT_MIN, ServiceConfig, ServiceEntry, ServiceKey,
+    ServiceStats, flow_hash, packet_flow_words,
 };
 
 use crate::select::{self, Maps};
@@ -77,10 +77,13 @@ static NP_REV: LruHashMap<CtKey, RevEntry> = LruHashMap::pinned(MAX_NP_FLOWS, 0)
 static NP_SVC_CONFIG: HashMap<u32, ServiceConfig> =
     HashMap::pinned(MAX_NP_SERVICES, BPF_F_NO_PREALLOC);
 
-/// (backend-set id, index) → slot: Maglev tables of the external frontends.
+/// Maglev tables of the external frontends, two per Maglev frontend (written by user space
+/// through a memory mapping).
 #[map(name = "NP_MAGLEV")]
-static NP_MAGLEV: HashMap<MaglevKey, u32> =
-    HashMap::pinned(MAGLEV_SIZE * MAX_NP_MAGLEV_SERVICES, BPF_F_NO_PREALLOC);
+static NP_MAGLEV: Array<MaglevTable> = Array::pinned(
+    MAGLEV_TABLES_PER_SERVICE * MAX_NP_MAGLEV_SERVICES,
+    BPF_F_MMAPABLE,
+);
 
 /// (frontend, client address) → the backend it was last sent to.
 #[map(name = "NP_AFFINITY")]
@@ -104,7 +107,7 @@ impl Maps for Tc {
         &NP_SVC_CONFIG
     }
     #[inline(always)]
-    fn maglev() -> &'static HashMap<MaglevKey, u32> {
+    fn maglev() -> &'static Array<MaglevTable> {
         &NP_MAGLEV
     }
     #[inline(always)]
@@ -235,7 +238,7 @@ fn ingress(ctx: &TcContext) -> Result<i32, ()> {
     };
     let cfg = select::config::<Tc>(&service);
     // A frontend written without configuration has no counters: id 0 has no entry here.
-    let stats_id = cfg.map_or(0, |c| c.stats_id);
+    let stats_id = cfg.stats_id;
     // SAFETY: as above.
     let known = unsafe { NP_CT.get(pkt.tuple) }.copied();
     let flow = match known {
@@ -294,9 +297,8 @@ fn count_reply(rev: &RevEntry, proto: u8, action: i32) {
     let Some(service) = (unsafe { NP_SERVICES.get(front) }) else {
         return;
     };
-    if let Some(cfg) = select::config::<Tc>(service) {
-        count(cfg.stats_id, action);
-    }
+    // Id 0 (no configuration) has no counters here.
+    count(select::config::<Tc>(service).stats_id, action);
 }
 
 fn is_syn(flags: u8) -> bool {
@@ -310,7 +312,7 @@ fn new_flow(
     ctx: &TcContext,
     pkt: &Packet,
     service: &ServiceEntry,
-    cfg: Option<ServiceConfig>,
+    cfg: ServiceConfig,
 ) -> Option<CtEntry> {
     if service.count == 0 {
         return None;

@@ -9,18 +9,20 @@
 //! Each call counts one connection.
 //!
 //! The maps are keyed by the backend-set id (`ServiceEntry::id`, fresh on every backend
-//! change) where they describe one backend set — configuration and Maglev table — and by the
-//! stable `ServiceConfig::stats_id` where they must outlive a change: affinity and counters.
+//! change) where they describe one backend set — its configuration, which names its Maglev
+//! table — and by the stable `ServiceConfig::stats_id` where they must outlive a change:
+//! affinity and counters. Maglev tables are whole values of an array map; user space writes a
+//! service's unused table and publishes it with the new set, so a reader sees one table whole.
 
 use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
 };
 use keelson_ebpf_common::{
-    AffinityKey, AffinityValue, BPF_F_NO_PREALLOC, Backend, BackendKey, FLAG_AFFINITY, FLAG_MAGLEV,
-    MAGLEV_SIZE, MAX_AFFINITY, MAX_MAGLEV_SERVICES, MAX_SERVICES, MaglevKey, ServiceConfig,
-    ServiceEntry, ServiceStats,
+    AffinityKey, AffinityValue, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, Backend, BackendKey,
+    FLAG_AFFINITY, FLAG_MAGLEV_TABLE, MAGLEV_TABLES_PER_SERVICE, MAX_AFFINITY, MAX_MAGLEV_SERVICES,
+    MAX_SERVICES, MaglevTable, ServiceConfig, ServiceEntry, ServiceStats, maglev_index,
 };
 
 use crate::BACKENDS;
@@ -33,7 +35,7 @@ pub trait Maps {
     /// Backend-set id → configuration.
     fn configs() -> &'static HashMap<u32, ServiceConfig>;
     /// Maglev tables.
-    fn maglev() -> &'static HashMap<MaglevKey, u32>;
+    fn maglev() -> &'static Array<MaglevTable>;
     /// Session affinity.
     fn affinity() -> &'static LruHashMap<AffinityKey, AffinityValue>;
     /// Counters.
@@ -53,7 +55,7 @@ impl Maps for Socket {
         &SVC_CONFIG
     }
     #[inline(always)]
-    fn maglev() -> &'static HashMap<MaglevKey, u32> {
+    fn maglev() -> &'static Array<MaglevTable> {
         &MAGLEV
     }
     #[inline(always)]
@@ -70,10 +72,13 @@ impl Maps for Socket {
 #[map(name = "SVC_CONFIG")]
 static SVC_CONFIG: HashMap<u32, ServiceConfig> = HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
 
-/// (backend-set id, index) → slot: the Maglev lookup tables.
+/// The Maglev lookup tables, two per Maglev service; user space writes them through a memory
+/// mapping.
 #[map(name = "MAGLEV")]
-static MAGLEV: HashMap<MaglevKey, u32> =
-    HashMap::pinned(MAGLEV_SIZE * MAX_MAGLEV_SERVICES, BPF_F_NO_PREALLOC);
+static MAGLEV: Array<MaglevTable> = Array::pinned(
+    MAGLEV_TABLES_PER_SERVICE * MAX_MAGLEV_SERVICES,
+    BPF_F_MMAPABLE,
+);
 
 /// (service, client) → the backend it was last sent to.
 #[map(name = "AFFINITY")]
@@ -99,11 +104,17 @@ pub struct Choice {
     pub backend: Backend,
 }
 
-/// The configuration of a backend set; `None` for sets written by an older agent.
+/// The configuration of a backend set; for a set written without one (by an older agent) the
+/// default: random, no affinity, counter id 0 (`UNEXPOSED_STATS_ID`, which no service has).
+///
+/// Not an `Option`: an absent configuration's undefined payload, kept in a register across a
+/// helper call, made the verifier reject the program ("R2 !read_ok").
 #[inline(always)]
-pub fn config<M: Maps>(service: &ServiceEntry) -> Option<ServiceConfig> {
+pub fn config<M: Maps>(service: &ServiceEntry) -> ServiceConfig {
     // SAFETY: read-only access; user space replaces values whole.
-    unsafe { M::configs().get(service.id) }.copied()
+    unsafe { M::configs().get(service.id) }
+        .copied()
+        .unwrap_or_default()
 }
 
 /// Picks a backend of `service` (which has `count > 0`) for `client`, whose flow hashes to
@@ -112,11 +123,10 @@ pub fn config<M: Maps>(service: &ServiceEntry) -> Option<ServiceConfig> {
 #[inline(always)]
 pub fn choose<M: Maps>(
     service: &ServiceEntry,
-    cfg: Option<ServiceConfig>,
+    cfg: ServiceConfig,
     client: Client,
     hash: u32,
 ) -> Option<Choice> {
-    let cfg = cfg.unwrap_or_default();
     let affinity = cfg.flags & FLAG_AFFINITY != 0;
     let akey = AffinityKey {
         stats_id: cfg.stats_id,
@@ -133,13 +143,10 @@ pub fn choose<M: Maps>(
         });
         return Some(Choice { backend });
     }
-    let slot = if cfg.flags & FLAG_MAGLEV != 0 {
-        let key = MaglevKey {
-            service_id: service.id,
-            index: hash % MAGLEV_SIZE,
-        };
-        // SAFETY: read-only access to a map value.
-        *unsafe { M::maglev().get(key) }?
+    // A Maglev set written by an older agent has no table here: random until rewritten.
+    let slot = if cfg.flags & FLAG_MAGLEV_TABLE != 0 {
+        let table = M::maglev().get(cfg.maglev_table)?;
+        *table.entries.get(maglev_index(hash) as usize)?
     } else {
         // SAFETY: a helper without arguments.
         let r = unsafe { bpf_get_prandom_u32() };

@@ -1,7 +1,9 @@
-//! `netprobe tcp|udp ADDR MESSAGE`: sends MESSAGE to ADDR and prints the reply and the address
-//! the reply came from, as the application sees them.
+//! `netprobe tcp|udp ADDR MESSAGE [SOURCE_IP]`: sends MESSAGE to ADDR and prints the reply and
+//! the address the reply came from, as the application sees them.
 //!
-//! - `tcp`: connect, send, half-close, read to the end; `peer:` is `getpeername(2)`.
+//! - `tcp`: connect, send, half-close, read to the end; `peer:` is `getpeername(2)`. With
+//!   SOURCE_IP (TCP only) the socket is bound to that address first, as a client with an
+//!   address of its own (the load balancer's Maglev and affinity key on it).
 //! - `udp`: an unconnected socket, `sendto` then `recvfrom`; `peer:` is the reply's source.
 //!
 //! A client that the end-to-end tests start inside the namespaces and cgroups they create.
@@ -10,15 +12,49 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Shutdown, SocketAddr, TcpStream, UdpSocket},
+    net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
     process::ExitCode,
     time::Duration,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 
-fn tcp(addr: SocketAddr, message: &str) -> std::io::Result<(String, SocketAddr)> {
-    let mut conn = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+/// A TCP connection to `addr` from `source` (any port).
+fn connect_from(source: Ipv4Addr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    use nix::sys::{
+        socket::{
+            AddressFamily, SockFlag, SockType, SockaddrIn, SockaddrStorage, bind, connect,
+            setsockopt, socket, sockopt,
+        },
+        time::TimeVal,
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // Linux bounds a blocking connect by the send timeout.
+    let secs = i64::try_from(TIMEOUT.as_secs()).unwrap_or(3);
+    setsockopt(&fd, sockopt::SendTimeout, &TimeVal::new(secs, 0))?;
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(source, 0)),
+    )?;
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    Ok(TcpStream::from(fd))
+}
+
+fn tcp(
+    addr: SocketAddr,
+    message: &str,
+    source: Option<Ipv4Addr>,
+) -> std::io::Result<(String, SocketAddr)> {
+    let mut conn = match source {
+        Some(source) => connect_from(source, addr)?,
+        None => TcpStream::connect_timeout(&addr, TIMEOUT)?,
+    };
     conn.set_read_timeout(Some(TIMEOUT))?;
     let peer = conn.peer_addr()?;
     conn.write_all(message.as_bytes())?;
@@ -39,9 +75,19 @@ fn udp(addr: SocketAddr, message: &str) -> std::io::Result<(String, SocketAddr)>
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [mode, addr, message] = args.as_slice() else {
-        eprintln!("usage: netprobe tcp|udp ADDR MESSAGE");
-        return ExitCode::from(64);
+    let (mode, addr, message, source) = match args.as_slice() {
+        [mode, addr, message] => (mode, addr, message, None),
+        [mode, addr, message, source] => match source.parse::<Ipv4Addr>() {
+            Ok(s) => (mode, addr, message, Some(s)),
+            Err(e) => {
+                eprintln!("netprobe: {source:?}: {e}");
+                return ExitCode::from(64);
+            }
+        },
+        _ => {
+            eprintln!("usage: netprobe tcp|udp ADDR MESSAGE [SOURCE_IP]");
+            return ExitCode::from(64);
+        }
     };
     let addr: SocketAddr = match addr.parse() {
         Ok(a) => a,
@@ -51,7 +97,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match mode.as_str() {
-        "tcp" => tcp(addr, message),
+        "tcp" => tcp(addr, message, source),
         "udp" => udp(addr, message),
         other => {
             eprintln!("netprobe: unknown mode {other:?} (tcp or udp)");
