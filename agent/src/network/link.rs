@@ -98,8 +98,10 @@ pub async fn ensure_bridge(name: &str, gateway: Ipv4Addr, cidr: Ipv4Net) -> Resu
 }
 
 /// Runs `f` with a netlink handle opened inside the network namespace at `netns`, on a thread
-/// of its own (the socket belongs to the namespace it was opened in).
-fn in_netns<T, F, Fut>(netns: &Path, f: F) -> Result<T>
+/// of its own (the socket belongs to the namespace it was opened in). Its result comes back
+/// through a channel: joining the thread would block the caller's async worker meanwhile,
+/// and with many pods starting at once that stalled every task of the agent.
+async fn in_netns<T, F, Fut>(netns: &Path, f: F) -> Result<T>
 where
     T: Send + 'static,
     F: FnOnce(Handle) -> Fut + Send + 'static,
@@ -111,24 +113,27 @@ where
         source,
     })?;
     let path = netns.to_owned();
-    std::thread::spawn(move || -> Result<T> {
-        setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| NetworkError::Io {
-            action: "enter",
-            path: path.clone(),
-            source: e.into(),
-        })?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|source| NetworkError::Io {
-                action: "start runtime for",
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let run = || -> Result<T> {
+            setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| NetworkError::Io {
+                action: "enter",
                 path: path.clone(),
-                source,
+                source: e.into(),
             })?;
-        rt.block_on(async move { f(connect()?).await })
-    })
-    .join()
-    .map_err(|_| NetworkError::Io {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|source| NetworkError::Io {
+                    action: "start runtime for",
+                    path: path.clone(),
+                    source,
+                })?;
+            rt.block_on(async move { f(connect()?).await })
+        };
+        let _ = tx.send(run());
+    });
+    rx.await.map_err(|_| NetworkError::Io {
         action: "netlink thread panicked in",
         path: netns.to_owned(),
         source: std::io::Error::other("panic"),
@@ -229,6 +234,7 @@ pub async fn setup_pod_link(
             Err(e) => Err(nl("add the default route")(e)),
         }
     })
+    .await
 }
 
 /// Removes the pod's veth pair (deleting the host side removes both ends); a missing link is

@@ -89,6 +89,8 @@ impl PodManager {
         let mut queue = Queue::default();
         let mut resync = tokio::time::interval(self.cfg.resync);
         resync.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // The watch's first list (InitDone) queues every pod and pod directory already.
+        resync.reset();
         let mut memory = tokio::time::interval(super::evict::CHECK_PERIOD);
         memory.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let evicting = self.eviction.is_some();

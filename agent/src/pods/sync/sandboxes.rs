@@ -52,23 +52,29 @@ async fn make_sandbox(
 ) -> anyhow::Result<Option<PodLink>> {
     let started = Instant::now();
     let ns = cfg.layout.pod(&record.uid).join("ns");
-    if !sandbox::exists(&ns) {
-        let (dir, name) = (ns.clone(), record.name.clone());
-        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+    let net = cfg.network.as_ref().filter(|_| needs_link && !host_network);
+    // Namespaces and the address (a file under a lock) are made off the async workers.
+    let (dir, name, uid) = (ns.clone(), record.name.clone(), record.uid.clone());
+    let ipam = net.map(|n| n.ipam.clone());
+    let (made, ip) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let made = !sandbox::exists(&dir);
+        if made {
             sandbox::create(&dir, &name)?;
             if host_network {
                 share_node_netns(&dir.join("net"))?;
             }
-            Ok(())
-        })
-        .await??;
+        }
+        let ip = ipam.map(|ipam| ipam.allocate(&uid)).transpose()?;
+        Ok((made, ip))
+    })
+    .await??;
+    if made {
         tracing::debug!(pod = %record.name, ms = started.elapsed().as_millis() as u64, "sandbox made");
     }
-    let Some(net) = cfg.network.as_ref().filter(|_| needs_link && !host_network) else {
+    let (Some(net), Some(ip)) = (net, ip) else {
         return Ok(None);
     };
     let started = Instant::now();
-    let ip = net.ipam.allocate(&record.uid)?;
     let veth = host_veth(&record.uid);
     setup_pod_link(
         &net.bridge,
