@@ -7,7 +7,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -20,7 +19,6 @@ use nix::mount::{MntFlags, umount2};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
-use super::bundle::make_spec;
 use super::events::{Kind, Recorder};
 use super::layout::{
     ExitRecord, PodRecord, StateLayout, container_id, latest_attempt, now_rfc3339, read_json,
@@ -29,7 +27,7 @@ use super::layout::{
 use super::probe::{self, ProbeSet, ProbeTarget};
 use super::sandbox;
 use super::status::{AttemptState, attempt_state, condition, rfc3339_seconds, terminated};
-use super::supervisor::{EXIT_FILE, PID_FILE};
+use super::supervisor::EXIT_FILE;
 use crate::image::gc::GcPolicy;
 use crate::image::{ImageStore, PullConfig, PullHandle, Puller};
 use crate::network::{HostPort, Ipam, Nat, PodLink, remove_pod_link};
@@ -38,6 +36,7 @@ use patches::{Patcher, StatusPatch};
 
 mod dirty;
 mod evict;
+mod launch;
 mod patches;
 mod pulling;
 mod run;
@@ -137,6 +136,10 @@ struct ContainerMem {
     pull_error: String,
     /// The back-off of the last failure was reported.
     pull_backoff_reported: bool,
+    /// The attempt whose launch task runs (see [`launch`]).
+    launching: Option<u32>,
+    /// The last launch failed: its reason and message, and when to try again.
+    launch_failed: Option<(String, String, Instant)>,
 }
 
 struct PodMem {
@@ -182,6 +185,14 @@ impl View {
             done: None,
             ever_started: false,
         }
+    }
+}
+
+impl PodMem {
+    /// A task works on the pod's sandbox or one of its containers: its state on disk is not
+    /// complete, and the pod must not be torn down.
+    fn busy(&self) -> bool {
+        self.preparing || self.containers.values().any(|c| c.launching.is_some())
     }
 }
 
@@ -541,8 +552,19 @@ impl PodManager {
             .pod(&record.uid)
             .join("containers")
             .join(&c.name);
-        let latest = latest_attempt(&cdir);
         let waiting = View::waiting;
+        // An attempt being launched: its directory is not complete yet.
+        if let Some(n) = self
+            .pods
+            .get(&record.uid)
+            .and_then(|m| m.containers.get(&c.name))
+            .and_then(|m| m.launching)
+        {
+            let mut v = waiting("ContainerCreating", String::new());
+            v.ever_started = n > 0;
+            return v;
+        }
+        let latest = latest_attempt(&cdir);
         let Some(n) = latest else {
             return match self.start_attempt(pod, record, c, 0).await {
                 Ok(()) => waiting("ContainerCreating", String::new()),
@@ -723,251 +745,6 @@ impl PodManager {
         }
     }
 
-    /// Starts attempt `n` ([`Self::launch`]) and reports it as Events: Pulled, Created and
-    /// Started, or Failed (once per distinct failure).
-    async fn start_attempt(
-        &mut self,
-        pod: &Pod,
-        record: &PodRecord,
-        c: &Container,
-        n: u32,
-    ) -> Result<(), (String, String)> {
-        let pulled = match self.ensure_image(pod, record, c).await {
-            pulling::ImageReady::Present => None,
-            pulling::ImageReady::Pulled(p) => Some(p),
-            pulling::ImageReady::Pending => {
-                return Err(("ContainerCreating".to_owned(), String::new()));
-            }
-            pulling::ImageReady::Failed(reason, message) => return Err((reason, message)),
-        };
-        let started = Instant::now();
-        let result = self.launch(pod, record, c, n).await;
-        tracing::debug!(
-            pod = %record.name,
-            container = %c.name,
-            ms = started.elapsed().as_millis() as u64,
-            "launched"
-        );
-        let image = c.image.clone().unwrap_or_default();
-        let events = self.events.clone();
-        let mem = self
-            .mem(record)
-            .containers
-            .entry(c.name.clone())
-            .or_default();
-        let name = Some(c.name.as_str());
-        match &result {
-            Ok(()) => {
-                mem.failure_reported = None;
-                let pulled = match pulled {
-                    Some(p) => format!(
-                        "Successfully pulled image {image:?} in {:.3}s. Image size: {} bytes.",
-                        p.elapsed.as_secs_f64(),
-                        p.size
-                    ),
-                    None => format!("Container image {image:?} already present on machine"),
-                };
-                events.emit(pod, name, Kind::Normal, "Pulled", pulled);
-                events.emit(
-                    pod,
-                    name,
-                    Kind::Normal,
-                    "Created",
-                    format!("Created container {}", c.name),
-                );
-                events.emit(
-                    pod,
-                    name,
-                    Kind::Normal,
-                    "Started",
-                    format!("Started container {}", c.name),
-                );
-            }
-            Err((reason, message)) if mem.failure_reported.as_deref() != Some(message) => {
-                mem.failure_reported = Some(message.clone());
-                let text = if reason.contains("Image") || reason.contains("ErrImage") {
-                    format!("Failed to pull image {image:?}: {message}")
-                } else {
-                    format!("Error: {message}")
-                };
-                events.emit(pod, name, Kind::Warning, "Failed", text);
-            }
-            Err(_) => {}
-        }
-        result
-    }
-
-    /// Prepares attempt `n`'s bundle and starts its supervisor; on failure, the waiting reason
-    /// and message.
-    async fn launch(
-        &mut self,
-        pod: &Pod,
-        record: &PodRecord,
-        c: &Container,
-        n: u32,
-    ) -> Result<(), (String, String)> {
-        let image_ref = c.image.clone().unwrap_or_default();
-        let images = self.images.clone();
-        let r = image_ref.clone();
-        let started = Instant::now();
-        let image = match tokio::task::spawn_blocking(move || images.resolve(&r)).await {
-            Ok(Ok(image)) => image,
-            Ok(Err(e)) => {
-                let mem = self
-                    .mem(record)
-                    .containers
-                    .entry(c.name.clone())
-                    .or_default();
-                mem.image_failures += 1;
-                let reason = if mem.image_failures == 1 {
-                    "ErrImagePull"
-                } else {
-                    "ImagePullBackOff"
-                };
-                return Err((reason.to_owned(), format!("image {image_ref}: {e}")));
-            }
-            Err(e) => return Err(("ErrImagePull".to_owned(), e.to_string())),
-        };
-        let resolve_ms = started.elapsed().as_millis() as u64;
-        let sandbox = self.cfg.layout.pod(&record.uid).join("ns");
-        let volumes =
-            super::volumes::prepare(&self.client, pod, &self.cfg.layout.volumes(&record.uid))
-                .await
-                .map_err(|e| ("CreateContainerConfigError".to_owned(), e.to_string()))?;
-        let mut spec = make_spec(pod, c, &image.config, &sandbox, &volumes)
-            .map_err(|e| ("CreateContainerConfigError".to_owned(), e.to_string()))?;
-        if let Some(dns) = self.cfg.dns.clone() {
-            let ip = self.mem(record).link.as_ref().map(|l| l.ip.into());
-            let dir = self.cfg.layout.pod(&record.uid);
-            let files = crate::dns::pod_files::write(&dir, pod, ip, &dns)
-                .map_err(|e| ("CreateContainerError".to_owned(), e.to_string()))?;
-            crate::dns::pod_files::add_mounts(&mut spec, c, &files)
-                .map_err(|e| ("CreateContainerConfigError".to_owned(), e.to_string()))?;
-        }
-        let adir = self.cfg.layout.attempt(&record.uid, &c.name, n);
-        let io = |e: std::io::Error| ("CreateContainerError".to_owned(), e.to_string());
-        fs::create_dir_all(&adir).map_err(io)?;
-        spec.save(adir.join("config.json"))
-            .map_err(|e| ("CreateContainerError".to_owned(), e.to_string()))?;
-        write_json(&adir.join("layers.json"), &image.layers).map_err(io)?;
-        if c.stdin == Some(true) {
-            // The container's stdin, kept open by its supervisor, written by `attach`.
-            let fifo = adir.join(super::supervisor::STDIN_FIFO);
-            if !fifo.exists() {
-                nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
-                    .map_err(|e| io(e.into()))?;
-            }
-            if c.stdin_once == Some(true) {
-                fs::write(adir.join(super::supervisor::STDIN_ONCE), b"").map_err(io)?;
-            }
-        }
-        if c.tty == Some(true) {
-            // The supervisor keeps the terminal; attach sends window sizes through the FIFO.
-            fs::write(adir.join(super::console::TTY_FILE), b"").map_err(io)?;
-            let fifo = adir.join(super::console::RESIZE_FIFO);
-            if !fifo.exists() {
-                nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
-                    .map_err(|e| io(e.into()))?;
-            }
-        }
-        fs::write(
-            adir.join("image"),
-            format!("{}\n{}", image_ref, image.digest),
-        )
-        .map_err(io)?;
-        let bundle_ms = started.elapsed().as_millis() as u64 - resolve_ms;
-        let id = container_id(&record.uid, &c.name, n);
-        let log = self.cfg.layout.log_file(record, &c.name, n);
-        let cgroup = format!(
-            "{}/pod{}/{}-{n}",
-            self.cfg.cgroup_parent, record.uid, c.name
-        );
-        let mut cmd = tokio::process::Command::new(&self.cfg.agent_exe);
-        cmd.arg("supervise")
-            .arg("--runtime-root")
-            .arg(self.cfg.layout.runtime_root())
-            .arg("--id")
-            .arg(&id)
-            .arg("--bundle")
-            .arg(&adir)
-            .arg("--log")
-            .arg(&log)
-            .arg("--cgroup-path")
-            .arg(&cgroup)
-            .arg("--log-max-size")
-            .arg(self.cfg.log_limits.max_size.to_string())
-            .arg("--log-max-files")
-            .arg(self.cfg.log_limits.max_files.to_string())
-            .arg("--detach")
-            .arg("--started-on-stdout");
-        // The supervisor writes into this pipe (its stdout) once the container runs, and it
-        // closes when the supervisor ends: the sync loop wakes then, not at its next resync.
-        let (started_r, started_w) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
-                .map_err(|e| io(e.into()))?;
-        // No pre_exec hook (the supervisor leaves our session itself): the standard library
-        // then spawns with posix_spawn instead of forking the whole agent, which cost tens of
-        // milliseconds per container while a wave of pods starts.
-        cmd.stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::from(started_w))
-            .stderr(std::process::Stdio::null());
-        let launched = Instant::now();
-        let spawned = cmd.spawn();
-        // The command holds our copy of the pipe's write end: drop it, so only the
-        // supervisor's copy keeps the pipe open.
-        drop(cmd);
-        let mut child = spawned.map_err(io)?;
-        tracing::debug!(
-            pod = %record.name,
-            container = %c.name,
-            resolve_ms,
-            bundle_ms,
-            spawn_ms = launched.elapsed().as_millis() as u64,
-            "supervisor spawned"
-        );
-        let wake = self.waker.clone();
-        let uid = record.uid.clone();
-        let (pod_name, container) = (record.name.clone(), c.name.clone());
-        match tokio::net::unix::pipe::Receiver::from_owned_fd(started_r) {
-            Ok(mut started) => {
-                let (wake, uid) = (wake.clone(), uid.clone());
-                tokio::spawn(async move {
-                    use tokio::io::AsyncReadExt as _;
-                    let mut byte = [0u8; 1];
-                    let _ = started.read(&mut byte).await;
-                    tracing::debug!(
-                        pod = %pod_name,
-                        container = %container,
-                        ms = launched.elapsed().as_millis() as u64,
-                        "supervisor: container started"
-                    );
-                    wake.pod(&uid);
-                });
-            }
-            Err(e) => tracing::debug!(error = %e, "supervisor start pipe"),
-        }
-        let pid = child.id().unwrap_or(0);
-        let start = keelson_runtime::state::proc_start_time(pid as i32).map_or(0, |(s, _)| s);
-        write_json(&adir.join(PID_FILE), &(pid, start)).map_err(io)?;
-        tokio::spawn(async move {
-            if let Ok(status) = child.wait().await
-                && let Some(sig) = status.signal()
-            {
-                tracing::debug!(pid, sig, "supervisor killed");
-            }
-            // The attempt is over: report it (and restart it) without waiting for the resync.
-            wake.pod(&uid);
-        });
-        // Keep the previous attempt (lastState, previous logs); drop older ones.
-        if n >= 2 {
-            let old = self.cfg.layout.attempt(&record.uid, &c.name, n - 2);
-            let _ = umount2(&old.join("rootfs"), MntFlags::MNT_DETACH);
-            let _ = fs::remove_dir_all(old);
-        }
-        tracing::info!(pod = %record.name, container = %c.name, attempt = n, "starting container");
-        Ok(())
-    }
-
     /// Computes the pod's status and hands it to the patch sender if it changed.
     fn post_status(
         &mut self,
@@ -1116,6 +893,10 @@ impl PodManager {
     /// Stops a pod (SIGTERM, SIGKILL after `grace` seconds), then removes everything it had
     /// on this node and, if the object still exists, deletes it for good.
     async fn terminate(&mut self, uid: &str, pod: Option<&Pod>, grace: i64) {
+        if self.pods.get(uid).is_some_and(PodMem::busy) {
+            // A sandbox or launch task still runs: stopped once it is done (it wakes the pod).
+            return;
+        }
         let dir = self.cfg.layout.pod(uid);
         let record = match pod {
             Some(p) => pod_record(p),
@@ -1192,10 +973,6 @@ impl PodManager {
                     mem.termed.insert(id.clone());
                 }
             }
-            return;
-        }
-        if self.pods.get(uid).is_some_and(|m| m.preparing) {
-            // Its sandbox task still runs: torn down once it is done (it wakes the pod).
             return;
         }
         self.teardown(&record).await;

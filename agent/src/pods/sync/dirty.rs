@@ -1,6 +1,6 @@
 //! What the pod sync loop has to do next. Whatever may change a pod's state sends a [`Wake`]
 //! through one channel: watch events, supervisors whose container started or ended, probes
-//! whose result changed, finished sandboxes and status patches, and timers (restart back-off,
+//! whose result changed, finished sandboxes, launches and status patches, and timers (restart back-off,
 //! termination grace, pull retries). The loop syncs only the pods named since its last pass;
 //! a periodic sweep over every pod catches what no wake-up reported, a few pods at a time, so
 //! that a pod that just arrived never waits for a whole round over the node.
@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
+use super::launch::Launched;
 use super::patches::PatchOutcome;
 use crate::network::PodLink;
 
@@ -24,6 +25,8 @@ pub(super) enum Wake {
     All,
     /// A pod's sandbox was made (with its network link, if it needed one) or failed.
     Sandbox(String, Result<Option<PodLink>, String>),
+    /// A container's launch is over.
+    Launched(Box<Launched>),
     /// A status patch was answered.
     Patched(PatchOutcome),
 }

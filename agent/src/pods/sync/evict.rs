@@ -214,6 +214,10 @@ impl PodManager {
         let Some(eviction) = read_json::<Eviction>(&dir.join(EVICTED_FILE)) else {
             return false;
         };
+        if self.pods.get(&record.uid).is_some_and(super::PodMem::busy) {
+            // A container being launched is stopped once its launch is done (it wakes the pod).
+            return true;
+        }
         self.stop_containers(pod, record);
         let mut views = Vec::new();
         for c in pod.spec.iter().flat_map(|s| &s.containers) {

@@ -143,6 +143,11 @@ impl PodManager {
                 self.sandbox_done(&uid, result);
                 queue.mark(uid);
             }
+            Wake::Launched(launched) => {
+                let uid = launched.uid.clone();
+                self.launch_done(*launched);
+                queue.mark(uid);
+            }
             Wake::Patched(outcome) => {
                 let Some(mem) = self.pods.get_mut(&outcome.uid) else {
                     return;
@@ -193,7 +198,7 @@ impl PodManager {
         let gone: Vec<String> = self
             .pods
             .iter()
-            .filter(|(uid, m)| !known.contains(*uid) && !on_disk_set.contains(uid) && !m.preparing)
+            .filter(|(uid, m)| !known.contains(*uid) && !on_disk_set.contains(uid) && !m.busy())
             .map(|(uid, _)| uid.clone())
             .collect();
         for uid in gone {
@@ -227,7 +232,7 @@ impl PodManager {
                 }
                 None if self.cfg.layout.pod(uid).exists() => self.terminate(uid, None, 0).await,
                 None => {
-                    if self.pods.get(uid).is_some_and(|m| !m.preparing) {
+                    if self.pods.get(uid).is_some_and(|m| !m.busy()) {
                         self.forget(uid);
                     }
                 }
