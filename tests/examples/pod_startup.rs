@@ -7,7 +7,9 @@
 //! shows it Running. Prints one line and writes JSON to `--out`; every pod is deleted and the
 //! node and control plane are torn down on exit (also on failure, by the fixtures' guards).
 //!
-//! Run as root: `target/release/examples/pod_startup --pods 100 --batch 20 --out FILE`.
+//! Run as root: `target/release/examples/pod_startup --pods 100 --batch 20 --out FILE`;
+//! `--agent-log FILE` keeps the agent's log (with `KEELSON_E2E_AGENT_LOG=info,
+//! keelson_agent::pods=debug` it has the agent's timings of each pod).
 
 use std::{
     collections::HashMap,
@@ -35,6 +37,7 @@ struct Args {
     pods: usize,
     batch: usize,
     out: Option<PathBuf>,
+    agent_log: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -42,6 +45,7 @@ fn parse_args() -> Result<Args> {
         pods: 100,
         batch: 20,
         out: None,
+        agent_log: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -50,7 +54,11 @@ fn parse_args() -> Result<Args> {
             "--pods" => args.pods = value()?.parse().context("--pods N")?,
             "--batch" => args.batch = value()?.parse().context("--batch N")?,
             "--out" => args.out = Some(PathBuf::from(value()?)),
-            other => bail!("unknown argument {other} (expected --pods N, --batch N, --out FILE)"),
+            "--agent-log" => args.agent_log = Some(PathBuf::from(value()?)),
+            other => bail!(
+                "unknown argument {other} (expected --pods N, --batch N, --out FILE, \
+                 --agent-log FILE)"
+            ),
         }
     }
     ensure!(
@@ -336,6 +344,10 @@ fn main() -> Result<()> {
     let result = runtime.block_on(bench(&cp, &env, &args));
     // Pods are gone (or the node's guard kills what is left); stop the agent before its node.
     drop(agent);
+    if let Some(path) = &args.agent_log {
+        std::fs::copy(cp.dir().join("agent.log"), path)
+            .with_context(|| format!("copying the agent log to {}", path.display()))?;
+    }
     let result = match result {
         Ok(v) => v,
         Err(e) => {

@@ -5,11 +5,12 @@
 use std::fs::File;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 
 use futures::TryStreamExt as _;
 use ipnet::Ipv4Net;
+use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkInfo, LinkMessage};
 use nix::sched::{CloneFlags, setns};
 use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
@@ -98,8 +99,10 @@ pub async fn ensure_bridge(name: &str, gateway: Ipv4Addr, cidr: Ipv4Net) -> Resu
 }
 
 /// Runs `f` with a netlink handle opened inside the network namespace at `netns`, on a thread
-/// of its own (the socket belongs to the namespace it was opened in).
-fn in_netns<T, F, Fut>(netns: &Path, f: F) -> Result<T>
+/// of its own (the socket belongs to the namespace it was opened in). Its result comes back
+/// through a channel: joining the thread would block the caller's async worker meanwhile,
+/// and with many pods starting at once that stalled every task of the agent.
+async fn in_netns<T, F, Fut>(netns: &Path, f: F) -> Result<T>
 where
     T: Send + 'static,
     F: FnOnce(Handle) -> Fut + Send + 'static,
@@ -111,28 +114,57 @@ where
         source,
     })?;
     let path = netns.to_owned();
-    std::thread::spawn(move || -> Result<T> {
-        setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| NetworkError::Io {
-            action: "enter",
-            path: path.clone(),
-            source: e.into(),
-        })?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|source| NetworkError::Io {
-                action: "start runtime for",
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let run = || -> Result<T> {
+            setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| NetworkError::Io {
+                action: "enter",
                 path: path.clone(),
-                source,
+                source: e.into(),
             })?;
-        rt.block_on(async move { f(connect()?).await })
-    })
-    .join()
-    .map_err(|_| NetworkError::Io {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|source| NetworkError::Io {
+                    action: "start runtime for",
+                    path: path.clone(),
+                    source,
+                })?;
+            rt.block_on(async move { f(connect()?).await })
+        };
+        let _ = tx.send(run());
+    });
+    rx.await.map_err(|_| NetworkError::Io {
         action: "netlink thread panicked in",
         path: netns.to_owned(),
         source: std::io::Error::other("panic"),
     })?
+}
+
+/// The pod's end of its veth.
+const POD_IFNAME: &str = "eth0";
+
+/// A request for a veth pair `host` (here) / `peer` made right inside the network namespace
+/// `netns_fd` (`ip link add HOST type veth peer name PEER netns NS`). Made here and then
+/// moved, the peer's move waited for an RCU grace period under the RTNL lock, which
+/// serialized the links of pods starting together (about 20 ms each).
+fn veth_into(host: &str, peer: &str, netns_fd: RawFd) -> LinkMessage {
+    let mut msg = LinkVeth::new(host, peer).build();
+    let mut peer_msg = LinkMessage::default();
+    peer_msg.attributes = vec![
+        LinkAttribute::IfName(peer.to_owned()),
+        LinkAttribute::NetNsFd(netns_fd),
+    ];
+    for attr in &mut msg.attributes {
+        if let LinkAttribute::LinkInfo(infos) = attr {
+            for info in infos {
+                if let LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(p))) = info {
+                    *p = peer_msg.clone();
+                }
+            }
+        }
+    }
+    msg
 }
 
 /// Connects the pod whose network namespace is `netns`: a veth pair `host_veth` (on `bridge`)
@@ -156,10 +188,14 @@ pub async fn setup_pod_link(
     let bridge_index = link_index(&handle, bridge)
         .await?
         .ok_or_else(|| NetworkError::Cidr(cidr.to_string(), format!("no bridge {bridge}")))?;
-    let peer = format!("{host_veth}p");
+    let ns = File::open(netns).map_err(|source| NetworkError::Io {
+        action: "open",
+        path: netns.to_owned(),
+        source,
+    })?;
     handle
         .link()
-        .add(LinkVeth::new(host_veth, &peer).build())
+        .add(veth_into(host_veth, POD_IFNAME, ns.as_raw_fd()))
         .execute()
         .await
         .map_err(nl(format!("create veth {host_veth}")))?;
@@ -177,24 +213,6 @@ pub async fn setup_pod_link(
         .execute()
         .await
         .map_err(nl(format!("attach {host_veth} to {bridge}")))?;
-    let peer_index = link_index(&handle, &peer)
-        .await?
-        .ok_or_else(|| NetworkError::Cidr(cidr.to_string(), format!("{peer} vanished")))?;
-    let ns = File::open(netns).map_err(|source| NetworkError::Io {
-        action: "open",
-        path: netns.to_owned(),
-        source,
-    })?;
-    handle
-        .link()
-        .set(
-            LinkUnspec::new_with_index(peer_index)
-                .setns_by_fd(ns.as_raw_fd())
-                .build(),
-        )
-        .execute()
-        .await
-        .map_err(nl(format!("move {peer} into the pod")))?;
     let prefix = cidr.prefix_len();
     in_netns(netns, move |h| async move {
         if let Some(lo) = link_index(&h, "lo").await? {
@@ -204,14 +222,9 @@ pub async fn setup_pod_link(
                 .await
                 .map_err(nl("bring lo up"))?;
         }
-        let index = link_index(&h, &peer).await?.ok_or_else(|| {
-            NetworkError::Cidr(cidr.to_string(), format!("{peer} not in the pod"))
+        let index = link_index(&h, POD_IFNAME).await?.ok_or_else(|| {
+            NetworkError::Cidr(cidr.to_string(), format!("no {POD_IFNAME} in the pod"))
         })?;
-        h.link()
-            .set(LinkUnspec::new_with_index(index).name("eth0").build())
-            .execute()
-            .await
-            .map_err(nl("rename to eth0"))?;
         add_address(&h, index, ip, prefix, "eth0").await?;
         h.link()
             .set(LinkUnspec::new_with_index(index).up().build())
@@ -229,6 +242,7 @@ pub async fn setup_pod_link(
             Err(e) => Err(nl("add the default route")(e)),
         }
     })
+    .await
 }
 
 /// Removes the pod's veth pair (deleting the host side removes both ends); a missing link is
@@ -247,4 +261,39 @@ pub async fn remove_pod_link(host_veth: &str) -> Result<()> {
             .map_err(nl(format!("delete {host_veth}")))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_veth_peer_is_named_and_placed_in_the_pod_namespace() {
+        let msg = veth_into("kv0123456789", POD_IFNAME, 42);
+        assert!(
+            msg.attributes
+                .contains(&LinkAttribute::IfName("kv0123456789".into()))
+        );
+        let peers: Vec<&LinkMessage> = msg
+            .attributes
+            .iter()
+            .filter_map(|a| match a {
+                LinkAttribute::LinkInfo(infos) => Some(infos),
+                _ => None,
+            })
+            .flatten()
+            .filter_map(|i| match i {
+                LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(p))) => Some(p),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(peers.len(), 1, "one veth peer");
+        assert_eq!(
+            peers[0].attributes,
+            [
+                LinkAttribute::IfName("eth0".into()),
+                LinkAttribute::NetNsFd(42)
+            ]
+        );
+    }
 }

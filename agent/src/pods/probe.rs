@@ -1,7 +1,8 @@
 //! Startup, liveness and readiness probes of one container attempt: exec (through the
 //! runtime's `exec`), httpGet and tcpSocket (connected from inside the pod's network
 //! namespace), with Kubernetes' timing fields. Results land in a [`ProbeStatus`] the pod sync
-//! reads.
+//! reads; a callback tells it when they change, so that readiness and restarts do not wait for
+//! its next periodic pass.
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs as _};
@@ -229,8 +230,13 @@ async fn probe_loop(
     }
 }
 
-/// Starts the probes of `container` for the attempt at `target`.
-pub fn start(container: &Container, target: ProbeTarget) -> ProbeSet {
+/// Starts the probes of `container` for the attempt at `target`; `on_change` runs whenever the
+/// results in [`ProbeStatus`] change.
+pub fn start(
+    container: &Container,
+    target: ProbeTarget,
+    on_change: impl Fn() + Send + Sync + 'static,
+) -> ProbeSet {
     let status = Arc::new(ProbeStatus {
         ready: AtomicBool::new(container.readiness_probe.is_none()),
         started: AtomicBool::new(container.startup_probe.is_none()),
@@ -248,14 +254,18 @@ pub fn start(container: &Container, target: ProbeTarget) -> ProbeSet {
             .await;
             if !passed {
                 st.failed.store(true, Ordering::SeqCst);
+                on_change();
                 return;
             }
             st.started.store(true, Ordering::SeqCst);
+            on_change();
         }
         let readiness = async {
             if let Some(p) = &container.readiness_probe {
                 probe_loop(p, &container, &target, |ok| {
-                    st.ready.store(ok, Ordering::SeqCst);
+                    if st.ready.swap(ok, Ordering::SeqCst) != ok {
+                        on_change();
+                    }
                     true
                 })
                 .await;
@@ -266,6 +276,7 @@ pub fn start(container: &Container, target: ProbeTarget) -> ProbeSet {
                 probe_loop(p, &container, &target, |ok| {
                     if !ok {
                         st.failed.store(true, Ordering::SeqCst);
+                        on_change();
                     }
                     ok
                 })
@@ -275,4 +286,83 @@ pub fn start(container: &Container, target: ProbeTarget) -> ProbeSet {
         tokio::join!(readiness, liveness);
     });
     ProbeSet { status, task }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Instant;
+
+    use super::*;
+
+    /// Polls `f` every 20 ms for up to `within`.
+    async fn eventually(within: Duration, f: impl Fn() -> bool) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if f() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        f()
+    }
+
+    #[tokio::test]
+    async fn readiness_changes_are_reported_once_each() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root: probes enter the pod's network namespace with setns(2)"
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+        let port = listener.local_addr().expect("address").port();
+        let container: Container = serde_json::from_value(serde_json::json!({
+            "name": "c",
+            "readinessProbe": {
+                "tcpSocket": {"port": port},
+                "periodSeconds": 1,
+                "failureThreshold": 1,
+            },
+        }))
+        .expect("container");
+        let target = ProbeTarget {
+            runtime_bin: PathBuf::from("/nonexistent"),
+            runtime_root: PathBuf::from("/nonexistent"),
+            container_id: "c".into(),
+            // The test's own network namespace, where the listener is.
+            netns: PathBuf::from("/proc/self/ns/net"),
+        };
+        let changes = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&changes);
+        let set = start(&container, target, move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+        });
+        let status = Arc::clone(&set.status);
+        assert!(
+            !status.ready.load(Ordering::SeqCst),
+            "not ready before a probe"
+        );
+        assert!(
+            eventually(Duration::from_secs(3), || status
+                .ready
+                .load(Ordering::SeqCst))
+            .await,
+            "the probe never passed"
+        );
+        // Further successes change nothing and are not reported.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(changes.load(Ordering::SeqCst), 1);
+        drop(listener);
+        assert!(
+            eventually(Duration::from_secs(3), || !status
+                .ready
+                .load(Ordering::SeqCst))
+            .await,
+            "the probe never failed"
+        );
+        assert_eq!(changes.load(Ordering::SeqCst), 2);
+        assert!(
+            !status.failed.load(Ordering::SeqCst),
+            "readiness never restarts"
+        );
+    }
 }

@@ -1,26 +1,24 @@
-//! The pod sync loop: one reflector over the pods bound to this node, and an idempotent
-//! reconcile of every pod (and every pod directory left on disk) on each change and every
-//! second. All state that must survive an agent restart is on disk (see [`super::layout`]);
-//! what is only in memory (probe tasks, the last status sent) is rebuilt after a restart.
+//! The pod sync: an idempotent reconcile of one pod at a time, run by the loop in
+//! [`run`] for the pods something changed (see [`dirty`]) and, periodically, for every pod and
+//! every pod directory left on disk. Status patches go out as soon as they are computed
+//! ([`patches`]). All state that must survive an agent restart is on disk (see
+//! [`super::layout`]); what is only in memory (probe tasks, the last status sent) is rebuilt
+//! after a restart.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Container, Pod};
-use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
-use kube::runtime::{WatchStreamExt as _, reflector, watcher};
+use kube::api::{DeleteParams, Preconditions};
 use kube::{Api, ResourceExt as _};
 use nix::mount::{MntFlags, umount2};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
-use super::bundle::make_spec;
 use super::events::{Kind, Recorder};
 use super::layout::{
     ExitRecord, PodRecord, StateLayout, container_id, latest_attempt, now_rfc3339, read_json,
@@ -29,13 +27,20 @@ use super::layout::{
 use super::probe::{self, ProbeSet, ProbeTarget};
 use super::sandbox;
 use super::status::{AttemptState, attempt_state, condition, rfc3339_seconds, terminated};
-use super::supervisor::{EXIT_FILE, PID_FILE};
+use super::supervisor::EXIT_FILE;
 use crate::image::gc::GcPolicy;
 use crate::image::{ImageStore, PullConfig, PullHandle, Puller};
-use crate::network::{HostPort, Ipam, Nat, PodLink, remove_pod_link, setup_pod_link};
+use crate::network::{HostPort, Ipam, Nat, PodLink, remove_pod_link};
+use dirty::{Wake, Waker};
+use patches::{Patcher, StatusPatch};
 
+mod dirty;
 mod evict;
+mod launch;
+mod patches;
 mod pulling;
+mod run;
+mod sandboxes;
 
 /// A container that ran this long has its restart back-off reset.
 const BACKOFF_RESET: Duration = Duration::from_secs(600);
@@ -131,6 +136,10 @@ struct ContainerMem {
     pull_error: String,
     /// The back-off of the last failure was reported.
     pull_backoff_reported: bool,
+    /// The attempt whose launch task runs (see [`launch`]).
+    launching: Option<u32>,
+    /// The last launch failed: its reason and message, and when to try again.
+    launch_failed: Option<(String, String, Instant)>,
 }
 
 struct PodMem {
@@ -146,34 +155,13 @@ struct PodMem {
     evicted: Option<String>,
     /// When this agent first synced the pod; cleared once it was reported Running.
     first_seen: Option<Instant>,
-    /// The pod's resourceVersion after this agent's last accepted status patch.
-    patched_version: Option<u64>,
-}
-
-/// A status patch computed by a pod's sync, sent with the others at the end of the round.
-struct StatusPatch {
-    uid: String,
-    namespace: String,
-    name: String,
-    status: Value,
-    /// The resourceVersion the status was computed from, sent as the patch's precondition.
-    version: Option<String>,
-}
-
-/// The resourceVersion to patch `pod` at: the watch's copy, or the one our own last patch
-/// returned if the watch has not caught up with it yet. A patch carrying it is refused
-/// (409) if anyone else changed the pod since, above all if it was deleted meanwhile: the
-/// API server ends a terminating pod on any write, and a status computed before the
-/// deletion must not end it before its containers were stopped.
-fn patch_version(pod: &Pod, patched: Option<u64>) -> Option<String> {
-    match (pod.metadata.resource_version.as_deref(), patched) {
-        (Some(seen), Some(ours)) => Some(match seen.parse::<u64>() {
-            Ok(seen) => seen.max(ours).to_string(),
-            Err(_) => seen.to_owned(),
-        }),
-        (Some(seen), None) => Some(seen.to_owned()),
-        (None, ours) => ours.map(|v| v.to_string()),
-    }
+    /// Its sandbox is being made (see [`sandboxes`]).
+    preparing: bool,
+    /// The last failure to make its sandbox, and when to try again.
+    sandbox_error: Option<String>,
+    sandbox_retry_at: Option<Instant>,
+    /// When the earliest timer set for it fires (none is set for a later time meanwhile).
+    requeue_at: Option<Instant>,
 }
 
 /// What one container contributes to the pod's status.
@@ -200,6 +188,14 @@ impl View {
     }
 }
 
+impl PodMem {
+    /// A task works on the pod's sandbox or one of its containers: its state on disk is not
+    /// complete, and the pod must not be torn down.
+    fn busy(&self) -> bool {
+        self.preparing || self.containers.values().any(|c| c.launching.is_some())
+    }
+}
+
 /// Reconciles the pods of one node.
 pub struct PodManager {
     cfg: PodManagerConfig,
@@ -210,19 +206,18 @@ pub struct PodManager {
     image_gc: Option<GcPolicy>,
     last_image_gc: Option<Instant>,
     eviction: Option<crate::node::eviction::EvictionConfig>,
-    last_eviction_check: Option<Instant>,
     /// The pods' working set and pressure the last logged memory check saw.
     last_memory_logged: Option<(u64, bool)>,
     pods: HashMap<String, PodMem>,
-    /// Wakes the sync loop: pod watch events, and supervisors whose container started or
-    /// ended (so a container is reported Running without waiting for the resync).
-    wake: Arc<tokio::sync::Notify>,
-    /// Status patches of the current round (see [`StatusPatch`]).
-    patches: Vec<StatusPatch>,
+    /// Wakes the sync loop for a pod (see [`dirty`]).
+    waker: Waker,
+    /// The loop's end of the wake-up channel, until it runs.
+    wakes: Option<tokio::sync::mpsc::UnboundedReceiver<Wake>>,
+    /// Hands status patches to their sender task.
+    patcher: Patcher,
+    /// That task, until the loop starts it.
+    patch_sender: Option<patches::Sender>,
 }
-
-/// Status patches in flight at once: a round's patches go out together, not one per pod.
-const PATCH_CONCURRENCY: usize = 16;
 
 /// How often the image file system is checked against the GC thresholds.
 const IMAGE_GC_PERIOD: Duration = Duration::from_secs(30);
@@ -233,29 +228,6 @@ fn pod_record(pod: &Pod) -> PodRecord {
         name: pod.name_any(),
         uid: pod.uid().unwrap_or_default(),
     }
-}
-
-/// Puts the node's network namespace (the agent's own) in place of the sandbox's fresh one
-/// at `path`, for a hostNetwork pod: its containers join the node's network by that path.
-fn share_node_netns(path: &Path) -> anyhow::Result<()> {
-    umount2(path, MntFlags::MNT_DETACH)?;
-    nix::mount::mount(
-        Some("/proc/thread-self/ns/net"),
-        path,
-        None::<&str>,
-        nix::mount::MsFlags::MS_BIND,
-        None::<&str>,
-    )?;
-    Ok(())
-}
-
-fn host_veth(uid: &str) -> String {
-    let hex: String = uid
-        .chars()
-        .filter(char::is_ascii_hexdigit)
-        .take(10)
-        .collect();
-    format!("kv{hex}")
 }
 
 /// Removes `<hierarchy>/<path>` in every mounted cgroup hierarchy (v1 controllers and the
@@ -328,56 +300,6 @@ fn restart_wanted(policy: &str, code: i32) -> bool {
     }
 }
 
-/// Makes the pod's sandbox if it has none, and its network link if `needs_link` (hostNetwork
-/// pods share the node's network instead); returns the link it made.
-async fn make_sandbox(
-    cfg: PodManagerConfig,
-    record: PodRecord,
-    host_network: bool,
-    needs_link: bool,
-) -> (PodRecord, anyhow::Result<Option<PodLink>>) {
-    let result = async {
-        let started = Instant::now();
-        let ns = cfg.layout.pod(&record.uid).join("ns");
-        if !sandbox::exists(&ns) {
-            let (dir, name) = (ns.clone(), record.name.clone());
-            tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-                sandbox::create(&dir, &name)?;
-                if host_network {
-                    share_node_netns(&dir.join("net"))?;
-                }
-                Ok(())
-            })
-            .await??;
-            tracing::debug!(pod = %record.name, ms = started.elapsed().as_millis() as u64, "sandbox made");
-        }
-        let Some(net) = cfg.network.as_ref().filter(|_| needs_link && !host_network) else {
-            return Ok(None);
-        };
-        let started = Instant::now();
-        let ip = net.ipam.allocate(&record.uid)?;
-        let veth = host_veth(&record.uid);
-        setup_pod_link(
-            &net.bridge,
-            &ns.join("net"),
-            &veth,
-            ip,
-            net.ipam.gateway(),
-            net.ipam.cidr(),
-        )
-        .await?;
-        let link = PodLink {
-            ip,
-            host_veth: veth,
-        };
-        write_json(&cfg.layout.pod(&record.uid).join("network.json"), &link)?;
-        tracing::info!(pod = %record.name, %ip, ms = started.elapsed().as_millis() as u64, "pod network ready");
-        Ok(Some(link))
-    }
-    .await;
-    (record, result)
-}
-
 impl PodManager {
     /// A manager for the node; the image store lives under the state dir.
     ///
@@ -386,20 +308,23 @@ impl PodManager {
     pub fn new(client: kube::Client, cfg: PodManagerConfig) -> anyhow::Result<Self> {
         let images = ImageStore::open(cfg.layout.images())?;
         fs::create_dir_all(cfg.layout.pods())?;
+        let (waker, wakes) = dirty::channel();
+        let (patcher, patch_sender) = Patcher::new(client.clone(), waker.clone());
         Ok(PodManager {
             events: Recorder::new(client.clone(), cfg.node_name.clone()),
             puller: Arc::new(Puller::new(images.clone(), &PullConfig::default())),
             image_gc: None,
             last_image_gc: None,
             eviction: None,
-            last_eviction_check: None,
             last_memory_logged: None,
             cfg,
             client,
             images,
             pods: HashMap::new(),
-            wake: Arc::new(tokio::sync::Notify::new()),
-            patches: Vec::new(),
+            waker,
+            wakes: Some(wakes),
+            patcher,
+            patch_sender: Some(patch_sender),
         })
     }
 
@@ -461,216 +386,6 @@ impl PodManager {
         }
     }
 
-    /// Watches the node's pods and reconciles them until `shutdown` completes. Containers keep
-    /// running after it returns.
-    ///
-    /// # Errors
-    /// When the pod watch cannot be set up.
-    pub async fn run(
-        mut self,
-        shutdown: impl std::future::Future<Output = ()>,
-    ) -> anyhow::Result<()> {
-        // Image references are parsed with a regular expression compiled on first use, which
-        // took over a second in a debug build: compile it now, not when the first pod comes.
-        tokio::task::spawn_blocking(|| {
-            let _ = crate::image::parse_reference("keelson.invalid/warm-up:1");
-        });
-        let api: Api<Pod> = Api::all(self.client.clone());
-        let (reader, writer) = reflector::store();
-        let config =
-            watcher::Config::default().fields(&format!("spec.nodeName={}", self.cfg.node_name));
-        let notify = Arc::clone(&self.wake);
-        let n = Arc::clone(&notify);
-        let watch = tokio::spawn(async move {
-            let mut stream = reflector(writer, watcher(api, config))
-                .default_backoff()
-                .boxed();
-            while let Some(ev) = stream.next().await {
-                if let Err(e) = ev {
-                    tracing::warn!(error = %e, "pod watch");
-                }
-                n.notify_one();
-            }
-        });
-        tokio::pin!(shutdown);
-        tokio::select! {
-            r = reader.wait_until_ready() => r?,
-            _ = &mut shutdown => { watch.abort(); return Ok(()); }
-        }
-        tracing::info!(node = %self.cfg.node_name, "pod sync started");
-        loop {
-            let pods = reader.state();
-            self.check_memory(&pods).await;
-            let round = Instant::now();
-            self.sync_all(&pods).await;
-            tracing::debug!(
-                pods = pods.len(),
-                ms = round.elapsed().as_millis() as u64,
-                "sync round"
-            );
-            self.image_gc(&pods).await;
-            tokio::select! {
-                _ = notify.notified() => {}
-                _ = tokio::time::sleep(self.cfg.resync) => {}
-                _ = &mut shutdown => break,
-            }
-        }
-        watch.abort();
-        Ok(())
-    }
-
-    async fn sync_all(&mut self, pods: &[Arc<Pod>]) {
-        self.prepare_sandboxes(pods).await;
-        let mut seen = HashSet::new();
-        for pod in pods {
-            let Some(uid) = pod.uid() else { continue };
-            seen.insert(uid.clone());
-            if pod.metadata.deletion_timestamp.is_some() {
-                let grace = pod
-                    .metadata
-                    .deletion_grace_period_seconds
-                    .or(pod
-                        .spec
-                        .as_ref()
-                        .and_then(|s| s.termination_grace_period_seconds))
-                    .unwrap_or(30);
-                self.terminate(&uid, Some(pod), grace).await;
-            } else if let Err(e) = self.sync_pod(pod).await {
-                tracing::warn!(pod = %pod.name_any(), error = %e, "pod sync");
-            }
-        }
-        let on_disk: Vec<String> = fs::read_dir(self.cfg.layout.pods())
-            .map(|d| {
-                d.flatten()
-                    .filter_map(|e| e.file_name().into_string().ok())
-                    .collect()
-            })
-            .unwrap_or_default();
-        for uid in on_disk {
-            if !seen.contains(&uid) {
-                self.terminate(&uid, None, 0).await;
-            }
-        }
-        self.pods.retain(|uid, _| seen.contains(uid));
-        self.send_patches().await;
-    }
-
-    /// Makes the sandboxes and pod network links of new pods all at once: namespaces and
-    /// veths are the slowest part of a pod's start, and pods of one wave need not wait for
-    /// each other. Failures are left to each pod's own sync, which retries and reports them.
-    async fn prepare_sandboxes(&mut self, pods: &[Arc<Pod>]) {
-        let mut jobs = Vec::new();
-        for pod in pods {
-            if pod.metadata.deletion_timestamp.is_some() {
-                continue;
-            }
-            let record = pod_record(pod);
-            if record.uid.is_empty() {
-                continue;
-            }
-            let host_network = pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.host_network)
-                .unwrap_or(false);
-            let ns = self.cfg.layout.pod(&record.uid).join("ns");
-            let needs_link =
-                !host_network && self.cfg.network.is_some() && self.mem(&record).link.is_none();
-            if sandbox::exists(&ns) && !needs_link {
-                continue;
-            }
-            jobs.push(make_sandbox(
-                self.cfg.clone(),
-                record,
-                host_network,
-                needs_link,
-            ));
-        }
-        if jobs.is_empty() {
-            return;
-        }
-        let started = Instant::now();
-        let count = jobs.len();
-        for (record, result) in futures::future::join_all(jobs).await {
-            match result {
-                Ok(Some(link)) => self.mem(&record).link = Some(link),
-                Ok(None) => {}
-                Err(e) => tracing::debug!(pod = %record.name, error = %e, "sandbox (retried)"),
-            }
-        }
-        tracing::debug!(
-            pods = count,
-            ms = started.elapsed().as_millis() as u64,
-            "sandboxes and links made"
-        );
-    }
-
-    /// Sends the round's status patches, several at a time.
-    async fn send_patches(&mut self) {
-        let patches = std::mem::take(&mut self.patches);
-        if patches.is_empty() {
-            return;
-        }
-        let started = Instant::now();
-        let count = patches.len();
-        let client = self.client.clone();
-        let sent: Vec<(StatusPatch, Option<u64>)> = futures::stream::iter(patches)
-            .map(|p| {
-                let api: Api<Pod> = Api::namespaced(client.clone(), &p.namespace);
-                async move {
-                    let mut body = json!({ "status": &p.status });
-                    if let Some(v) = &p.version {
-                        body["metadata"] = json!({ "resourceVersion": v });
-                    }
-                    let result = api
-                        .patch_status(&p.name, &PatchParams::default(), &Patch::Merge(&body))
-                        .await;
-                    match &result {
-                        // Changed (or being deleted) since: the next round sees it and retries.
-                        Err(kube::Error::Api(s)) if s.code == 409 => {
-                            tracing::debug!(pod = %p.name, "status update: the pod changed meanwhile");
-                        }
-                        Err(e) => tracing::warn!(pod = %p.name, error = %e, "status update"),
-                        Ok(_) => {}
-                    }
-                    let version = result.ok().map(|pod| {
-                        pod.metadata
-                            .resource_version
-                            .and_then(|v| v.parse().ok())
-                            .unwrap_or(0)
-                    });
-                    (p, version)
-                }
-            })
-            .buffer_unordered(PATCH_CONCURRENCY)
-            .collect()
-            .await;
-        for (p, version) in sent {
-            let Some(mem) = self.pods.get_mut(&p.uid) else {
-                continue;
-            };
-            let Some(version) = version else {
-                continue;
-            };
-            mem.patched_version = Some(version).filter(|v| *v > 0);
-            if p.status["phase"] == "Running"
-                && let Some(seen) = mem.first_seen.take()
-            {
-                tracing::debug!(
-                    pod = %p.name,
-                    ms = seen.elapsed().as_millis() as u64,
-                    "pod reported Running"
-                );
-            }
-            mem.last_status = Some(p.status);
-        }
-        tracing::debug!(
-            patches = count,
-            ms = started.elapsed().as_millis() as u64,
-            "status patches sent"
-        );
-    }
-
     fn mem(&mut self, record: &PodRecord) -> &mut PodMem {
         let layout = &self.cfg.layout;
         self.pods.entry(record.uid.clone()).or_insert_with(|| {
@@ -689,9 +404,31 @@ impl PodManager {
                 termed: HashSet::new(),
                 evicted: None,
                 first_seen: Some(Instant::now()),
-                patched_version: None,
+                preparing: false,
+                sandbox_error: None,
+                sandbox_retry_at: None,
+                requeue_at: None,
             }
         })
+    }
+
+    /// Syncs the pod `uid` again at `at`, unless a timer fires for it before.
+    fn requeue(&mut self, uid: &str, at: Instant) {
+        let Some(mem) = self.pods.get_mut(uid) else {
+            return;
+        };
+        let now = Instant::now();
+        if mem.requeue_at.is_some_and(|t| t > now && t <= at) {
+            return;
+        }
+        mem.requeue_at = Some(at);
+        self.waker.pod_at(uid, at);
+    }
+
+    /// Drops what is kept in memory about the pod `uid` (gone from the node).
+    fn forget(&mut self, uid: &str) {
+        self.pods.remove(uid);
+        self.patcher.forget(uid);
     }
 
     async fn sync_pod(&mut self, pod: &Pod) -> anyhow::Result<()> {
@@ -716,7 +453,7 @@ impl PodManager {
             .and_then(|s| s.host_network)
             .unwrap_or(false);
         let started = Instant::now();
-        let setup = self.ensure_sandbox(&record, host_network).await;
+        let setup = self.sandbox_ready(&record, host_network);
         let sandbox_ms = started.elapsed().as_millis() as u64;
         if setup.is_ok() {
             self.sync_host_ports(pod, &record);
@@ -739,7 +476,7 @@ impl PodManager {
             let view = match &setup {
                 Ok(()) if initialized => self.sync_container(pod, &record, c, init_policy).await,
                 Ok(()) => View::waiting("PodInitializing", String::new()),
-                Err(e) => View::waiting("PodInitializing", e.to_string()),
+                Err(e) => View::waiting("PodInitializing", e.clone()),
             };
             initialized &= view.done == Some(0);
             init_views.push((c, view));
@@ -749,12 +486,12 @@ impl PodManager {
             let view = match &setup {
                 Ok(()) if initialized => self.sync_container(pod, &record, c, &policy).await,
                 Ok(()) => View::waiting("PodInitializing", String::new()),
-                Err(e) => View::waiting("ContainerCreating", e.to_string()),
+                Err(e) => View::waiting("ContainerCreating", e.clone()),
             };
             views.push((c, view));
         }
         let containers_ms = started.elapsed().as_millis() as u64 - sandbox_ms;
-        self.post_status(pod, &record, &init_views, &views).await;
+        self.post_status(pod, &record, &init_views, &views);
         if fresh || started.elapsed() > Duration::from_millis(20) {
             tracing::debug!(
                 pod = %record.name,
@@ -763,25 +500,6 @@ impl PodManager {
                 ms = started.elapsed().as_millis() as u64,
                 "pod synced"
             );
-        }
-        Ok(())
-    }
-
-    async fn ensure_sandbox(
-        &mut self,
-        record: &PodRecord,
-        host_network: bool,
-    ) -> anyhow::Result<()> {
-        let ns = self.cfg.layout.pod(&record.uid).join("ns");
-        let needs_link =
-            !host_network && self.cfg.network.is_some() && self.mem(record).link.is_none();
-        if sandbox::exists(&ns) && !needs_link {
-            return Ok(());
-        }
-        let (_, result) =
-            make_sandbox(self.cfg.clone(), record.clone(), host_network, needs_link).await;
-        if let Some(link) = result? {
-            self.mem(record).link = Some(link);
         }
         Ok(())
     }
@@ -834,8 +552,19 @@ impl PodManager {
             .pod(&record.uid)
             .join("containers")
             .join(&c.name);
-        let latest = latest_attempt(&cdir);
         let waiting = View::waiting;
+        // An attempt being launched: its directory is not complete yet.
+        if let Some(n) = self
+            .pods
+            .get(&record.uid)
+            .and_then(|m| m.containers.get(&c.name))
+            .and_then(|m| m.launching)
+        {
+            let mut v = waiting("ContainerCreating", String::new());
+            v.ever_started = n > 0;
+            return v;
+        }
+        let latest = latest_attempt(&cdir);
         let Some(n) = latest else {
             return match self.start_attempt(pod, record, c, 0).await {
                 Ok(()) => waiting("ContainerCreating", String::new()),
@@ -857,13 +586,18 @@ impl PodManager {
                     container_id: id.clone(),
                     netns: self.cfg.layout.pod(&record.uid).join("ns/net"),
                 };
+                let waker = self.waker.clone();
                 let mem = self
                     .mem(record)
                     .containers
                     .entry(c.name.clone())
                     .or_default();
                 if mem.probes.as_ref().is_none_or(|(a, _)| *a != n) {
-                    mem.probes = Some((n, probe::start(c, target)));
+                    // A probe result that changes readiness or calls for a restart syncs the
+                    // pod at once.
+                    let uid = record.uid.clone();
+                    let on_change = move || waker.pod(&uid);
+                    mem.probes = Some((n, probe::start(c, target, on_change)));
                 }
                 let status = mem.probes.as_ref().map(|(_, p)| Arc::clone(&p.status));
                 let (ready, started, failed) = status.map_or((true, true, false), |s| {
@@ -944,6 +678,7 @@ impl PodManager {
                         }
                     }
                 } else {
+                    self.requeue(&record.uid, Instant::now() + (delay - elapsed));
                     let mem = self
                         .mem(record)
                         .containers
@@ -1010,251 +745,8 @@ impl PodManager {
         }
     }
 
-    /// Starts attempt `n` ([`Self::launch`]) and reports it as Events: Pulled, Created and
-    /// Started, or Failed (once per distinct failure).
-    async fn start_attempt(
-        &mut self,
-        pod: &Pod,
-        record: &PodRecord,
-        c: &Container,
-        n: u32,
-    ) -> Result<(), (String, String)> {
-        let pulled = match self.ensure_image(pod, record, c).await {
-            pulling::ImageReady::Present => None,
-            pulling::ImageReady::Pulled(p) => Some(p),
-            pulling::ImageReady::Pending => {
-                return Err(("ContainerCreating".to_owned(), String::new()));
-            }
-            pulling::ImageReady::Failed(reason, message) => return Err((reason, message)),
-        };
-        let started = Instant::now();
-        let result = self.launch(pod, record, c, n).await;
-        tracing::debug!(
-            pod = %record.name,
-            container = %c.name,
-            ms = started.elapsed().as_millis() as u64,
-            "launched"
-        );
-        let image = c.image.clone().unwrap_or_default();
-        let events = self.events.clone();
-        let mem = self
-            .mem(record)
-            .containers
-            .entry(c.name.clone())
-            .or_default();
-        let name = Some(c.name.as_str());
-        match &result {
-            Ok(()) => {
-                mem.failure_reported = None;
-                let pulled = match pulled {
-                    Some(p) => format!(
-                        "Successfully pulled image {image:?} in {:.3}s. Image size: {} bytes.",
-                        p.elapsed.as_secs_f64(),
-                        p.size
-                    ),
-                    None => format!("Container image {image:?} already present on machine"),
-                };
-                events.emit(pod, name, Kind::Normal, "Pulled", pulled);
-                events.emit(
-                    pod,
-                    name,
-                    Kind::Normal,
-                    "Created",
-                    format!("Created container {}", c.name),
-                );
-                events.emit(
-                    pod,
-                    name,
-                    Kind::Normal,
-                    "Started",
-                    format!("Started container {}", c.name),
-                );
-            }
-            Err((reason, message)) if mem.failure_reported.as_deref() != Some(message) => {
-                mem.failure_reported = Some(message.clone());
-                let text = if reason.contains("Image") || reason.contains("ErrImage") {
-                    format!("Failed to pull image {image:?}: {message}")
-                } else {
-                    format!("Error: {message}")
-                };
-                events.emit(pod, name, Kind::Warning, "Failed", text);
-            }
-            Err(_) => {}
-        }
-        result
-    }
-
-    /// Prepares attempt `n`'s bundle and starts its supervisor; on failure, the waiting reason
-    /// and message.
-    async fn launch(
-        &mut self,
-        pod: &Pod,
-        record: &PodRecord,
-        c: &Container,
-        n: u32,
-    ) -> Result<(), (String, String)> {
-        let image_ref = c.image.clone().unwrap_or_default();
-        let images = self.images.clone();
-        let r = image_ref.clone();
-        let started = Instant::now();
-        let image = match tokio::task::spawn_blocking(move || images.resolve(&r)).await {
-            Ok(Ok(image)) => image,
-            Ok(Err(e)) => {
-                let mem = self
-                    .mem(record)
-                    .containers
-                    .entry(c.name.clone())
-                    .or_default();
-                mem.image_failures += 1;
-                let reason = if mem.image_failures == 1 {
-                    "ErrImagePull"
-                } else {
-                    "ImagePullBackOff"
-                };
-                return Err((reason.to_owned(), format!("image {image_ref}: {e}")));
-            }
-            Err(e) => return Err(("ErrImagePull".to_owned(), e.to_string())),
-        };
-        let resolve_ms = started.elapsed().as_millis() as u64;
-        let sandbox = self.cfg.layout.pod(&record.uid).join("ns");
-        let volumes =
-            super::volumes::prepare(&self.client, pod, &self.cfg.layout.volumes(&record.uid))
-                .await
-                .map_err(|e| ("CreateContainerConfigError".to_owned(), e.to_string()))?;
-        let mut spec = make_spec(pod, c, &image.config, &sandbox, &volumes)
-            .map_err(|e| ("CreateContainerConfigError".to_owned(), e.to_string()))?;
-        if let Some(dns) = self.cfg.dns.clone() {
-            let ip = self.mem(record).link.as_ref().map(|l| l.ip.into());
-            let dir = self.cfg.layout.pod(&record.uid);
-            let files = crate::dns::pod_files::write(&dir, pod, ip, &dns)
-                .map_err(|e| ("CreateContainerError".to_owned(), e.to_string()))?;
-            crate::dns::pod_files::add_mounts(&mut spec, c, &files)
-                .map_err(|e| ("CreateContainerConfigError".to_owned(), e.to_string()))?;
-        }
-        let adir = self.cfg.layout.attempt(&record.uid, &c.name, n);
-        let io = |e: std::io::Error| ("CreateContainerError".to_owned(), e.to_string());
-        fs::create_dir_all(&adir).map_err(io)?;
-        spec.save(adir.join("config.json"))
-            .map_err(|e| ("CreateContainerError".to_owned(), e.to_string()))?;
-        write_json(&adir.join("layers.json"), &image.layers).map_err(io)?;
-        if c.stdin == Some(true) {
-            // The container's stdin, kept open by its supervisor, written by `attach`.
-            let fifo = adir.join(super::supervisor::STDIN_FIFO);
-            if !fifo.exists() {
-                nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
-                    .map_err(|e| io(e.into()))?;
-            }
-            if c.stdin_once == Some(true) {
-                fs::write(adir.join(super::supervisor::STDIN_ONCE), b"").map_err(io)?;
-            }
-        }
-        if c.tty == Some(true) {
-            // The supervisor keeps the terminal; attach sends window sizes through the FIFO.
-            fs::write(adir.join(super::console::TTY_FILE), b"").map_err(io)?;
-            let fifo = adir.join(super::console::RESIZE_FIFO);
-            if !fifo.exists() {
-                nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
-                    .map_err(|e| io(e.into()))?;
-            }
-        }
-        fs::write(
-            adir.join("image"),
-            format!("{}\n{}", image_ref, image.digest),
-        )
-        .map_err(io)?;
-        let bundle_ms = started.elapsed().as_millis() as u64 - resolve_ms;
-        let id = container_id(&record.uid, &c.name, n);
-        let log = self.cfg.layout.log_file(record, &c.name, n);
-        let cgroup = format!(
-            "{}/pod{}/{}-{n}",
-            self.cfg.cgroup_parent, record.uid, c.name
-        );
-        let mut cmd = tokio::process::Command::new(&self.cfg.agent_exe);
-        cmd.arg("supervise")
-            .arg("--runtime-root")
-            .arg(self.cfg.layout.runtime_root())
-            .arg("--id")
-            .arg(&id)
-            .arg("--bundle")
-            .arg(&adir)
-            .arg("--log")
-            .arg(&log)
-            .arg("--cgroup-path")
-            .arg(&cgroup)
-            .arg("--log-max-size")
-            .arg(self.cfg.log_limits.max_size.to_string())
-            .arg("--log-max-files")
-            .arg(self.cfg.log_limits.max_files.to_string())
-            .arg("--detach")
-            .arg("--started-on-stdout");
-        // The supervisor writes into this pipe (its stdout) once the container runs, and it
-        // closes when the supervisor ends: the sync loop wakes then, not at its next resync.
-        let (started_r, started_w) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
-                .map_err(|e| io(e.into()))?;
-        // No pre_exec hook (the supervisor leaves our session itself): the standard library
-        // then spawns with posix_spawn instead of forking the whole agent, which cost tens of
-        // milliseconds per container while a wave of pods starts.
-        cmd.stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::from(started_w))
-            .stderr(std::process::Stdio::null());
-        let launched = Instant::now();
-        let spawned = cmd.spawn();
-        // The command holds our copy of the pipe's write end: drop it, so only the
-        // supervisor's copy keeps the pipe open.
-        drop(cmd);
-        let mut child = spawned.map_err(io)?;
-        tracing::debug!(
-            pod = %record.name,
-            container = %c.name,
-            resolve_ms,
-            bundle_ms,
-            spawn_ms = launched.elapsed().as_millis() as u64,
-            "supervisor spawned"
-        );
-        let wake = Arc::clone(&self.wake);
-        let (pod_name, container) = (record.name.clone(), c.name.clone());
-        match tokio::net::unix::pipe::Receiver::from_owned_fd(started_r) {
-            Ok(mut started) => {
-                let wake = Arc::clone(&wake);
-                tokio::spawn(async move {
-                    use tokio::io::AsyncReadExt as _;
-                    let mut byte = [0u8; 1];
-                    let _ = started.read(&mut byte).await;
-                    tracing::debug!(
-                        pod = %pod_name,
-                        container = %container,
-                        ms = launched.elapsed().as_millis() as u64,
-                        "supervisor: container started"
-                    );
-                    wake.notify_one();
-                });
-            }
-            Err(e) => tracing::debug!(error = %e, "supervisor start pipe"),
-        }
-        let pid = child.id().unwrap_or(0);
-        let start = keelson_runtime::state::proc_start_time(pid as i32).map_or(0, |(s, _)| s);
-        write_json(&adir.join(PID_FILE), &(pid, start)).map_err(io)?;
-        tokio::spawn(async move {
-            if let Ok(status) = child.wait().await
-                && let Some(sig) = status.signal()
-            {
-                tracing::debug!(pid, sig, "supervisor killed");
-            }
-            // The attempt is over: report it (and restart it) without waiting for the resync.
-            wake.notify_one();
-        });
-        // Keep the previous attempt (lastState, previous logs); drop older ones.
-        if n >= 2 {
-            let old = self.cfg.layout.attempt(&record.uid, &c.name, n - 2);
-            let _ = umount2(&old.join("rootfs"), MntFlags::MNT_DETACH);
-            let _ = fs::remove_dir_all(old);
-        }
-        tracing::info!(pod = %record.name, container = %c.name, attempt = n, "starting container");
-        Ok(())
-    }
-
-    async fn post_status(
+    /// Computes the pod's status and hands it to the patch sender if it changed.
+    fn post_status(
         &mut self,
         pod: &Pod,
         record: &PodRecord,
@@ -1335,13 +827,13 @@ impl PodManager {
         if mem.last_status.as_ref() == Some(&status) {
             return;
         }
-        let version = patch_version(pod, mem.patched_version);
-        self.patches.push(StatusPatch {
+        mem.last_status = Some(status.clone());
+        self.patcher.send(StatusPatch {
             uid: record.uid.clone(),
             namespace: record.namespace.clone(),
             name: record.name.clone(),
             status,
-            version,
+            version: pod.metadata.resource_version.clone(),
         });
     }
 
@@ -1401,6 +893,10 @@ impl PodManager {
     /// Stops a pod (SIGTERM, SIGKILL after `grace` seconds), then removes everything it had
     /// on this node and, if the object still exists, deletes it for good.
     async fn terminate(&mut self, uid: &str, pod: Option<&Pod>, grace: i64) {
+        if self.pods.get(uid).is_some_and(PodMem::busy) {
+            // A sandbox or launch task still runs: stopped once it is done (it wakes the pod).
+            return;
+        }
         let dir = self.cfg.layout.pod(uid);
         let record = match pod {
             Some(p) => pod_record(p),
@@ -1444,6 +940,9 @@ impl PodManager {
                 mem.kill_sent = true;
                 Signal::SIGKILL
             } else {
+                // Containers that outlive the grace period are killed then; those that end
+                // sooner wake the loop through their supervisors.
+                self.requeue(uid, since + grace);
                 Signal::SIGTERM
             };
             if first {
@@ -1493,7 +992,7 @@ impl PodManager {
                 Err(e) => tracing::warn!(pod = %record.name, error = %e, "final delete"),
             }
         }
-        self.pods.remove(uid);
+        self.forget(uid);
     }
 
     async fn teardown(&mut self, record: &PodRecord) {
@@ -1537,35 +1036,5 @@ impl PodManager {
             let _ = fs::remove_dir_all(self.cfg.layout.pod_logs(record));
         }
         tracing::info!(pod = %record.name, namespace = %record.namespace, "pod removed from the node");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pod_at(version: Option<&str>) -> Pod {
-        let mut pod = Pod::default();
-        pod.metadata.resource_version = version.map(str::to_owned);
-        pod
-    }
-
-    #[test]
-    fn status_patches_name_the_newest_version_known() {
-        // The watch is behind our own last patch: ours.
-        assert_eq!(patch_version(&pod_at(Some("7")), Some(9)), Some("9".into()));
-        // Someone changed the pod after our patch (a deletion): theirs.
-        assert_eq!(
-            patch_version(&pod_at(Some("12")), Some(9)),
-            Some("12".into())
-        );
-        assert_eq!(patch_version(&pod_at(Some("5")), None), Some("5".into()));
-        assert_eq!(patch_version(&pod_at(None), Some(3)), Some("3".into()));
-        assert_eq!(patch_version(&pod_at(None), None), None);
-        // Not a number: sent as the watch has it.
-        assert_eq!(
-            patch_version(&pod_at(Some("x1")), Some(3)),
-            Some("x1".into())
-        );
     }
 }

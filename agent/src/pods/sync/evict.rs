@@ -1,4 +1,4 @@
-//! Memory-pressure eviction of the node's pods. About once a second `memory.available` is
+//! Memory-pressure eviction of the node's pods. Once a second `memory.available` is
 //! computed as the memory capacity (the machine's, or `--eviction-memory-capacity`) minus
 //! the working set of every pod's cgroup; below the `--eviction-hard` threshold the node is
 //! under memory pressure and one pod is evicted at a time, in the kubelet's order. An
@@ -8,7 +8,7 @@
 //! evicted once the previous one's containers are gone.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 use kube::ResourceExt as _;
@@ -26,8 +26,8 @@ use crate::pods::status::{AttemptState, attempt_state, terminated};
 
 /// Written into an evicted pod's directory.
 pub(super) const EVICTED_FILE: &str = "evicted.json";
-/// How often memory is checked.
-const CHECK_PERIOD: Duration = Duration::from_secs(1);
+/// How often memory is checked (the sync loop's timer).
+pub(super) const CHECK_PERIOD: Duration = Duration::from_secs(1);
 
 /// Why a pod was evicted.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,16 +51,10 @@ fn memory_request(c: &Container) -> u64 {
 }
 
 impl PodManager {
-    /// Measures memory, reports pressure and evicts a pod if it is under the threshold.
+    /// Measures memory, reports pressure and evicts a pod if it is under the threshold; the
+    /// sync loop calls it every [`CHECK_PERIOD`].
     pub(super) async fn check_memory(&mut self, pods: &[Arc<Pod>]) {
         let Some(cfg) = self.eviction else { return };
-        if self
-            .last_eviction_check
-            .is_some_and(|t| t.elapsed() < CHECK_PERIOD)
-        {
-            return;
-        }
-        self.last_eviction_check = Some(Instant::now());
         let capacity = cfg.capacity.or_else(|| meminfo("MemTotal")).unwrap_or(0);
         let mut total = 0u64;
         let mut candidates = Vec::new();
@@ -190,6 +184,8 @@ impl PodManager {
         self.events
             .emit(pod, None, Kind::Warning, "Evicted", message.clone());
         self.stop_containers(pod, &record);
+        // Its Failed/Evicted status goes out with its next sync: now.
+        self.waker.pod(&record.uid);
     }
 
     fn stop_containers(&mut self, pod: &Pod, record: &PodRecord) {
@@ -218,6 +214,10 @@ impl PodManager {
         let Some(eviction) = read_json::<Eviction>(&dir.join(EVICTED_FILE)) else {
             return false;
         };
+        if self.pods.get(&record.uid).is_some_and(super::PodMem::busy) {
+            // A container being launched is stopped once its launch is done (it wakes the pod).
+            return true;
+        }
         self.stop_containers(pod, record);
         let mut views = Vec::new();
         for c in pod.spec.iter().flat_map(|s| &s.containers) {
@@ -253,7 +253,7 @@ impl PodManager {
         let mem = self.mem(record);
         mem.containers.clear();
         mem.evicted = Some(eviction.message);
-        self.post_status(pod, record, &[], &views).await;
+        self.post_status(pod, record, &[], &views);
         true
     }
 }

@@ -2,7 +2,8 @@
 //! the background (one per image however many containers wait for it) while the container
 //! waits in `ContainerCreating`; a failed pull shows `ErrImagePull`, then `ImagePullBackOff`
 //! until the back-off (the restart back-off's base and maximum) has passed;
-//! `ErrImageNeverPull` and `InvalidImageName` need no pull at all. Credentials come from the
+//! `ErrImageNeverPull` and `InvalidImageName` need no pull at all. The pod is synced again
+//! when its pull ends or its back-off has passed. Credentials come from the
 //! pod's `imagePullSecrets` (dockerconfigjson Secrets read through the API).
 
 use std::time::Instant;
@@ -132,10 +133,17 @@ impl PodManager {
                 );
             }
             let message = format!("Back-off pulling image {image:?}: {}", mem.pull_error);
+            self.requeue(&record.uid, at);
             return ImageReady::Failed("ImagePullBackOff".to_owned(), message);
         }
         let auth = self.pull_auth(pod, reference.registry()).await;
         let handle = self.puller.start(&image, auth);
+        // The pod is synced again when the pull is over.
+        let (waiting, waker, uid) = (handle.clone(), self.waker.clone(), record.uid.clone());
+        tokio::spawn(async move {
+            let _ = waiting.wait().await;
+            waker.pod(&uid);
+        });
         events.emit(
             pod,
             name,
