@@ -100,19 +100,35 @@ async fn ds_status(client: &Client, name: &str) -> (i64, serde_json::Value) {
 async fn daemon_on(client: &Client, name: &str, nodes: &[&str]) {
     let want: BTreeMap<String, usize> = nodes.iter().map(|n| ((*n).to_owned(), 1)).collect();
     let n = nodes.len();
-    wait_for(&format!("daemonset {name} on {nodes:?}"), T, || async {
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
         let placed: BTreeMap<String, usize> = pods_by_node(client, name)
             .await
             .into_iter()
             .map(|(k, v)| (k, v.len()))
             .collect();
         let (generation, status) = ds_status(client, name).await;
-        placed == want
-            && status
-                == json!({"desired": n, "current": n, "ready": n, "available": n,
-                    "updated": n, "misscheduled": 0, "observed": generation})
-    })
-    .await;
+        let wanted = json!({"desired": n, "current": n, "ready": n, "available": n,
+            "updated": n, "misscheduled": 0, "observed": generation});
+        if placed == want && status == wanted {
+            return;
+        }
+        // Say where it got stuck: pods per node, the status, and the pods' conditions.
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for daemonset {name} on {nodes:?}: pods per node {placed:?}, \
+             status {status} (wanted {wanted}), pods {:?}",
+            live_pods(client, "default", &format!("app={name}"))
+                .await
+                .iter()
+                .map(|p| (
+                    p.metadata.name.clone().unwrap_or_default(),
+                    p.status.as_ref().and_then(|s| s.conditions.clone()),
+                ))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
