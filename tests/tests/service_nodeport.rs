@@ -254,7 +254,18 @@ fn tcp_ask_from(netns: &Netns, src: SocketAddrV4, addr: SocketAddr) -> Result<An
         setsockopt(&fd, sockopt::ReuseAddr, &true)?;
         // Linux bounds a blocking connect by the send timeout.
         setsockopt(&fd, sockopt::SendTimeout, &TimeVal::new(2, 0))?;
-        bind(fd.as_raw_fd(), &SockaddrIn::from(src)).with_context(|| format!("binding {src}"))?;
+        // The previous flow from this port may still be closing (LAST_ACK, which
+        // SO_REUSEADDR does not cover, unlike TIME_WAIT): wait for it a little.
+        let mut tries = 0;
+        loop {
+            match bind(fd.as_raw_fd(), &SockaddrIn::from(src)) {
+                Err(nix::errno::Errno::EADDRINUSE) if tries < 60 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                result => break result.with_context(|| format!("binding {src}"))?,
+            }
+        }
         connect(fd.as_raw_fd(), &SockaddrIn::from(dst))
             .with_context(|| format!("connecting from {src} to {dst}"))?;
         let mut conn = TcpStream::from(fd);
