@@ -42,21 +42,7 @@ fn lb(pins: &Path, args: &[&str]) -> Result<String> {
 /// One TCP request to `addr` from a fresh process in `netns` and `cgroup`: the name of the
 /// backend that answered, or the client's error text.
 fn ask(netns: &Netns, cgroup: &Cgroup2, addr: &str) -> Result<Result<String, String>> {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_netprobe"));
-    cmd.args(["tcp", addr, "q"]);
-    let fds = place(&mut cmd, netns, Some(cgroup))?;
-    let out = cmd.output().context("starting netprobe")?;
-    drop(fds);
-    Ok(if out.status.success() {
-        let text = String::from_utf8_lossy(&out.stdout);
-        let reply = text
-            .lines()
-            .find_map(|l| l.strip_prefix("reply: "))
-            .unwrap_or_default();
-        Ok(reply.split(':').next().unwrap_or_default().to_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
-    })
+    probe(netns, cgroup, &["tcp", addr, "q"])
 }
 
 /// [`ask`] that must succeed.
@@ -221,8 +207,14 @@ fn ask_from(
     addr: &str,
     source: &str,
 ) -> Result<Result<String, String>> {
+    probe(netns, cgroup, &["tcp", addr, "q", source])
+}
+
+/// Runs netprobe with `args` in `netns` and `cgroup`: the name of the backend that answered,
+/// or the client's error text.
+fn probe(netns: &Netns, cgroup: &Cgroup2, args: &[&str]) -> Result<Result<String, String>> {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_netprobe"));
-    cmd.args(["tcp", addr, "q", source]);
+    cmd.args(args);
     let fds = place(&mut cmd, netns, Some(cgroup))?;
     let out = cmd.output().context("starting netprobe")?;
     drop(fds);
