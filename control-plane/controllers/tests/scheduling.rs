@@ -48,6 +48,10 @@ async fn nodes(c: &Cluster, zones: &[&str]) {
             .await
             .expect("label node");
     }
+    for (i, zone) in zones.iter().enumerate() {
+        c.in_scheduler_cache(&format!("node-{i}"), json!({ZONE: zone}))
+            .await;
+    }
 }
 
 /// The app's pods: how many are bound per node, and the messages of those not bound.
