@@ -230,7 +230,28 @@ pub fn supervise(spec: &SuperviseSpec) -> i32 {
     record.exit_code
 }
 
+/// Gives the supervisor a mount namespace of its own, a slave of the host's (volumes the agent
+/// mounts later still reach it), before it mounts the container's root. The host's mount table
+/// then does not grow with every running container: it did, and every read of mountinfo
+/// (cgroups-rs reads it for each cgroup it opens) and every copy of the table for a new
+/// container's mount namespace got slower with each pod on the node. The overlay goes away
+/// with the supervisor's namespace. Must run while the supervisor is single-threaded.
+fn own_mount_namespace() -> Result<(), SuperviseError> {
+    let root = Path::new("/");
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .map_err(|e| io_err("unshare the mount namespace at", root)(e.into()))?;
+    mount(
+        None::<&str>,
+        root,
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
+        None::<&str>,
+    )
+    .map_err(|e| io_err("make the mounts slaves at", root)(e.into()))
+}
+
 fn run(spec: &SuperviseSpec) -> Result<ExitRecord, SuperviseError> {
+    own_mount_namespace()?;
     mount_rootfs(&spec.bundle)?;
     if let Some(dir) = spec.log.parent() {
         fs::create_dir_all(dir).map_err(io_err("create", dir))?;
