@@ -623,7 +623,7 @@ impl Lab {
         self.nodes[pod.node]
             .env
             .state_dir()
-            .join("pods")
+            .join("run/pods")
             .join(&pod.uid)
             .join("ns/net")
     }

@@ -190,7 +190,7 @@ fn container_pid(env: &NodeEnv, p: &Value) -> Result<i64> {
     let out = keelson_e2e::run_ok(
         std::process::Command::new(workspace_bin("keelson-runtime")?)
             .arg("--root")
-            .arg(env.state_dir().join("runtime"))
+            .arg(env.state_dir().join("run/runtime"))
             .args(["state", &id]),
     )?;
     let state: Value = serde_json::from_slice(&out.stdout)?;

@@ -354,6 +354,12 @@ impl NodeArgs {
             .with_context(|| format!("creating {}", self.state_dir.display()))?;
         let state_dir = std::fs::canonicalize(&self.state_dir)?;
         let layout = StateLayout::new(&state_dir);
+        if layout
+            .mount_run()
+            .with_context(|| format!("mounting a tmpfs on {}", layout.run().display()))?
+        {
+            tracing::info!(dir = %layout.run().display(), "mounted a tmpfs for the pods' volatile state");
+        }
         let parent = cgroup_parent(self.cgroup_parent.as_deref(), self.cgroup2.as_deref())?;
         let node_ip = self.node_ip.unwrap_or_else(|| detect_node_ip(&self.bridge));
         let agent_exe = std::env::current_exe().context("locating keelson-agent")?;

@@ -28,7 +28,12 @@ pub fn attempt_state(dir: &Path) -> AttemptState {
     let alive = read_json::<(u32, u64)>(&dir.join(PID_FILE))
         .is_some_and(|(pid, start)| process_alive(pid as i32, start));
     if !alive {
-        return AttemptState::Lost;
+        // The supervisor records the exit before it ends: it may have done both between the
+        // first read and the liveness check.
+        return match read_json::<ExitRecord>(&dir.join(EXIT_FILE)) {
+            Some(rec) => AttemptState::Exited(rec),
+            None => AttemptState::Lost,
+        };
     }
     match std::fs::read_to_string(dir.join(STARTED_FILE)) {
         Ok(t) => AttemptState::Running(t.trim().to_owned()),

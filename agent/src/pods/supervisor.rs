@@ -28,8 +28,10 @@ pub struct SuperviseSpec {
     pub runtime_root: PathBuf,
     /// The container id.
     pub id: String,
-    /// The attempt directory: `config.json`, `layers.json`, `rootfs/`, `upper/`, `work/`.
+    /// The attempt directory: `config.json`, `layers.json`, `rootfs/`.
     pub bundle: PathBuf,
+    /// Where the overlay's `upper/` and `work/` are (on disk, unlike the bundle).
+    pub writable_layer: PathBuf,
     /// The CRI log file.
     pub log: PathBuf,
     /// When the log rotates.
@@ -142,16 +144,17 @@ fn release_stdin_after_attach(bundle: PathBuf, keeper: OwnedFd) {
     });
 }
 
-/// Mounts the overlay root of the bundle from `layers.json` (lowest layer first).
-fn mount_rootfs(bundle: &Path) -> Result<(), SuperviseError> {
+/// Mounts the overlay root of the bundle from `layers.json` (lowest layer first), writable in
+/// `layer`.
+fn mount_rootfs(bundle: &Path, layer: &Path) -> Result<(), SuperviseError> {
     let layers_path = bundle.join("layers.json");
     let text = fs::read(&layers_path).map_err(io_err("read", &layers_path))?;
     let layers: Vec<PathBuf> = serde_json::from_slice(&text)
         .map_err(|e| io_err("parse", &layers_path)(std::io::Error::other(e)))?;
     let rootfs = bundle.join("rootfs");
-    for dir in ["rootfs", "upper", "work"] {
-        let d = bundle.join(dir);
-        fs::create_dir_all(&d).map_err(io_err("create", &d))?;
+    let (upper, work) = (layer.join("upper"), layer.join("work"));
+    for d in [&rootfs, &upper, &work] {
+        fs::create_dir_all(d).map_err(io_err("create", d))?;
     }
     // overlayfs wants the uppermost lower layer first.
     let lower: Vec<String> = layers
@@ -169,8 +172,8 @@ fn mount_rootfs(bundle: &Path) -> Result<(), SuperviseError> {
     };
     let options = format!(
         "lowerdir={lower},upperdir={},workdir={}",
-        bundle.join("upper").display(),
-        bundle.join("work").display()
+        upper.display(),
+        work.display()
     );
     mount(
         Some("overlay"),
@@ -252,7 +255,7 @@ fn own_mount_namespace() -> Result<(), SuperviseError> {
 
 fn run(spec: &SuperviseSpec) -> Result<ExitRecord, SuperviseError> {
     own_mount_namespace()?;
-    mount_rootfs(&spec.bundle)?;
+    mount_rootfs(&spec.bundle, &spec.writable_layer)?;
     if let Some(dir) = spec.log.parent() {
         fs::create_dir_all(dir).map_err(io_err("create", dir))?;
     }

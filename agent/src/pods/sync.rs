@@ -1029,8 +1029,12 @@ impl PodManager {
             }
         }
         remove_cgroup_everywhere(&format!("{}/pod{uid}", self.cfg.cgroup_parent));
-        if let Err(e) = fs::remove_dir_all(&dir) {
-            tracing::warn!(pod = %record.name, error = %e, "removing the pod directory");
+        for d in [&dir, &self.cfg.layout.pod_data(uid)] {
+            if let Err(e) = fs::remove_dir_all(d)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(pod = %record.name, error = %e, "removing the pod directory");
+            }
         }
         if !record.name.is_empty() {
             let _ = fs::remove_dir_all(self.cfg.layout.pod_logs(record));

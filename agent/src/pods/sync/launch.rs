@@ -137,6 +137,12 @@ impl Job {
             .arg(&id)
             .arg("--bundle")
             .arg(&adir)
+            .arg("--writable-layer")
+            .arg(
+                self.cfg
+                    .layout
+                    .writable_layer(&self.record.uid, &self.c.name, n),
+            )
             .arg("--log")
             .arg(&log)
             .arg("--cgroup-path")
@@ -213,6 +219,11 @@ impl Job {
                 .attempt(&self.record.uid, &self.c.name, n - 2);
             let _ = umount2(&old.join("rootfs"), MntFlags::MNT_DETACH);
             let _ = fs::remove_dir_all(old);
+            let _ = fs::remove_dir_all(self.cfg.layout.writable_layer(
+                &self.record.uid,
+                &self.c.name,
+                n - 2,
+            ));
         }
         tracing::info!(pod = %self.record.name, container = %self.c.name, attempt = n, "starting container");
         Ok(())

@@ -175,15 +175,17 @@ impl PodManager {
         }
     }
 
-    /// The uids of the pod directories on disk.
+    /// The uids of the pod directories: the pods' records and, for what a reboot left behind,
+    /// their data on disk.
     fn pod_dirs(&self) -> Vec<String> {
-        fs::read_dir(self.cfg.layout.pods())
-            .map(|d| {
-                d.flatten()
-                    .filter_map(|e| e.file_name().into_string().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
+        let mut uids: Vec<String> = [self.cfg.layout.pods(), self.cfg.layout.pods_data()]
+            .iter()
+            .filter_map(|dir| fs::read_dir(dir).ok())
+            .flat_map(|d| d.flatten().filter_map(|e| e.file_name().into_string().ok()))
+            .collect();
+        uids.sort_unstable();
+        uids.dedup();
+        uids
     }
 
     /// Queues every pod of the node and every pod directory for a sync, forgets pods that
@@ -230,7 +232,11 @@ impl PodManager {
                         tracing::warn!(pod = %pod.name_any(), error = %e, "pod sync");
                     }
                 }
-                None if self.cfg.layout.pod(uid).exists() => self.terminate(uid, None, 0).await,
+                None if self.cfg.layout.pod(uid).exists()
+                    || self.cfg.layout.pod_data(uid).exists() =>
+                {
+                    self.terminate(uid, None, 0).await;
+                }
                 None => {
                     if self.pods.get(uid).is_some_and(|m| !m.busy()) {
                         self.forget(uid);
