@@ -360,6 +360,8 @@ fn run(cp: &ControlPlane, env: &NodeEnv, agent: keelson_e2e::node::Agent) -> Res
     // kubectl exec through the API server into the running container.
     let host = cp.kubectl(&["exec", "web", "--", "hostname"])?;
     ensure!(host.trim() == "web", "exec hostname: {host:?}");
+    let etc = cp.kubectl(&["exec", "web", "--", "cat", "/etc/hostname"])?;
+    ensure!(etc.trim() == "web", "/etc/hostname: {etc:?}");
     let piped = cp.kubectl_with_stdin(&["exec", "-i", "web", "--", "cat"], b"piped\n")?;
     ensure!(
         piped.status.success() && piped.stdout == b"piped\n",

@@ -1,4 +1,4 @@
-//! The `/etc/resolv.conf` and `/etc/hosts` of a pod, as kubelet makes them: resolv.conf per
+//! The `/etc/resolv.conf`, `/etc/hosts` and `/etc/hostname` of a pod, as kubelet makes them: resolv.conf per
 //! the pod's `dnsPolicy` and `dnsConfig`, hosts with localhost, the pod's own name and
 //! address and its `hostAliases`. Written once per pod directory and bind-mounted into each
 //! of its containers.
@@ -89,6 +89,26 @@ pub fn pod_resolv_conf(pod: &Pod, dns: &PodDns, node: &ResolvConf) -> ResolvConf
     conf
 }
 
+/// The pod's host name, as kubelet sets it: `spec.hostname` or else the pod's name, cut to 63
+/// characters without a trailing `-` or `.`; a `hostNetwork` pod has the node's.
+pub fn pod_hostname(pod: &Pod) -> String {
+    if host_network(pod) {
+        return nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default();
+    }
+    let name = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.hostname.clone())
+        .filter(|h| !h.is_empty())
+        .or_else(|| pod.metadata.name.clone())
+        .unwrap_or_default();
+    let cut: String = name.chars().take(63).collect();
+    cut.trim_end_matches(['-', '.']).to_owned()
+}
+
 /// A pod's hosts file: localhost, the pod's name (with its subdomain's FQDN) on its
 /// address, then its `hostAliases`. A `hostNetwork` pod gets `node_hosts` instead.
 pub fn pod_hosts(pod: &Pod, ip: Option<IpAddr>, dns: &PodDns, node_hosts: &str) -> String {
@@ -106,12 +126,7 @@ pub fn pod_hosts(pod: &Pod, ip: Option<IpAddr>, dns: &PodDns, node_hosts: &str) 
          fe00::2\tip6-allrouters\n",
     );
     if let Some(ip) = ip {
-        let hostname = spec
-            .hostname
-            .clone()
-            .filter(|h| !h.is_empty())
-            .or_else(|| pod.metadata.name.clone())
-            .unwrap_or_default();
+        let hostname = pod_hostname(pod);
         match spec.subdomain.as_deref().filter(|s| !s.is_empty()) {
             Some(sub) => {
                 let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
@@ -141,6 +156,8 @@ pub struct PodFiles {
     pub resolv_conf: PathBuf,
     /// Mounted at `/etc/hosts`.
     pub hosts: PathBuf,
+    /// Mounted at `/etc/hostname`.
+    pub hostname: PathBuf,
 }
 
 /// Writes (or refreshes) the pod's files in `dir`. Files are rewritten in place, so the
@@ -154,6 +171,7 @@ pub fn write(dir: &Path, pod: &Pod, ip: Option<IpAddr>, dns: &PodDns) -> io::Res
     let files = PodFiles {
         resolv_conf: dir.join("resolv.conf"),
         hosts: dir.join("hosts"),
+        hostname: dir.join("hostname"),
     };
     for (path, text) in [
         (
@@ -161,6 +179,7 @@ pub fn write(dir: &Path, pod: &Pod, ip: Option<IpAddr>, dns: &PodDns) -> io::Res
             pod_resolv_conf(pod, dns, &node).render(),
         ),
         (&files.hosts, pod_hosts(pod, ip, dns, &node_hosts)),
+        (&files.hostname, format!("{}\n", pod_hostname(pod))),
     ] {
         if fs::read_to_string(path).ok().as_deref() != Some(text.as_str()) {
             fs::write(path, text)?;
@@ -190,6 +209,7 @@ pub fn add_mounts(
     for (dest, source) in [
         ("/etc/resolv.conf", &files.resolv_conf),
         ("/etc/hosts", &files.hosts),
+        ("/etc/hostname", &files.hostname),
     ] {
         if taken(dest) {
             continue;
@@ -323,9 +343,55 @@ mod tests {
         .expect("container");
         add_mounts(&mut spec, &c, &files).expect("mounts");
         let mounts = spec.mounts().clone().unwrap_or_default();
-        assert_eq!(mounts.len(), before + 1);
-        let last = mounts.last().expect("mount");
-        assert_eq!(last.destination(), Path::new("/etc/resolv.conf"));
-        assert_eq!(last.source().as_deref(), Some(files.resolv_conf.as_path()));
+        assert_eq!(mounts.len(), before + 2);
+        let resolv = mounts
+            .iter()
+            .find(|m| m.destination() == Path::new("/etc/resolv.conf"))
+            .expect("resolv.conf mount");
+        assert_eq!(
+            resolv.source().as_deref(),
+            Some(files.resolv_conf.as_path())
+        );
+        assert_eq!(
+            fs::read_to_string(&files.hostname).expect("hostname"),
+            "p\n"
+        );
+    }
+
+    #[test]
+    fn hostname_is_spec_hostname_or_name_cut_to_63() {
+        let mut p = pod(json!({"containers": [], "hostname": "db-0"}));
+        assert_eq!(pod_hostname(&p), "db-0");
+        if let Some(s) = p.spec.as_mut() {
+            s.hostname = None;
+        }
+        p.metadata.name = Some(format!("{}-x", "a".repeat(62)));
+        // 63 characters end in the '-', which goes.
+        assert_eq!(pod_hostname(&p), "a".repeat(62));
+    }
+
+    #[test]
+    fn hostname_file_is_mounted_unless_a_volume_takes_it() {
+        let files = PodFiles {
+            resolv_conf: PathBuf::from("/p/resolv.conf"),
+            hosts: PathBuf::from("/p/hosts"),
+            hostname: PathBuf::from("/p/hostname"),
+        };
+        let dests = |c: &Container| {
+            let mut spec = Spec::default();
+            spec.set_mounts(Some(Vec::new()));
+            add_mounts(&mut spec, c, &files).expect("mounts");
+            spec.mounts()
+                .iter()
+                .flatten()
+                .map(|m| m.destination().display().to_string())
+                .collect::<Vec<_>>()
+        };
+        let plain = Container::default();
+        assert!(dests(&plain).contains(&"/etc/hostname".to_owned()));
+        let taken: Container = serde_json::from_value(json!({"name": "c",
+            "volumeMounts": [{"name": "v", "mountPath": "/etc/hostname"}]}))
+        .expect("container");
+        assert!(!dests(&taken).contains(&"/etc/hostname".to_owned()));
     }
 }

@@ -1,6 +1,6 @@
 //! A pod sandbox without a pause process: new network, UTS and IPC namespaces, made by a
 //! short-lived thread and kept alive by bind-mounting their `/proc/thread-self/ns/*` files
-//! under the pod's directory. Containers join them by path; the hostname is the pod's name.
+//! under the pod's directory. Containers join them by path; the UTS namespace carries the pod's host name.
 
 use std::fs;
 use std::io;

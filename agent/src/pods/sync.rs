@@ -453,7 +453,7 @@ impl PodManager {
             .and_then(|s| s.host_network)
             .unwrap_or(false);
         let started = Instant::now();
-        let setup = self.sandbox_ready(&record, host_network);
+        let setup = self.sandbox_ready(pod, &record, host_network);
         let sandbox_ms = started.elapsed().as_millis() as u64;
         if setup.is_ok() {
             self.sync_host_ports(pod, &record);

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use nix::mount::{MntFlags, umount2};
 
+use k8s_openapi::api::core::v1::Pod;
+
 use super::dirty::Wake;
 use super::{PodManager, PodManagerConfig};
 use crate::network::{PodLink, setup_pod_link};
@@ -47,6 +49,7 @@ fn host_veth(uid: &str) -> String {
 async fn make_sandbox(
     cfg: PodManagerConfig,
     record: &PodRecord,
+    hostname: String,
     host_network: bool,
     needs_link: bool,
 ) -> anyhow::Result<Option<PodLink>> {
@@ -54,12 +57,12 @@ async fn make_sandbox(
     let ns = cfg.layout.pod(&record.uid).join("ns");
     let net = cfg.network.as_ref().filter(|_| needs_link && !host_network);
     // Namespaces and the address (a file under a lock) are made off the async workers.
-    let (dir, name, uid) = (ns.clone(), record.name.clone(), record.uid.clone());
+    let (dir, uid) = (ns.clone(), record.uid.clone());
     let ipam = net.map(|n| n.ipam.clone());
     let (made, ip) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let made = !sandbox::exists(&dir);
         if made {
-            sandbox::create(&dir, &name)?;
+            sandbox::create(&dir, &hostname)?;
             if host_network {
                 share_node_netns(&dir.join("net"))?;
             }
@@ -100,6 +103,7 @@ impl PodManager {
     /// last failure, or nothing while it is being made.
     pub(super) fn sandbox_ready(
         &mut self,
+        pod: &Pod,
         record: &PodRecord,
         host_network: bool,
     ) -> Result<(), String> {
@@ -116,8 +120,9 @@ impl PodManager {
         }
         mem.preparing = true;
         let (cfg, waker, record) = (self.cfg.clone(), self.waker.clone(), record.clone());
+        let hostname = crate::dns::pod_files::pod_hostname(pod);
         tokio::spawn(async move {
-            let result = make_sandbox(cfg, &record, host_network, needs_link)
+            let result = make_sandbox(cfg, &record, hostname, host_network, needs_link)
                 .await
                 .map_err(|e| e.to_string());
             waker.send(Wake::Sandbox(record.uid, result));
