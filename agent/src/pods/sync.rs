@@ -13,8 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Container, Pod};
-use kube::api::{DeleteParams, Preconditions};
-use kube::{Api, ResourceExt as _};
+use kube::ResourceExt as _;
 use nix::mount::{MntFlags, umount2};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
@@ -25,12 +24,11 @@ use super::layout::{
     write_json,
 };
 use super::probe::{self, ProbeSet, ProbeTarget};
-use super::sandbox;
 use super::status::{AttemptState, attempt_state, condition, rfc3339_seconds, terminated};
 use super::supervisor::EXIT_FILE;
 use crate::image::gc::GcPolicy;
 use crate::image::{ImageStore, PullConfig, PullHandle, Puller};
-use crate::network::{HostPort, Ipam, Nat, PodLink, remove_pod_link};
+use crate::network::{HostPort, Ipam, Nat, PodLink};
 use dirty::{Wake, Waker};
 use patches::{Patcher, StatusPatch};
 
@@ -41,6 +39,7 @@ mod patches;
 mod pulling;
 mod run;
 mod sandboxes;
+mod teardown;
 
 /// A container that ran this long has its restart back-off reset.
 const BACKOFF_RESET: Duration = Duration::from_secs(600);
@@ -157,6 +156,8 @@ struct PodMem {
     first_seen: Option<Instant>,
     /// Its sandbox is being made (see [`sandboxes`]).
     preparing: bool,
+    /// It is being torn down (see [`teardown`]).
+    tearing_down: bool,
     /// The last failure to make its sandbox, and when to try again.
     sandbox_error: Option<String>,
     sandbox_retry_at: Option<Instant>,
@@ -192,7 +193,9 @@ impl PodMem {
     /// A task works on the pod's sandbox or one of its containers: its state on disk is not
     /// complete, and the pod must not be torn down.
     fn busy(&self) -> bool {
-        self.preparing || self.containers.values().any(|c| c.launching.is_some())
+        self.preparing
+            || self.tearing_down
+            || self.containers.values().any(|c| c.launching.is_some())
     }
 }
 
@@ -228,38 +231,6 @@ fn pod_record(pod: &Pod) -> PodRecord {
         name: pod.name_any(),
         uid: pod.uid().unwrap_or_default(),
     }
-}
-
-/// Removes `<hierarchy>/<path>` in every mounted cgroup hierarchy (v1 controllers and the
-/// cgroup2 tree), children first. Only empty cgroups can go; others are left.
-fn remove_cgroup_everywhere(path: &str) {
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    for line in info.lines() {
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        let fstype = right.split_whitespace().next().unwrap_or_default();
-        if fstype != "cgroup" && fstype != "cgroup2" {
-            continue;
-        }
-        let Some(mount) = left.split_whitespace().nth(4) else {
-            continue;
-        };
-        remove_tree(&Path::new(mount).join(path));
-    }
-}
-
-fn remove_tree(dir: &Path) {
-    if let Ok(entries) = fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_tree(&e.path());
-            }
-        }
-    }
-    let _ = fs::remove_dir(dir);
 }
 
 /// The pod's QoS class: Guaranteed when every container's requests equal its CPU and memory
@@ -405,6 +376,7 @@ impl PodManager {
                 evicted: None,
                 first_seen: Some(Instant::now()),
                 preparing: false,
+                tearing_down: false,
                 sandbox_error: None,
                 sandbox_retry_at: None,
                 requeue_at: None,
@@ -975,70 +947,6 @@ impl PodManager {
             }
             return;
         }
-        self.teardown(&record).await;
-        if let Some(pod) = pod {
-            let api: Api<Pod> = Api::namespaced(self.client.clone(), &record.namespace);
-            let params = DeleteParams {
-                grace_period_seconds: Some(0),
-                preconditions: Some(Preconditions {
-                    uid: pod.uid(),
-                    resource_version: None,
-                }),
-                ..DeleteParams::default()
-            };
-            match api.delete(&record.name, &params).await {
-                Ok(_) => tracing::info!(pod = %record.name, "pod deleted"),
-                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
-                Err(e) => tracing::warn!(pod = %record.name, error = %e, "final delete"),
-            }
-        }
-        self.forget(uid);
-    }
-
-    async fn teardown(&mut self, record: &PodRecord) {
-        let uid = &record.uid;
-        let dir = self.cfg.layout.pod(uid);
-        let link = self
-            .pods
-            .get(uid)
-            .and_then(|m| m.link.clone())
-            .or_else(|| read_json::<PodLink>(&dir.join("network.json")));
-        if let Some(link) = link
-            && let Err(e) = remove_pod_link(&link.host_veth).await
-        {
-            tracing::warn!(pod = %record.name, error = %e, "removing the pod's veth");
-        }
-        if let Some(nat) = self.cfg.network.as_ref().and_then(|n| n.nat.as_ref())
-            && let Err(e) = nat.set_host_ports(uid, Vec::new())
-        {
-            tracing::warn!(pod = %record.name, error = %e, "removing the pod's hostPorts");
-        }
-        if let Some(net) = &self.cfg.network
-            && let Err(e) = net.ipam.release(uid)
-        {
-            tracing::warn!(pod = %record.name, error = %e, "releasing the pod's address");
-        }
-        sandbox::destroy(&dir.join("ns"));
-        for entry in fs::read_dir(dir.join("containers"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            for attempt in fs::read_dir(entry.path()).into_iter().flatten().flatten() {
-                let _ = umount2(&attempt.path().join("rootfs"), MntFlags::MNT_DETACH);
-            }
-        }
-        remove_cgroup_everywhere(&format!("{}/pod{uid}", self.cfg.cgroup_parent));
-        for d in [&dir, &self.cfg.layout.pod_data(uid)] {
-            if let Err(e) = fs::remove_dir_all(d)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                tracing::warn!(pod = %record.name, error = %e, "removing the pod directory");
-            }
-        }
-        if !record.name.is_empty() {
-            let _ = fs::remove_dir_all(self.cfg.layout.pod_logs(record));
-        }
-        tracing::info!(pod = %record.name, namespace = %record.namespace, "pod removed from the node");
+        self.start_teardown(&record, pod);
     }
 }

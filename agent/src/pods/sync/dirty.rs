@@ -29,6 +29,8 @@ pub(super) enum Wake {
     Launched(Box<Launched>),
     /// A status patch was answered.
     Patched(PatchOutcome),
+    /// The pod (by uid) is torn down: nothing of it is left on the node.
+    TornDown(String),
 }
 
 /// The sending side, cloned into every task that may wake the loop.

@@ -139,6 +139,7 @@ impl PodManager {
                     queue.mark(uid);
                 }
             }
+            Wake::TornDown(uid) => self.forget(&uid),
             Wake::Sandbox(uid, result) => {
                 self.sandbox_done(&uid, result);
                 queue.mark(uid);
