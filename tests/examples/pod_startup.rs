@@ -243,6 +243,7 @@ async fn bench(cp: &ControlPlane, env: &NodeEnv, args: &Args) -> Result<serde_js
     );
 
     // Delete every pod and wait until they are gone, so the node tears down cleanly.
+    let deleting = Instant::now();
     pods.delete_collection(
         &DeleteParams {
             grace_period_seconds: Some(0),
@@ -268,6 +269,7 @@ async fn bench(cp: &ControlPlane, env: &NodeEnv, args: &Args) -> Result<serde_js
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let deleted = deleting.elapsed();
 
     let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
     let max = latencies.last().copied().unwrap_or_default();
@@ -281,6 +283,10 @@ async fn bench(cp: &ControlPlane, env: &NodeEnv, args: &Args) -> Result<serde_js
         ms(max),
         wall.as_secs_f64()
     );
+    println!(
+        "  all deleted (grace 0) and gone from the API in {:.1} s",
+        deleted.as_secs_f64()
+    );
     let breakdown = breakdown(&created, &seen);
     Ok(json!({
         "pods": args.pods,
@@ -290,6 +296,7 @@ async fn bench(cp: &ControlPlane, env: &NodeEnv, args: &Args) -> Result<serde_js
         "p99_ms": ms(p99),
         "max_ms": ms(max),
         "wall_s": wall.as_secs_f64(),
+        "deleted_s": deleted.as_secs_f64(),
         "breakdown": breakdown,
     }))
 }
