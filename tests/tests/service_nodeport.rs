@@ -15,6 +15,8 @@
 //!   the proxies' `/metrics` count packets and new flows per frontend, and drops on a node
 //!   without a local endpoint under `externalTrafficPolicy: Local`; a Local LoadBalancer's
 //!   `healthCheckNodePort` answers 200 on the node with its endpoint and 503 on the other;
+//! - with the nodes on two routed subnets joined by the VXLAN overlay, a NodePort through
+//!   either node reaches the other node's pod through the tunnel (SNAT), TCP and UDP;
 //! - `keelson-agent lb dump` shows the NodePort frontends, their counters and tracked flows;
 //! - a flow through a node survives a `kill -9` and restart of its proxy, and an upgrade
 //!   from tc links of an older version (replaced, not kept); `lb detach` removes the tc
@@ -455,7 +457,68 @@ fn node_ports_and_external_ips_reach_ready_backends() -> Result<()> {
     result
 }
 
-fn run(lab: &Lab, bpffs: &Bpffs, kubeconfig: &Path, proxies: &mut [Option<Proxy>]) -> Result<()> {
+/// The nodes on two routed subnets, joined by the VXLAN overlay (host-gw cannot work there):
+/// a NodePort reached through either node gets both pods, the other node's through the
+/// tunnel with the frontend node's address as its source (SNAT), TCP and UDP.
+#[test]
+fn node_ports_cross_the_vxlan_overlay() -> Result<()> {
+    let lab = LabBuilder::new(2)
+        .with_two_subnets()
+        .with_busybox(IMAGE)
+        .build()?;
+    ensure!(lab.node(0).subnet() != lab.node(1).subnet());
+    let bpffs = Bpffs::mount()?;
+    let kubeconfig = lab.cp().kubeconfig_via(Ipv4Addr::new(172, 29, 0, 1))?;
+    let mut proxies = Vec::new();
+    for node in lab.nodes() {
+        proxies.push(start_proxy(&lab, node, &bpffs, &kubeconfig)?);
+    }
+    let result = (|| -> Result<()> {
+        let pods = spread_pods(&lab)?;
+        let _backends: Vec<Backend> = pods
+            .iter()
+            .map(|p| Backend::start(&lab, p))
+            .collect::<Result<_>>()?;
+        for (i, node) in lab.nodes().iter().enumerate() {
+            // A client on the node's own subnet (lab hosts have no route off their subnet).
+            let client = lab.add_host(node.subnet())?;
+            let cns = client.netns();
+            let front = SocketAddr::from((node.ip(), NODE_PORT));
+            eventually_answers(
+                || tcp_ask(cns, front),
+                &format!("first answer from {front}"),
+            )?;
+            for answer in both_answer(|| tcp_ask(cns, front), &pods, &front.to_string())? {
+                let expect = if answer.pod == pods[i].name {
+                    client.ip()
+                } else {
+                    node.ip()
+                };
+                ensure!(
+                    answer.peer == expect.to_string(),
+                    "via {front}: {answer:?}, expected peer {expect}"
+                );
+            }
+            let front = SocketAddr::from((node.ip(), NODE_PORT_UDP));
+            eventually_answers(|| udp_ask(cns, front), &format!("UDP via {front}"))?;
+            both_answer(|| udp_ask(cns, front), &pods, &format!("UDP {front}"))?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        eprintln!("{}", lab.network_state());
+        for node in lab.nodes() {
+            let path = lab.cp().dir().join(format!("proxy-{}.log", node.name()));
+            let log = std::fs::read_to_string(&path).unwrap_or_default();
+            eprintln!("--- {} ---\n{log}", path.display());
+        }
+    }
+    drop(proxies);
+    result
+}
+
+/// Applies [`manifest`] and waits for its two pods, one on each node (sorted by node).
+fn spread_pods(lab: &Lab) -> Result<Vec<PodInfo>> {
     lab.cp().apply(&manifest())?;
     let names = lab.eventually("two np pods", T, || {
         let pods = lab.get_json(&["pods", "-l", "app=np"])?;
@@ -477,6 +540,11 @@ fn run(lab: &Lab, bpffs: &Bpffs, kubeconfig: &Path, proxies: &mut [Option<Proxy>
         pods[0].node == 0 && pods[1].node == 1,
         "the pods are not spread over both nodes: {pods:?}"
     );
+    Ok(pods)
+}
+
+fn run(lab: &Lab, bpffs: &Bpffs, kubeconfig: &Path, proxies: &mut [Option<Proxy>]) -> Result<()> {
+    let pods = spread_pods(lab)?;
     let _backends: Vec<Backend> = pods
         .iter()
         .map(|p| Backend::start(lab, p))

@@ -71,8 +71,9 @@ const LINK_PREFIX: &str = "tc-";
 /// Version of the tc programs' link pins; raise it whenever the tc programs change behaviour
 /// or start using other maps. Version 1 pinned `tc-<direction>@…`; version 2 selects backends
 /// as the socket path does and counts packets and drops; version 3 reads Maglev tables from an
-/// array of whole tables.
-pub const TC_LINK_VERSION: u32 = 3;
+/// array of whole tables; version 4 SNATs flows to a backend behind another device (the VXLAN
+/// overlay) to the node's address towards the client.
+pub const TC_LINK_VERSION: u32 = 4;
 
 /// The two tc programs and where each is attached.
 const PROGRAMS: [(&str, TcAttachType, &str); 2] = [
@@ -327,9 +328,9 @@ mod tests {
         let pins = Pins::new("/sys/fs/bpf/keelson");
         assert_eq!(
             link_pin(&pins, "ingress", "eth0", 2),
-            Path::new("/sys/fs/bpf/keelson/tc-ingress_v3@eth0:2")
+            Path::new("/sys/fs/bpf/keelson/tc-ingress_v4@eth0:2")
         );
-        assert_eq!(pin_interface("tc-ingress_v2@eth0:2"), Some("eth0"));
+        assert_eq!(pin_interface("tc-ingress_v3@eth0:2"), Some("eth0"));
         // Version 1's pins are still recognised, so an upgrade removes them.
         assert_eq!(pin_interface("tc-ingress@eth0:2"), Some("eth0"));
         assert_eq!(pin_interface("tc-egress@bond0.100:7"), Some("bond0.100"));

@@ -11,7 +11,9 @@
 //!   stack, which routes it to the pod; its replies leave through egress, where the source is
 //!   turned back into the frontend. A backend on another node gets it SNATed to this node's
 //!   address on the route towards it, so its replies come back here; they arrive on ingress,
-//!   are turned back into frontend → client and sent out again.
+//!   are turned back into frontend → client and sent out again. When the route to the
+//!   backend leaves through another device (a tunnel), the SNAT address is this node's address
+//!   towards the client instead, so the replies come back to this interface.
 //! - SNATed packets are sent with `bpf_redirect_neigh` after a `bpf_fib_lookup`, not handed to
 //!   the stack: their source is now a local address arriving on an interface, which the
 //!   stack drops as a martian (and it would not forward a reply addressed to the node to the
@@ -347,7 +349,15 @@ fn new_flow(
         pad: [0; 3],
     };
     if !local {
-        let (_, src) = fib(ctx, backend.addr, pkt.tuple.saddr, true)?;
+        let (out, mut src) = fib(ctx, backend.addr, pkt.tuple.saddr, true)?;
+        // SAFETY: the kernel hands tc programs a valid `__sk_buff`.
+        if out != unsafe { (*ctx.skb.skb).ifindex } {
+            // The backend is reached through another device (the VXLAN overlay): its replies
+            // to that device's address would come back through the tunnel, where this
+            // program does not run. This node's address towards the client brings them back
+            // to this interface.
+            src = fib(ctx, pkt.tuple.saddr, pkt.tuple.daddr, true)?.1;
+        }
         flow.snat_addr = src;
         flow.snat_port = snat_port(&mut reply, src)?;
     }
