@@ -29,6 +29,7 @@ pub mod pki;
 mod pods;
 mod proto_json;
 mod protobuf;
+mod raw;
 pub mod request;
 pub mod resources;
 mod rest;

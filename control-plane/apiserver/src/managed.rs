@@ -93,14 +93,7 @@ impl FieldSet {
             return set;
         };
         for (k, v) in top {
-            let included = match scope {
-                Scope::Status => k == "status",
-                Scope::Main { has_status } => {
-                    let server_side = matches!(k.as_str(), "apiVersion" | "kind");
-                    !(server_side || has_status && k == "status")
-                }
-            };
-            if !included {
+            if !in_scope(k, scope) {
                 continue;
             }
             let path = vec![Step::Field(k.clone())];
@@ -401,6 +394,105 @@ pub fn manager_name(field_manager: Option<&str>, user_agent: Option<&str>) -> Ap
 /// `old` is `None` for a create. Managed fields the client sent are kept if they differ
 /// from the stored ones (that is how a client resets them), otherwise the stored ones are.
 pub fn track_update(old: Option<&Value>, new: &mut Value, manager: &str, scope: Scope) {
+    match old {
+        None => track_create(new, manager, scope),
+        Some(_) => track_changes(old, new, manager, scope),
+    }
+}
+
+/// [`track_update`] of a create: the manager owns every field it set, unless it sent managed
+/// fields of its own. Builds the `FieldsV1` tree in one walk of the object (no path sets):
+/// every create takes this, Events too (one per scheduled pod).
+fn track_create(new: &mut Value, manager: &str, scope: Scope) {
+    if new.pointer("/metadata/managedFields").is_some() {
+        // The client set them: taken as given.
+        return;
+    }
+    // As the general path, which removes the (absent) managed fields through it.
+    crate::object::metadata_mut(new);
+    let fields = owned_fields_v1(new, scope);
+    if fields.is_empty() {
+        return;
+    }
+    let entry = Entry {
+        manager: manager.to_owned(),
+        operation: "Update".into(),
+        api_version: api_version(new),
+        time: crate::object::now_rfc3339(),
+        subresource: subresource(scope).map(str::to_owned),
+        fields: FieldSet::default(),
+    };
+    let mut json = entry.to_json();
+    json["fieldsV1"] = Value::Object(fields);
+    crate::object::metadata_mut(new).insert("managedFields".into(), Value::Array(vec![json]));
+}
+
+/// `FieldSet::of(obj, scope).to_fields_v1()`, built directly.
+fn owned_fields_v1(obj: &Value, scope: Scope) -> Map<String, Value> {
+    fn child(node: &mut Map<String, Value>, step: String) -> &mut Map<String, Value> {
+        match node
+            .entry(step)
+            .or_insert_with(|| Value::Object(Map::new()))
+        {
+            Value::Object(m) => m,
+            // Only objects are ever inserted here.
+            _ => unreachable!("fieldsV1 nodes are objects"),
+        }
+    }
+    fn fill(node: &mut Map<String, Value>, v: &Value) {
+        match v {
+            Value::Object(o) if !o.is_empty() => {
+                for (k, c) in o {
+                    fill(child(node, format!("f:{k}")), c);
+                }
+            }
+            Value::Array(items) if !items.is_empty() && list_key(items).is_some() => {
+                let key = list_key(items).unwrap_or("name");
+                for item in items {
+                    let n = child(node, key_step(key, item).encode());
+                    n.insert(".".into(), json!({}));
+                    fill(n, item);
+                }
+            }
+            // A leaf: its node stays empty.
+            _ => {}
+        }
+    }
+    let mut root = Map::new();
+    let Some(top) = obj.as_object() else {
+        return root;
+    };
+    for (k, v) in top {
+        if !in_scope(k, scope) {
+            continue;
+        }
+        if k == "metadata" {
+            for (mk, mv) in v.as_object().into_iter().flatten() {
+                if !SERVER_METADATA.contains(&mk.as_str()) {
+                    let meta = child(&mut root, "f:metadata".into());
+                    fill(child(meta, format!("f:{mk}")), mv);
+                }
+            }
+            continue;
+        }
+        fill(child(&mut root, format!("f:{k}")), v);
+    }
+    root
+}
+
+/// Whether a top-level field belongs to what `scope` manages.
+fn in_scope(k: &str, scope: Scope) -> bool {
+    match scope {
+        Scope::Status => k == "status",
+        Scope::Main { has_status } => {
+            let server_side = matches!(k, "apiVersion" | "kind");
+            !(server_side || has_status && k == "status")
+        }
+    }
+}
+
+/// [`track_update`] through field sets: an update, or a create (`old` is `None`).
+fn track_changes(old: Option<&Value>, new: &mut Value, manager: &str, scope: Scope) {
     let sent = new.pointer("/metadata/managedFields").cloned();
     let stored = old.and_then(|o| o.pointer("/metadata/managedFields").cloned());
     if sent.is_none() || sent == stored {
@@ -599,6 +691,50 @@ mod tests {
                "metadata": {"name": "web", "labels": {"app": "web"}},
                "spec": {"replicas": replicas, "template": {"spec": {"containers": [
                    {"name": "app", "image": image}]}}}})
+    }
+
+    #[test]
+    fn creates_own_what_the_general_path_gives_them() {
+        let objects = [
+            deployment(2, "a"),
+            json!({"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": "p", "namespace": "d", "uid": "u",
+                                "labels": {"a": "b"}, "annotations": {}},
+                   "spec": {"containers": [
+                       {"name": "c", "image": "i", "ports": [{"containerPort": 80}],
+                        "env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]},
+                       {"name": "d", "image": "j", "args": ["x", "y"]}],
+                            "volumes": [], "nodeSelector": {}},
+                   "status": {"phase": "Pending"}}),
+            json!({"apiVersion": "v1", "kind": "Event",
+                   "metadata": {"name": "e", "namespace": "d"},
+                   "involvedObject": {"kind": "Pod", "name": "p"}, "count": 1,
+                   "source": {"component": "default-scheduler"}}),
+            json!({"metadata": {"name": "only"}}),
+            json!({"metadata": "odd", "data": {"k": "v"}}),
+        ];
+        for obj in objects {
+            for scope in [MAIN, Scope::Main { has_status: false }, Scope::Status] {
+                let mut fast = obj.clone();
+                track_update(None, &mut fast, "m", scope);
+                let mut general = obj.clone();
+                track_changes(None, &mut general, "m", scope);
+                // Both stamp the time: compare the rest.
+                for o in [&mut fast, &mut general] {
+                    if let Some(Value::Array(list)) = o.pointer_mut("/metadata/managedFields") {
+                        for e in list {
+                            e["time"] = json!("t");
+                        }
+                    }
+                }
+                assert_eq!(fast, general, "{obj} in {scope:?}");
+            }
+        }
+        // Managed fields a client sends with a create are kept as they are.
+        let mut sent = json!({"metadata": {"name": "x", "managedFields": [{"manager": "a"}]}});
+        let before = sent.clone();
+        track_update(None, &mut sent, "m", MAIN);
+        assert_eq!(sent, before);
     }
 
     #[test]

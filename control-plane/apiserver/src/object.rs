@@ -199,24 +199,44 @@ pub fn check_schema(
 
 /// Paths present (and not null) in `given` but absent after the typed round trip.
 fn unknown_fields(given: &Value, typed: &Value, path: &str, out: &mut Vec<String>) {
+    let mut path = path.to_owned();
+    unknown_under(given, typed, &mut path, out);
+}
+
+/// [`unknown_fields`] with one path buffer: a path is only made into a string of its own
+/// when it is reported (every create and update walks the whole object).
+fn unknown_under(given: &Value, typed: &Value, path: &mut String, out: &mut Vec<String>) {
+    let nested = |v: &Value| matches!(v, Value::Object(_) | Value::Array(_));
     match (given, typed) {
         (Value::Object(g), Value::Object(t)) => {
             for (k, v) in g {
-                let p = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
+                let len = path.len();
                 match t.get(k) {
-                    Some(tv) => unknown_fields(v, tv, &p, out),
+                    Some(tv) if nested(v) && nested(tv) => {
+                        if !path.is_empty() {
+                            path.push('.');
+                        }
+                        path.push_str(k);
+                        unknown_under(v, tv, path, out);
+                        path.truncate(len);
+                    }
+                    Some(_) => {}
                     None if v.is_null() => {}
-                    None => out.push(p),
+                    None if path.is_empty() => out.push(k.clone()),
+                    None => out.push(format!("{path}.{k}")),
                 }
             }
         }
         (Value::Array(g), Value::Array(t)) => {
             for (i, (gv, tv)) in g.iter().zip(t).enumerate() {
-                unknown_fields(gv, tv, &format!("{path}[{i}]"), out);
+                if nested(gv) && nested(tv) {
+                    let len = path.len();
+                    path.push('[');
+                    path.push_str(&i.to_string());
+                    path.push(']');
+                    unknown_under(gv, tv, path, out);
+                    path.truncate(len);
+                }
             }
         }
         _ => {}

@@ -16,10 +16,12 @@ use tokio::net::TcpStream;
 use crate::{
     Api,
     object::{self, now_rfc3339},
+    raw::{self, BindRefusal},
     request::Target,
     resources,
     rest::{self, DeleteOptions, Reply, Request},
     status::{ApiError, ApiResult, Cause},
+    storage::Versioned,
 };
 
 /// How many times a binding is retried when the pod changed underneath it.
@@ -83,18 +85,28 @@ pub(crate) async fn bind(api: &Api, req: &Request) -> ApiResult<Reply> {
         attempt += 1;
         // The scheduler's hot path: the first try reads this member's copy (a stale one
         // fails the revision check below and the retry reads through the leader).
-        let (pod, revision) = if attempt == 1 {
-            rest::current_for_write(api, t).await?
+        let stored = if attempt == 1 {
+            rest::stored_for_write(api, t).await?
         } else {
-            rest::current(api, t).await?
+            rest::stored(api, t).await?
         };
-        let pod = match assign(t, pod, node) {
-            Ok(pod) => pod,
+        let bound = match bound_text(t, &stored, node) {
+            Ok(bound) => bound,
             // A refusal based on this member's copy is confirmed through the leader.
             Err(_) if attempt == 1 => continue,
             Err(e) => return Err(e),
         };
-        match rest::write(api, t, pod, revision, dry_run).await {
+        if dry_run {
+            return Ok(created());
+        }
+        // A binding always changes the pod and never finishes a deletion (a terminating pod
+        // is refused), so it is a plain compare-and-swap of the stored pod.
+        let written = api
+            .store
+            .update(&t.key(), bound, Some(stored.mod_revision))
+            .await
+            .map_err(|e| ApiError::from_storage(e, t.resource, t.name()));
+        match written {
             Ok(_) => return Ok(created()),
             Err(e) if e.code == StatusCode::CONFLICT && attempt < BIND_RETRIES => continue,
             Err(e) => return Err(e),
@@ -102,32 +114,63 @@ pub(crate) async fn bind(api: &Api, req: &Request) -> ApiResult<Reply> {
     }
 }
 
-/// The pod with `spec.nodeName` set and `PodScheduled=True`; 409 if it is already bound or
-/// being deleted.
-fn assign(t: &Target, mut pod: Value, node: &str) -> ApiResult<Value> {
-    let conflict = |message: String| ApiError {
+/// The stored bytes of the pod bound to `node`: edited as text where it can be (the
+/// scheduler binds thousands of pods a second), else through the decoded pod.
+fn bound_text(t: &Target, stored: &Versioned, node: &str) -> ApiResult<Vec<u8>> {
+    let now = now_rfc3339();
+    match raw::bind_pod(t.resource, &stored.value, node, &now) {
+        Some(Ok(text)) => Ok(text),
+        Some(Err(BindRefusal::Assigned(current))) => Err(already_assigned(t, &current)),
+        Some(Err(BindRefusal::Terminating)) => Err(terminating(t)),
+        None => object::encode(&assign_at(
+            t,
+            object::decode(t.resource, stored)?,
+            node,
+            &now,
+        )?),
+    }
+}
+
+fn refused(t: &Target, message: String) -> ApiError {
+    ApiError {
         message,
         ..ApiError::conflict(t.resource, t.name())
-    };
+    }
+}
+
+fn already_assigned(t: &Target, current: &str) -> ApiError {
+    refused(
+        t,
+        format!("pod {} is already assigned to node \"{current}\"", t.name()),
+    )
+}
+
+fn terminating(t: &Target) -> ApiError {
+    refused(
+        t,
+        format!(
+            "pod {} is being deleted, cannot be assigned to a host",
+            t.name()
+        ),
+    )
+}
+
+/// The pod with `spec.nodeName` set and `PodScheduled=True` since `now`; 409 if it is
+/// already bound or being deleted.
+pub(crate) fn assign_at(t: &Target, mut pod: Value, node: &str, now: &str) -> ApiResult<Value> {
     if let Some(current) = pod
         .pointer("/spec/nodeName")
         .and_then(Value::as_str)
         .filter(|n| !n.is_empty())
     {
-        return Err(conflict(format!(
-            "pod {} is already assigned to node \"{current}\"",
-            t.name()
-        )));
+        return Err(already_assigned(t, current));
     }
     if pod.pointer("/metadata/deletionTimestamp").is_some() {
-        return Err(conflict(format!(
-            "pod {} is being deleted, cannot be assigned to a host",
-            t.name()
-        )));
+        return Err(terminating(t));
     }
     pod["spec"]["nodeName"] = json!(node);
     let scheduled = json!({"type": "PodScheduled", "status": "True",
-                           "lastProbeTime": null, "lastTransitionTime": now_rfc3339()});
+                           "lastProbeTime": null, "lastTransitionTime": now});
     let conditions = pod["status"]
         .as_object_mut()
         .map(|s| s.entry("conditions").or_insert_with(|| json!([])));
@@ -456,12 +499,12 @@ mod tests {
         let pod = json!({"metadata": {"name": "web"}, "spec": {"containers": []},
                          "status": {"phase": "Pending", "conditions": [
                              {"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}]}});
-        let bound = assign(&target(), pod, "n1").unwrap();
+        let bound = assign_at(&target(), pod, "n1", "t").unwrap();
         assert_eq!(bound["spec"]["nodeName"], "n1");
         let conds = bound["status"]["conditions"].as_array().unwrap();
         assert_eq!(conds.len(), 1);
         assert_eq!(conds[0]["status"], "True");
-        let again = assign(&target(), bound, "n2").unwrap_err();
+        let again = assign_at(&target(), bound, "n2", "t").unwrap_err();
         assert_eq!(again.code, StatusCode::CONFLICT);
         assert!(again.message.contains("already assigned to node \"n1\""));
     }
@@ -471,7 +514,7 @@ mod tests {
         let pod = json!({"metadata": {"name": "web", "deletionTimestamp": "2026-01-01T00:00:00Z"},
                          "spec": {}});
         assert_eq!(
-            assign(&target(), pod, "n1").unwrap_err().code,
+            assign_at(&target(), pod, "n1", "t").unwrap_err().code,
             StatusCode::CONFLICT
         );
     }

@@ -100,7 +100,8 @@ fn round_trip<T>(v: &Value) -> Result<Value, serde_json::Error>
 where
     T: serde::de::DeserializeOwned + serde::Serialize,
 {
-    let typed: T = serde_json::from_value(v.clone())?;
+    // Deserializing from a borrowed `Value` saves copying the whole tree first.
+    let typed = T::deserialize(v)?;
     serde_json::to_value(typed)
 }
 

@@ -14,12 +14,12 @@ use crate::{
     managed::{self, Scope},
     object::{self, FieldValidation},
     patch::{self, PatchType},
-    pods, proto_json,
+    pods, proto_json, raw,
     request::{Query, Target},
     selectors::{FieldSelector, LabelSelector, extra_fields},
     services,
     status::{ApiError, ApiResult, Cause},
-    storage::{Continue, Revision, Storage, StorageError},
+    storage::{Continue, Revision, Storage, StorageError, Versioned},
     table::{self, IncludeObject},
     watch,
 };
@@ -88,7 +88,9 @@ pub async fn serve(api: Arc<Api>, req: Request) -> Response {
         (&Method::GET, false, None) if req.query.flag("watch") => {
             return watch::serve(api, req).await;
         }
-        (&Method::GET, false, None) => list(&api, &req).await,
+        (&Method::GET, false, None) => {
+            return list(&api, &req).await.unwrap_or_else(|e| e.into_response());
+        }
         (&Method::POST, false, None) => create(&api, &req).await,
         (&Method::DELETE, false, None) => delete_collection(&api, &req).await,
         (&Method::GET, true, None | Some("status")) => get(&api, &req).await,
@@ -241,8 +243,14 @@ async fn ensure_namespace(api: &Api, t: &Target) -> ApiResult<()> {
             .map_err(|e| ApiError::from_storage(e, namespaces, ns))?
             .ok_or_else(|| ApiError::not_found(namespaces, ns))?,
     };
-    let obj = object::decode(namespaces, &existing)?;
-    if obj.pointer("/metadata/deletionTimestamp").is_some() {
+    // Every create asks: look at the one field without decoding the whole namespace.
+    let terminating = match crate::raw::has_meta_field(&existing, "deletionTimestamp") {
+        Some(t) => t,
+        None => object::decode(namespaces, &existing)?
+            .pointer("/metadata/deletionTimestamp")
+            .is_some(),
+    };
+    if terminating {
         return Err(ApiError::forbidden(format!(
             "unable to create new content in namespace {ns} because it is being terminated"
         )));
@@ -310,7 +318,16 @@ async fn create_object(api: &Api, req: &Request, mut obj: Value) -> ApiResult<Re
         obj
     } else {
         match api.store.create(&key, object::encode(&obj)?).await {
-            Ok(stored) => object::decode(r, &stored)?,
+            // What was stored is `obj` as encoded: answer with it instead of parsing it back.
+            Ok(stored) => {
+                obj["apiVersion"] = json!(r.api_version());
+                obj["kind"] = json!(r.kind);
+                object::metadata_mut(&mut obj).insert(
+                    "resourceVersion".into(),
+                    json!(stored.mod_revision.to_string()),
+                );
+                obj
+            }
             Err(e) => {
                 if let Some(a) = allocated {
                     a.release(api).await;
@@ -328,22 +345,27 @@ async fn create_object(api: &Api, req: &Request, mut obj: Value) -> ApiResult<Re
 
 /// The current object, decoded, with its revision.
 pub(crate) async fn current(api: &Api, t: &Target) -> ApiResult<(Value, Revision)> {
-    let v = api
-        .store
-        .get(&t.key())
-        .await
-        .map_err(|e| ApiError::from_storage(e, t.resource, t.name()))?
-        .ok_or_else(|| ApiError::not_found(t.resource, t.name()))?;
+    let v = stored(api, t).await?;
     Ok((object::decode(t.resource, &v)?, v.mod_revision))
 }
 
-/// The object to base a write on, from this member's copy when it has one: the write's
-/// revision check refuses it if the copy was stale, and callers retry with [`current`].
-pub(crate) async fn current_for_write(api: &Api, t: &Target) -> ApiResult<(Value, Revision)> {
+/// The current object as stored.
+pub(crate) async fn stored(api: &Api, t: &Target) -> ApiResult<Versioned> {
+    api.store
+        .get(&t.key())
+        .await
+        .map_err(|e| ApiError::from_storage(e, t.resource, t.name()))?
+        .ok_or_else(|| ApiError::not_found(t.resource, t.name()))
+}
+
+/// The stored object to base a write on, from this member's copy when it has one: the
+/// write's revision check refuses it if the copy was stale, and callers retry with
+/// [`stored`].
+pub(crate) async fn stored_for_write(api: &Api, t: &Target) -> ApiResult<Versioned> {
     match api.store.get_local(&t.key()).await {
-        Ok(Some(v)) => Ok((object::decode(t.resource, &v)?, v.mod_revision)),
+        Ok(Some(v)) => Ok(v),
         // Not here (yet) or unreadable: ask the leader.
-        _ => current(api, t).await,
+        _ => stored(api, t).await,
     }
 }
 
@@ -381,13 +403,28 @@ fn parse_continue(token: &str, prefix: &str) -> ApiResult<Continue> {
 
 /// Lists objects matching the request's selectors, up to `limit` (0: all).
 pub async fn list_objects(api: &Api, req: &Request) -> ApiResult<(Vec<Value>, Value)> {
-    let t = &req.target;
-    let r = t.resource;
+    let r = req.target.resource;
     let labels = LabelSelector::parse(req.query.get("labelSelector").unwrap_or(""))?;
     let fields = FieldSelector::parse(
         req.query.get("fieldSelector").unwrap_or(""),
         extra_fields(r.kind),
     )?;
+    list_stored(api, req, |r, v| {
+        let obj = object::decode(r, v)?;
+        Ok((labels.matches(&obj) && fields.matches(&obj)).then_some(obj))
+    })
+    .await
+}
+
+/// Lists stored objects, each converted by `convert` (`None`: not selected), up to `limit`
+/// (0: all), with the list's metadata.
+async fn list_stored<T>(
+    api: &Api,
+    req: &Request,
+    mut convert: impl FnMut(&crate::resources::Resource, &Versioned) -> ApiResult<Option<T>>,
+) -> ApiResult<(Vec<T>, Value)> {
+    let t = &req.target;
+    let r = t.resource;
     let limit = usize::try_from(req.query.int("limit")?.unwrap_or(0).max(0)).unwrap_or(0);
     let prefix = t.prefix();
     let mut after = req
@@ -413,9 +450,8 @@ pub async fn list_objects(api: &Api, req: &Request) -> ApiResult<(Vec<Value>, Va
             })?;
         let rev = *revision.get_or_insert(page.revision);
         for (key, v) in &page.items {
-            let obj = object::decode(r, v)?;
-            if labels.matches(&obj) && fields.matches(&obj) {
-                items.push(obj);
+            if let Some(item) = convert(r, v)? {
+                items.push(item);
             }
             last_key = Some(key.clone());
         }
@@ -432,19 +468,48 @@ pub async fn list_objects(api: &Api, req: &Request) -> ApiResult<(Vec<Value>, Va
     Ok((items, meta))
 }
 
-async fn list(api: &Api, req: &Request) -> ApiResult<Reply> {
+async fn list(api: &Api, req: &Request) -> ApiResult<Response> {
     let r = req.target.resource;
+    let table = table::wants_table(req.header(header::ACCEPT));
+    if !table && no_selectors(req) {
+        // Every stored object is sent as it is: render the text without `Value` trees.
+        let (items, meta) = list_stored(api, req, |r, v| render(r, v).map(Some)).await?;
+        let body = raw::list(r, &items, &meta);
+        return Ok((
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response());
+    }
     let (items, meta) = list_objects(api, req).await?;
     if table::wants_table(req.header(header::ACCEPT)) {
         let include = IncludeObject::parse(req.query.get("includeObject"));
-        return Ok(Reply::ok(table::table(r, &items, meta, include)));
+        return Ok(Reply::ok(table::table(r, &items, meta, include)).into_response());
     }
     Ok(Reply::ok(json!({
         "kind": r.list_kind(),
         "apiVersion": r.api_version(),
         "metadata": meta,
         "items": items,
-    })))
+    }))
+    .into_response())
+}
+
+/// The encoded object as a client sees it (see [`object::decode`]).
+pub(crate) fn render(r: &crate::resources::Resource, v: &Versioned) -> ApiResult<Vec<u8>> {
+    match raw::render(r, v) {
+        Some(text) => Ok(text),
+        None => serde_json::to_vec(&object::decode(r, v)?)
+            .map_err(|e| ApiError::internal(format!("encoding object: {e}"))),
+    }
+}
+
+/// Whether a list or watch has neither a label nor a field selector.
+pub(crate) fn no_selectors(req: &Request) -> bool {
+    ["labelSelector", "fieldSelector"]
+        .iter()
+        .all(|s| req.query.get(s).is_none_or(str::is_empty))
 }
 
 /// The revision a write must match: the object's resourceVersion, when it carries one.

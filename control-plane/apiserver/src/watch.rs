@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::{
-    Api, object,
-    rest::{Request, list_objects},
+    Api, object, raw,
+    rest::{self, Request, list_objects},
     selectors::{FieldSelector, LabelSelector, extra_fields},
     status::{ApiError, ApiResult},
     storage::{Event, EventKind, Revision, StorageError},
@@ -116,6 +116,8 @@ async fn start(api: Arc<Api>, req: Request) -> ApiResult<Response> {
         Err(e) => return Err(ApiError::from_storage(e, r, "")),
     };
     let bookmark_every = api.config.bookmark_interval;
+    // Without selectors or a Table, every event is sent as the object it stored.
+    let plain = render.table.is_none() && labels.is_empty() && fields.is_empty();
     tokio::spawn(async move {
         for obj in initial {
             if tx.send(Ok(render.line("ADDED", obj))).await.is_err() {
@@ -144,6 +146,21 @@ async fn start(api: Arc<Api>, req: Request) -> ApiResult<Response> {
                 event = events.recv() => {
                     let Some(event) = event else { return };
                     last = event.revision();
+                    if plain {
+                        // What was stored is what this watcher is sent: no `Value` tree.
+                        let Some(kind) = plain_kind(&event) else { continue };
+                        let line = match rest::render(r, &event.current) {
+                            Ok(text) => raw::watch_line(kind, &text),
+                            Err(e) => {
+                                let _ = tx.send(Ok(error_line(&e))).await;
+                                return;
+                            }
+                        };
+                        if tx.send(Ok(line)).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
                     match translate(r, &event, &labels, &fields) {
                         Ok(Some((kind, obj))) => {
                             if tx.send(Ok(render.line(kind, obj))).await.is_err() {
@@ -170,6 +187,16 @@ async fn start(api: Arc<Api>, req: Request) -> ApiResult<Response> {
         body,
     )
         .into_response())
+}
+
+/// The event type a watcher without selectors sees: it saw every earlier state.
+fn plain_kind(event: &Event) -> Option<&'static str> {
+    match (event.kind, &event.previous) {
+        (EventKind::Delete, Some(_)) => Some("DELETED"),
+        (EventKind::Delete, None) => None,
+        (EventKind::Put, Some(_)) => Some("MODIFIED"),
+        (EventKind::Put, None) => Some("ADDED"),
+    }
 }
 
 /// The watch event for a store event, as a selective watcher must see it: an object that

@@ -19,7 +19,10 @@ use std::{
 };
 
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::{Client, runtime::reflector::Store};
+use kube::{
+    Client,
+    runtime::reflector::{ObjectRef, Store},
+};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -118,7 +121,18 @@ impl Scheduler {
             pods.on(move |change| {
                 let mut s = lock(&state);
                 match change {
-                    Change::Applied(p) => on_pod(&mut s, p, &name),
+                    Change::Applied(p) => {
+                        // The cache already holds this object: share it rather than copy it.
+                        let shared = || {
+                            store
+                                .get(&ObjectRef::from_obj(p))
+                                .filter(|c| {
+                                    c.metadata.resource_version == p.metadata.resource_version
+                                })
+                                .unwrap_or_else(|| Arc::new(p.clone()))
+                        };
+                        on_pod(&mut s, p, &name, shared)
+                    }
                     Change::Deleted(p) => {
                         let key = Key::of(p);
                         s.queue.remove(&key);
@@ -135,7 +149,7 @@ impl Scheduler {
                             .collect();
                         s.cache.clear_pods(|k| unbound.contains(k));
                         for p in pods {
-                            on_pod(&mut s, &p, &name);
+                            on_pod(&mut s, &p, &name, || Arc::clone(&p));
                         }
                         s.queue.cluster_changed();
                     }
@@ -265,7 +279,9 @@ fn responsible(pod: &Pod, name: &str) -> bool {
         .is_none_or(|n| n == name)
 }
 
-fn on_pod(s: &mut State, p: &Pod, name: &str) {
+/// Accounts a pod the informer saw; `shared` gives the cached copy a pending pod is queued
+/// as.
+fn on_pod(s: &mut State, p: &Pod, name: &str, shared: impl FnOnce() -> Arc<Pod>) {
     let key = Key::of(p);
     if let Some(node) = util::pod_node(p) {
         s.queue.remove(&key);
@@ -277,7 +293,7 @@ fn on_pod(s: &mut State, p: &Pod, name: &str) {
             s.place(key, node, PodReq::of(p));
         }
     } else if responsible(p, name) && util::pod_active(p) {
-        s.queue.upsert(Arc::new(p.clone()));
+        s.queue.upsert(shared());
     } else {
         s.queue.remove(&key);
     }
@@ -303,7 +319,7 @@ fn decide(s: &mut State, pod: Arc<Pod>) -> Decision {
     let with_images = s.cache.has_images() && !req.images.is_empty();
     let total = s.cache.nodes.len();
     let want = enough(s.cache.node_count());
-    let mut feasible: Vec<(usize, i64, i64, plugins::Raw)> = Vec::new();
+    let mut feasible: Vec<(usize, i64, i64, plugins::Raw)> = Vec::with_capacity(want.min(total));
     let mut reasons: BTreeMap<Reason, usize> = BTreeMap::new();
     let mut why = Vec::new();
     let start = if total == 0 { 0 } else { s.next_start % total };
