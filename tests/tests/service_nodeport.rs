@@ -446,15 +446,20 @@ fn node_ports_and_external_ips_reach_ready_backends() -> Result<()> {
     }
     let result = run(&lab, &bpffs, &kubeconfig, &mut proxies);
     if result.is_err() {
-        for node in lab.nodes() {
-            let path = lab.cp().dir().join(format!("proxy-{}.log", node.name()));
-            let log = std::fs::read_to_string(&path).unwrap_or_default();
-            eprintln!("--- {} ---\n{log}", path.display());
-        }
+        print_proxy_logs(&lab);
     }
     drop(proxies);
     eprintln!("NodePort test took {:?}", started.elapsed());
     result
+}
+
+/// Prints every node's proxy log (after a failure).
+fn print_proxy_logs(lab: &Lab) {
+    for node in lab.nodes() {
+        let path = lab.cp().dir().join(format!("proxy-{}.log", node.name()));
+        let log = std::fs::read_to_string(&path).unwrap_or_default();
+        eprintln!("--- {} ---\n{log}", path.display());
+    }
 }
 
 /// The nodes on two routed subnets, joined by the VXLAN overlay (host-gw cannot work there):
@@ -507,11 +512,7 @@ fn node_ports_cross_the_vxlan_overlay() -> Result<()> {
     })();
     if result.is_err() {
         eprintln!("{}", lab.network_state());
-        for node in lab.nodes() {
-            let path = lab.cp().dir().join(format!("proxy-{}.log", node.name()));
-            let log = std::fs::read_to_string(&path).unwrap_or_default();
-            eprintln!("--- {} ---\n{log}", path.display());
-        }
+        print_proxy_logs(&lab);
     }
     drop(proxies);
     result

@@ -19,10 +19,9 @@ pub struct SuperviseArgs {
     /// The attempt's bundle directory.
     #[arg(long)]
     bundle: PathBuf,
-    /// The directory of the container's writable layer (`upper/`, `work/`); the bundle
-    /// directory if not given.
+    /// The directory of the container's writable layer (`upper/`, `work/`).
     #[arg(long)]
-    writable_layer: Option<PathBuf>,
+    writable_layer: PathBuf,
     /// The CRI log file.
     #[arg(long)]
     log: PathBuf,
@@ -64,7 +63,7 @@ impl SuperviseArgs {
         let spec = SuperviseSpec {
             runtime_root: self.runtime_root,
             id: self.id,
-            writable_layer: self.writable_layer.unwrap_or_else(|| self.bundle.clone()),
+            writable_layer: self.writable_layer,
             bundle: self.bundle,
             log: self.log,
             log_limits: Limits {

@@ -1,6 +1,6 @@
-//! The `/etc/resolv.conf`, `/etc/hosts` and `/etc/hostname` of a pod, as kubelet makes them: resolv.conf per
-//! the pod's `dnsPolicy` and `dnsConfig`, hosts with localhost, the pod's own name and
-//! address and its `hostAliases`. Written once per pod directory and bind-mounted into each
+//! The `/etc/resolv.conf`, `/etc/hosts` and `/etc/hostname` of a pod, as kubelet makes them:
+//! resolv.conf per the pod's `dnsPolicy` and `dnsConfig`, hosts with localhost, the pod's own
+//! name and address and its `hostAliases`, hostname with the pod's host name. Written once per pod directory and bind-mounted into each
 //! of its containers.
 
 use std::fs;

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 use kube::ResourceExt as _;
-use nix::mount::{MntFlags, umount2};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
@@ -695,7 +694,6 @@ impl PodManager {
         if let Ok(c) = keelson_runtime::Container::load(&root, id) {
             let _ = c.delete(true);
         }
-        let _ = umount2(&adir.join("rootfs"), MntFlags::MNT_DETACH);
         let rec = ExitRecord {
             exit_code: 137,
             reason: "ContainerStatusUnknown".to_owned(),

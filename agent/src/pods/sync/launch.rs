@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Container, Pod};
-use nix::mount::{MntFlags, umount2};
 
 use super::dirty::{Wake, Waker};
 use super::{ContainerMem, PodManager, PodManagerConfig, pulling};
@@ -217,7 +216,6 @@ impl Job {
                 .cfg
                 .layout
                 .attempt(&self.record.uid, &self.c.name, n - 2);
-            let _ = umount2(&old.join("rootfs"), MntFlags::MNT_DETACH);
             let _ = fs::remove_dir_all(old);
             let _ = fs::remove_dir_all(self.cfg.layout.writable_layer(
                 &self.record.uid,

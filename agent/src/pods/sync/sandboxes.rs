@@ -7,9 +7,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nix::mount::{MntFlags, umount2};
-
 use k8s_openapi::api::core::v1::Pod;
+use nix::mount::{MntFlags, umount2};
 
 use super::dirty::Wake;
 use super::{PodManager, PodManagerConfig};

@@ -11,12 +11,11 @@ use std::path::Path;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, Preconditions};
 use kube::{Api, ResourceExt as _};
-use nix::mount::{MntFlags, umount2};
 
 use super::dirty::Wake;
 use super::{PodManager, PodManagerConfig};
 use crate::network::{PodLink, remove_pod_link};
-use crate::pods::layout::{PodRecord, read_json};
+use crate::pods::layout::PodRecord;
 use crate::pods::sandbox;
 
 /// Everything a teardown needs, owned by its task.
@@ -69,7 +68,7 @@ impl Teardown {
     }
 }
 
-/// The pod's hostPort rules, address, namespaces, container roots, cgroups and directories.
+/// The pod's hostPort rules, address, namespaces, cgroups and directories.
 fn remove_local(cfg: &PodManagerConfig, record: &PodRecord) {
     let uid = &record.uid;
     let dir = cfg.layout.pod(uid);
@@ -83,16 +82,9 @@ fn remove_local(cfg: &PodManagerConfig, record: &PodRecord) {
     {
         tracing::warn!(pod = %record.name, error = %e, "releasing the pod's address");
     }
+    // Container roots need no unmounting here: each is mounted only in its supervisor's own
+    // mount namespace, gone with the supervisor.
     sandbox::destroy(&dir.join("ns"));
-    for entry in fs::read_dir(dir.join("containers"))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        for attempt in fs::read_dir(entry.path()).into_iter().flatten().flatten() {
-            let _ = umount2(&attempt.path().join("rootfs"), MntFlags::MNT_DETACH);
-        }
-    }
     remove_cgroup_everywhere(&format!("{}/pod{uid}", cfg.cgroup_parent));
     for d in [&dir, &cfg.layout.pod_data(uid)] {
         if let Err(e) = fs::remove_dir_all(d)
@@ -142,16 +134,13 @@ impl PodManager {
     /// Starts tearing the pod down in the background (once; a teardown under way is left to
     /// finish), then deletes `pod`'s object if there is one.
     pub(super) fn start_teardown(&mut self, record: &PodRecord, pod: Option<&Pod>) {
-        let dir = self.cfg.layout.pod(&record.uid);
         let mem = self.mem(record);
         if mem.tearing_down {
             return;
         }
         mem.tearing_down = true;
-        let link = mem
-            .link
-            .clone()
-            .or_else(|| read_json::<PodLink>(&dir.join("network.json")));
+        // Read from network.json when the pod's memory was made, set when its sandbox was.
+        let link = mem.link.clone();
         let job = Teardown {
             cfg: self.cfg.clone(),
             client: self.client.clone(),
