@@ -64,8 +64,13 @@ const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 const HEALTH_PORT_ONE: u16 = 30919;
 /// Each proxy's metrics endpoint, on the loopback of its node's namespace.
 const METRICS: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9464);
-/// Source ports of the client flows sent through both nodes to the Maglev Service.
-const MAGLEV_PORTS: std::ops::Range<u16> = 42_000..42_016;
+/// Source ports of the client flows sent through both nodes to the Maglev Service. The fixed
+/// source ports are below the namespaces' ephemeral range (32768–60999): an ephemeral port
+/// of an earlier request in TIME_WAIT (a socket without `SO_REUSEADDR`) can make binding one of
+/// them fail with EADDRINUSE.
+const MAGLEV_PORTS: std::ops::Range<u16> = 22_000..22_016;
+/// The first source port of [`maglev_table_flips`]' flows (below the ephemeral range too).
+const TABLE_FLIP_PORTS: u16 = 23_000;
 
 fn manifest() -> String {
     format!(
@@ -256,18 +261,7 @@ fn tcp_ask_from(netns: &Netns, src: SocketAddrV4, addr: SocketAddr) -> Result<An
         setsockopt(&fd, sockopt::ReuseAddr, &true)?;
         // Linux bounds a blocking connect by the send timeout.
         setsockopt(&fd, sockopt::SendTimeout, &TimeVal::new(2, 0))?;
-        // The previous flow from this port may still be closing (LAST_ACK, which
-        // SO_REUSEADDR does not cover, unlike TIME_WAIT): wait for it a little.
-        let mut tries = 0;
-        loop {
-            match bind(fd.as_raw_fd(), &SockaddrIn::from(src)) {
-                Err(nix::errno::Errno::EADDRINUSE) if tries < 60 => {
-                    tries += 1;
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                result => break result.with_context(|| format!("binding {src}"))?,
-            }
-        }
+        bind(fd.as_raw_fd(), &SockaddrIn::from(src)).with_context(|| format!("binding {src}"))?;
         connect(fd.as_raw_fd(), &SockaddrIn::from(dst))
             .with_context(|| format!("connecting from {src} to {dst}"))?;
         let mut conn = TcpStream::from(fd);
@@ -827,7 +821,7 @@ fn maglev_flows(lab: &Lab, client: &LabHost, ports: std::ops::Range<u16>) -> Res
 /// flows spread over both again, still agreeing across nodes (the pair's other table).
 fn maglev_table_flips(lab: &Lab, client: &LabHost, pods: &[PodInfo]) -> Result<()> {
     const FLOWS: u16 = 12;
-    let mut next = 43_000u16;
+    let mut next = TABLE_FLIP_PORTS;
     let mut ports = || {
         let range = next..next + FLOWS;
         next += FLOWS;
