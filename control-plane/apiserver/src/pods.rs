@@ -38,7 +38,8 @@ fn created() -> Reply {
     Reply {
         code: StatusCode::CREATED,
         body: json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
-                     "status": "Success", "code": 201}),
+                     "status": "Success", "code": 201})
+        .into(),
         warnings: Vec::new(),
     }
 }

@@ -86,14 +86,16 @@ pub(crate) fn render(r: &Resource, v: &Versioned) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// A line of a watch stream: `{"object":…,"type":…}` and a newline, as the `Value` path
-/// serializes it (keys in order).
+/// A line of a watch stream: `{"type":…,"object":…}` and a newline. The type comes first,
+/// as Kubernetes writes it: decoders of the event (serde's adjacently tagged `WatchEvent` in
+/// kube-rs, client-go's) then decode the object in place instead of buffering it until they
+/// know the type.
 pub(crate) fn watch_line(kind: &str, object: &[u8]) -> bytes::Bytes {
     let mut line = Vec::with_capacity(object.len() + kind.len() + 24);
-    line.extend_from_slice(b"{\"object\":");
-    line.extend_from_slice(object);
-    line.extend_from_slice(b",\"type\":");
+    line.extend_from_slice(b"{\"type\":");
     line.extend_from_slice(string(kind).as_bytes());
+    line.extend_from_slice(b",\"object\":");
+    line.extend_from_slice(object);
     line.extend_from_slice(b"}\n");
     line.into()
 }
@@ -315,9 +317,17 @@ mod tests {
         let rendered = render(pods(), &v).unwrap();
         let decoded = object::decode(pods(), &v).unwrap();
         let line = watch_line("MODIFIED", &rendered);
-        let mut want = json!({"type": "MODIFIED", "object": decoded.clone()}).to_string();
-        want.push('\n');
+        let want = format!(
+            "{{\"type\":\"MODIFIED\",\"object\":{}}}\n",
+            serde_json::to_string(&decoded).unwrap()
+        );
         assert_eq!(std::str::from_utf8(&line).unwrap(), want);
+        // What clients decode: the same event either way round.
+        let parsed: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(
+            parsed,
+            json!({"type": "MODIFIED", "object": decoded.clone()})
+        );
         let meta = json!({"resourceVersion": "9", "continue": "abc"});
         let list = list(pods(), &[rendered.clone(), rendered], &meta);
         let want = json!({"kind": "PodList", "apiVersion": "v1", "metadata": meta,

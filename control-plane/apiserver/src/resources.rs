@@ -15,6 +15,11 @@ pub enum NameRule {
 /// round trip shows type errors and (by comparison) fields the type does not declare.
 pub type RoundTrip = fn(&Value) -> Result<Value, serde_json::Error>;
 
+/// Decodes a JSON object into the resource's Kubernetes type and says whether the decoder
+/// skipped any member the type does not declare: the cheap check every create and update
+/// makes, before the [`RoundTrip`] that names the skipped fields.
+pub type Skips = fn(&Value) -> Result<bool, serde_json::Error>;
+
 /// Adds the resource's JSON schema (and those it refers to) to a generator's definitions.
 pub type RegisterSchema = fn(&mut schemars::SchemaGenerator);
 
@@ -46,6 +51,8 @@ pub struct Resource {
     pub names: NameRule,
     /// Typed round trip.
     pub round_trip: RoundTrip,
+    /// Typed decoding that reports skipped members.
+    pub skips: Skips,
     /// Schema registration, for the OpenAPI documents.
     pub register_schema: RegisterSchema,
     /// The schema's definition name, e.g. `io.k8s.api.core.v1.Pod`.
@@ -105,6 +112,17 @@ where
     serde_json::to_value(typed)
 }
 
+fn skips<T>(v: &Value) -> Result<bool, serde_json::Error>
+where
+    T: serde::de::DeserializeOwned,
+{
+    // The generated decoders hand members they do not know to `IgnoredAny`, which
+    // `serde_ignored` sees: one decode, without encoding the typed object back and comparing.
+    let mut skipped = false;
+    let _: T = serde_ignored::deserialize(v, |_| skipped = true)?;
+    Ok(skipped)
+}
+
 macro_rules! resource {
     ($group:literal, $version:literal, $ty:ty, $kind:literal, $plural:literal, $singular:literal,
      namespaced: $ns:literal, short: [$($short:literal),*], status: $status:literal,
@@ -122,6 +140,7 @@ macro_rules! resource {
             has_scale: $scale,
             names: NameRule::$names,
             round_trip: round_trip::<$ty>,
+            skips: skips::<$ty>,
             register_schema: |g| {
                 g.subschema_for::<$ty>();
             },

@@ -30,15 +30,28 @@ const PATCH_RETRIES: usize = 5;
 /// A successful response: a JSON body, its status code, and warnings for the client.
 pub struct Reply {
     pub(crate) code: StatusCode,
-    pub(crate) body: Value,
+    pub(crate) body: ReplyBody,
     pub(crate) warnings: Vec<String>,
+}
+
+/// A reply's JSON body: an object to serialize, or text already written (a stored object
+/// rendered from its stored bytes).
+pub(crate) enum ReplyBody {
+    Object(Value),
+    Text(Vec<u8>),
+}
+
+impl From<Value> for ReplyBody {
+    fn from(v: Value) -> Self {
+        ReplyBody::Object(v)
+    }
 }
 
 impl Reply {
     pub(crate) fn ok(body: Value) -> Self {
         Reply {
             code: StatusCode::OK,
-            body,
+            body: body.into(),
             warnings: Vec::new(),
         }
     }
@@ -46,7 +59,18 @@ impl Reply {
 
 impl IntoResponse for Reply {
     fn into_response(self) -> Response {
-        let mut resp = (self.code, axum::Json(self.body)).into_response();
+        let mut resp = match self.body {
+            ReplyBody::Object(v) => (self.code, axum::Json(v)).into_response(),
+            ReplyBody::Text(text) => (
+                self.code,
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
+                text,
+            )
+                .into_response(),
+        };
         for w in self.warnings {
             // `299 - "text"` as Kubernetes sends warnings; quotes in the text are escaped.
             let text = format!("299 - \"{}\"", w.replace('\\', "\\\\").replace('"', "\\\""));
@@ -315,18 +339,29 @@ async fn create_object(api: &Api, req: &Request, mut obj: Value) -> ApiResult<Re
         None
     };
     let body = if dry_run {
-        obj
+        obj.into()
     } else {
-        match api.store.create(&key, object::encode(&obj)?).await {
-            // What was stored is `obj` as encoded: answer with it instead of parsing it back.
+        let text = object::encode(&obj)?;
+        match api.store.create(&key, text.clone()).await {
+            // What was stored is `obj` as encoded: answer with that text (as a watch renders
+            // it) instead of parsing it back or serializing `obj` again.
             Ok(stored) => {
-                obj["apiVersion"] = json!(r.api_version());
-                obj["kind"] = json!(r.kind);
-                object::metadata_mut(&mut obj).insert(
-                    "resourceVersion".into(),
-                    json!(stored.mod_revision.to_string()),
-                );
-                obj
+                let stored = Versioned {
+                    value: text,
+                    ..stored
+                };
+                match raw::render(r, &stored) {
+                    Some(text) => ReplyBody::Text(text),
+                    None => {
+                        obj["apiVersion"] = json!(r.api_version());
+                        obj["kind"] = json!(r.kind);
+                        object::metadata_mut(&mut obj).insert(
+                            "resourceVersion".into(),
+                            json!(stored.mod_revision.to_string()),
+                        );
+                        obj.into()
+                    }
+                }
             }
             Err(e) => {
                 if let Some(a) = allocated {
@@ -631,7 +666,7 @@ async fn update(api: &Api, req: &Request, status_only: bool) -> ApiResult<Reply>
     let body = written?;
     Ok(Reply {
         code: StatusCode::OK,
-        body,
+        body: body.into(),
         warnings,
     })
 }
@@ -675,7 +710,7 @@ async fn patch(api: &Api, req: &Request, status_only: bool) -> ApiResult<Reply> 
             result => {
                 return result.map(|body| Reply {
                     code: StatusCode::OK,
-                    body,
+                    body: body.into(),
                     warnings,
                 });
             }
@@ -832,7 +867,7 @@ async fn apply_patch(api: &Api, req: &Request, status_only: bool) -> ApiResult<R
             result => {
                 return result.map(|body| Reply {
                     code: StatusCode::OK,
-                    body,
+                    body: body.into(),
                     warnings,
                 });
             }

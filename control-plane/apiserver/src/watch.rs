@@ -38,16 +38,18 @@ impl Render {
     }
 
     fn line(&self, kind: &str, obj: Value) -> bytes::Bytes {
-        let mut line = json!({"type": kind, "object": self.object(obj)}).to_string();
-        line.push('\n');
-        line.into()
+        value_line(kind, &self.object(obj))
     }
 }
 
+/// A watch line for an object held as a `Value`.
+fn value_line(kind: &str, object: &Value) -> bytes::Bytes {
+    // Serializing a `Value` cannot fail.
+    raw::watch_line(kind, &serde_json::to_vec(object).unwrap_or_default())
+}
+
 fn error_line(e: &ApiError) -> bytes::Bytes {
-    let mut line = json!({"type": "ERROR", "object": e.to_status()}).to_string();
-    line.push('\n');
-    line.into()
+    value_line("ERROR", &e.to_status())
 }
 
 /// Starts a watch; the stream ends at `timeoutSeconds`, when the client goes away, or when the
@@ -137,9 +139,7 @@ async fn start(api: Arc<Api>, req: Request) -> ApiResult<Response> {
                 _ = ticker.tick(), if bookmarks => {
                     let mark = json!({"kind": r.kind, "apiVersion": r.api_version(),
                         "metadata": {"resourceVersion": last.to_string()}});
-                    let mut line = json!({"type": "BOOKMARK", "object": mark}).to_string();
-                    line.push('\n');
-                    if tx.send(Ok(line.into())).await.is_err() {
+                    if tx.send(Ok(value_line("BOOKMARK", &mark))).await.is_err() {
                         return;
                     }
                 }

@@ -17,7 +17,7 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -32,9 +32,8 @@ use keelson_apiserver::{
 };
 use kube::{
     Api, Client,
-    api::{Patch, PatchParams, PostParams},
+    api::{Patch, PatchParams, PostParams, WatchEvent, WatchParams},
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::watcher,
 };
 use serde_json::json;
 use tokio::time::Instant;
@@ -109,6 +108,8 @@ impl Args {
 enum ApiServer {
     Process {
         child: Child,
+        /// `child` is `perf`, running the server.
+        under_perf: bool,
     },
     InProcess {
         _stop: tokio::sync::oneshot::Sender<()>,
@@ -117,7 +118,14 @@ enum ApiServer {
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        if let ApiServer::Process { child } = self {
+        if let ApiServer::Process { child, under_perf } = self {
+            if *under_perf {
+                // The server under `perf` stops on SIGINT; `perf` then writes its report.
+                let _ = Command::new("pkill")
+                    .args(["-INT", "-P", &child.id().to_string()])
+                    .status();
+                let _ = child.wait();
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -151,7 +159,7 @@ struct Launch<'a> {
     scheduler: Option<usize>,
     /// The API port (kept across a restart).
     port: u16,
-    /// The server's stderr goes here (appended).
+    /// The server's output goes here (appended).
     log: &'a Path,
 }
 
@@ -168,7 +176,19 @@ async fn start(
                 .create(true)
                 .append(true)
                 .open(launch.log)?;
-            let mut cmd = Command::new(binary);
+            // Profiling aid: `KEELSON_BENCH_PERF="record -o FILE …"` runs the restarted server
+            // (the scheduler's run) under `perf` with these arguments.
+            let perf = std::env::var("KEELSON_BENCH_PERF")
+                .ok()
+                .filter(|_| !launch.init);
+            let mut cmd = match &perf {
+                Some(perf_args) => {
+                    let mut c = Command::new("perf");
+                    c.args(perf_args.split_whitespace()).arg("--").arg(binary);
+                    c
+                }
+                None => Command::new(binary),
+            };
             cmd.args(["--id", "1"]);
             if launch.init {
                 cmd.arg("--init");
@@ -207,11 +227,14 @@ async fn start(
                 .arg(format!("127.0.0.1:{port}"))
                 .arg("--admin-kubeconfig")
                 .arg(&kubeconfig)
-                .stdout(Stdio::null())
+                .stdout(log.try_clone()?)
                 .stderr(log)
                 .spawn()
                 .with_context(|| format!("starting {}", binary.display()))?;
-            ApiServer::Process { child }
+            ApiServer::Process {
+                child,
+                under_perf: perf.is_some(),
+            }
         }
         None => {
             let opts = ServeOptions {
@@ -282,24 +305,74 @@ async fn create_pods(client: &Client, from: usize, to: usize) -> Result<Vec<(Str
         .await
 }
 
-/// When each pod was first seen bound; `done` fires once `want` pods are.
+/// When each pod was first seen bound.
 type Bound = Arc<Mutex<HashMap<String, Instant>>>;
 
-fn watch_bound(client: &Client, want: usize) -> (Bound, tokio::task::JoinHandle<()>) {
+/// What the bench reads of a pod: its name and node. Decoding only this keeps the measuring
+/// client's share of the two cores small.
+#[derive(Clone, Debug, serde::Deserialize)]
+struct Seen {
+    metadata: SeenMeta,
+    spec: Option<SeenSpec>,
+}
+
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SeenMeta {
+    name: Option<String>,
+    resource_version: Option<String>,
+}
+
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SeenSpec {
+    node_name: Option<String>,
+}
+
+/// The pods' collection revision, taken while nothing is bound yet: watching from it sees
+/// every binding without listing the pods again after the scheduler starts.
+async fn pods_revision(client: &Client) -> Result<String> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let list = api
+        .list_metadata(&kube::api::ListParams::default().limit(1))
+        .await?;
+    list.metadata
+        .resource_version
+        .context("the pod list has no resourceVersion")
+}
+
+/// Records when each pod is first seen bound, watching from `revision`; ends once `want`
+/// pods are.
+fn watch_bound(
+    client: &Client,
+    revision: String,
+    want: usize,
+) -> (Bound, tokio::task::JoinHandle<Result<()>>) {
     let bound: Bound = Arc::default();
     let b = Arc::clone(&bound);
-    let api: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let client = client.clone();
     let task = tokio::spawn(async move {
-        let mut events = watcher(api, watcher::Config::default()).boxed();
-        while let Some(Ok(e)) = events.next().await {
-            if let watcher::Event::Apply(p) | watcher::Event::InitApply(p) = e
-                && p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some()
-            {
-                let mut m = b.lock().unwrap_or_else(|e| e.into_inner());
-                m.entry(p.metadata.name.unwrap_or_default())
-                    .or_insert_with(Instant::now);
-                if m.len() >= want {
-                    return;
+        let mut revision = revision;
+        loop {
+            let request = kube::core::Request::new("/api/v1/namespaces/default/pods")
+                .watch(&WatchParams::default().timeout(290), &revision)?;
+            let mut events = client.request_events::<Seen>(request).await?.boxed();
+            while let Some(event) = events.next().await {
+                let pod = match event? {
+                    WatchEvent::Added(p) | WatchEvent::Modified(p) => p,
+                    WatchEvent::Error(e) => bail!("watching pods: {e:?}"),
+                    WatchEvent::Deleted(_) | WatchEvent::Bookmark(_) => continue,
+                };
+                if let Some(rv) = &pod.metadata.resource_version {
+                    revision.clone_from(rv);
+                }
+                if pod.spec.and_then(|s| s.node_name).is_some() {
+                    let mut m = b.lock().unwrap_or_else(|e| e.into_inner());
+                    m.entry(pod.metadata.name.unwrap_or_default())
+                        .or_insert_with(Instant::now);
+                    if m.len() >= want {
+                        return Ok(());
+                    }
                 }
             }
         }
@@ -325,16 +398,25 @@ struct Row {
 }
 
 async fn one(args: &Args, nodes: usize) -> Result<Row> {
-    let dir = tempfile::tempdir()?;
+    let tmp = tempfile::tempdir()?;
+    // `KEELSON_BENCH_KEEP=1` keeps the server's data and log (`server.log`) for a look.
+    let dir = if std::env::var_os("KEELSON_BENCH_KEEP").is_some() {
+        let kept = tmp.keep();
+        println!("keeping {}", kept.display());
+        kept
+    } else {
+        tmp.path().to_owned()
+    };
+    let dir = &dir;
     let mut launch = Launch {
         init: true,
         scheduler: None,
         port: std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port(),
-        log: &dir.path().join("server.log"),
+        log: &dir.join("server.log"),
     };
-    let (mut server, mut client) = start(args.server.as_deref(), dir.path(), &launch).await?;
+    let (mut server, mut client) = start(args.server.as_deref(), dir, &launch).await?;
     create_nodes(&client, nodes).await?;
 
     let begin = Instant::now();
@@ -342,9 +424,10 @@ async fn one(args: &Args, nodes: usize) -> Result<Row> {
     let create_per_s = args.pods as f64 / begin.elapsed().as_secs_f64();
 
     let total = args.pods + args.stream;
+    let revision = pods_revision(&client).await?;
     let stop = tokio_util::sync::CancellationToken::new();
     let started;
-    let watch;
+    let mut watch;
     let bound;
     if args.server.is_some() && args.scheduler_in_server {
         // As in production, the scheduler runs inside keelson-server: restart the server on
@@ -354,10 +437,10 @@ async fn one(args: &Args, nodes: usize) -> Result<Row> {
         launch.init = false;
         launch.scheduler = Some(args.concurrency);
         started = Instant::now();
-        (server, client) = start(args.server.as_deref(), dir.path(), &launch).await?;
-        (bound, watch) = watch_bound(&client, total);
+        (server, client) = start(args.server.as_deref(), dir, &launch).await?;
+        (bound, watch) = watch_bound(&client, revision, total);
     } else {
-        (bound, watch) = watch_bound(&client, total);
+        (bound, watch) = watch_bound(&client, revision, total);
         let opts = keelson_controllers::Options {
             leader_election: false,
             workloads: false,
@@ -392,6 +475,10 @@ async fn one(args: &Args, nodes: usize) -> Result<Row> {
         if Instant::now() > deadline {
             bail!("only {n} of {} pods bound within 600 s", args.pods);
         }
+        if watch.is_finished() {
+            (&mut watch).await??;
+            bail!("the pod watch ended with {n} of {} pods bound", args.pods);
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let bound_per_s = args.pods as f64 / backlog_done.duration_since(started).as_secs_f64();
@@ -414,7 +501,7 @@ async fn one(args: &Args, nodes: usize) -> Result<Row> {
     let streamed = create_pods(&client, args.pods, total).await?;
     tokio::time::timeout(Duration::from_secs(600), watch)
         .await
-        .context("waiting for the streamed pods")??;
+        .context("waiting for the streamed pods")???;
     stop.cancel();
     let bound = bound.lock().unwrap_or_else(|e| e.into_inner());
     let mut lat: Vec<f64> = streamed
