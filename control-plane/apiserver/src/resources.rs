@@ -118,8 +118,14 @@ where
 {
     // The generated decoders hand members they do not know to `IgnoredAny`, which
     // `serde_ignored` sees: one decode, without encoding the typed object back and comparing.
+    // Top-level `apiVersion` and `kind` were checked against the URL already; types without
+    // fields for them (the custom resources) skip them.
     let mut skipped = false;
-    let _: T = serde_ignored::deserialize(v, |_| skipped = true)?;
+    let _: T = serde_ignored::deserialize(v, |path| {
+        let type_field = matches!(&path, serde_ignored::Path::Map { parent: serde_ignored::Path::Root, key }
+            if key == "apiVersion" || key == "kind");
+        skipped |= !type_field;
+    })?;
     Ok(skipped)
 }
 
