@@ -757,12 +757,15 @@ mod tests {
         let mut bad = known.clone();
         bad["spec"]["containers"] = json!("no");
         assert!(check_schema(pods, &mut bad, FieldValidation::Ignore).is_err());
-        // Every served type decodes its minimal object without skipping anything.
+        // Every served type decodes its minimal object without skipping anything (types
+        // without `apiVersion`/`kind` fields included), and sees an undeclared member.
         for r in crate::resources::RESOURCES {
-            let minimal = json!({
+            let mut minimal = json!({
                 "apiVersion": r.api_version(), "kind": r.kind, "metadata": {"name": "x"}
             });
             assert!(!(r.skips)(&minimal).unwrap(), "{}", r.kind);
+            minimal["bogus"] = json!(1);
+            assert!((r.skips)(&minimal).unwrap(), "{}", r.kind);
         }
     }
 

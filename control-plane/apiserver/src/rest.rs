@@ -345,24 +345,13 @@ async fn create_object(api: &Api, req: &Request, mut obj: Value) -> ApiResult<Re
         match api.store.create(&key, text.clone()).await {
             // What was stored is `obj` as encoded: answer with that text (as a watch renders
             // it) instead of parsing it back or serializing `obj` again.
-            Ok(stored) => {
-                let stored = Versioned {
+            Ok(stored) => ReplyBody::Text(render(
+                r,
+                &Versioned {
                     value: text,
                     ..stored
-                };
-                match raw::render(r, &stored) {
-                    Some(text) => ReplyBody::Text(text),
-                    None => {
-                        obj["apiVersion"] = json!(r.api_version());
-                        obj["kind"] = json!(r.kind);
-                        object::metadata_mut(&mut obj).insert(
-                            "resourceVersion".into(),
-                            json!(stored.mod_revision.to_string()),
-                        );
-                        obj.into()
-                    }
-                }
-            }
+                },
+            )?),
             Err(e) => {
                 if let Some(a) = allocated {
                     a.release(api).await;
