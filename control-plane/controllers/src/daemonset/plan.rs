@@ -69,6 +69,17 @@ pub(crate) fn manage(nodes: &[NodePods<'_>], surge_hash: Option<&str>) -> Plan {
                 .into_iter()
                 .filter(|p| !util::pod_finished(p))
                 .collect();
+            // A pod may stay where the DaemonSet no longer starts pods (a NoSchedule taint
+            // came), but one not bound yet never will be: the scheduler keeps it off such a
+            // node. It goes, rather than wait there as unschedulable (a taint that reached
+            // this controller just after it made the pod).
+            if !n.fit.should_run {
+                plan.delete.extend(
+                    live.iter()
+                        .filter(|p| util::pod_node(p).is_none())
+                        .map(|p| name(p)),
+                );
+            }
             if live.len() > 1 {
                 plan.delete
                     .extend(surplus(&live, surge_hash).iter().map(|p| name(p)));
@@ -282,6 +293,12 @@ mod tests {
             pod("f", "h", false, "Failed"),
             pod("x", "h", true, "Running"),
         );
+        let pending = pod("pending", "h", false, "Pending");
+        let mut bound = pod("bound", "h", true, "Running");
+        bound.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+            node_name: Some("tainted-bound".into()),
+            ..Default::default()
+        });
         let nodes = [
             NodePods {
                 name: "empty",
@@ -306,12 +323,32 @@ mod tests {
                 },
                 pods: vec![&x],
             },
+            NodePods {
+                name: "tainted",
+                fit: Fit {
+                    should_run: false,
+                    should_continue: true,
+                },
+                pods: vec![&pending],
+            },
+            NodePods {
+                name: "tainted-bound",
+                fit: Fit {
+                    should_run: false,
+                    should_continue: true,
+                },
+                pods: vec![&bound],
+            },
         ];
         let plan = manage(&nodes, None);
         assert_eq!(plan.create_on, ["empty"]);
+        // The unbound pod on the tainted node goes; the bound one stays.
         assert_eq!(
             plan.delete,
-            ["bb", "f", "x"].map(String::from).into_iter().collect()
+            ["bb", "f", "pending", "x"]
+                .map(String::from)
+                .into_iter()
+                .collect()
         );
     }
 
