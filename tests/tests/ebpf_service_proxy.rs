@@ -205,16 +205,21 @@ fn udp_datagrams_to_a_service_are_answered_from_the_service_address() -> Result<
         netns: &netns,
         cgroup: Some(&cgroup),
     };
-    for i in 0..5 {
-        let seen = inside.send("udp", frontend, &format!("q{i}"))?;
-        // `recvmsg4` shows the reply as coming from the service, not the backend.
-        assert_eq!(
-            seen,
-            Ok(Seen {
-                reply: format!("dns-a:q{i}"),
-                peer: frontend.into()
-            })
-        );
+    // Unconnected (`sendmsg4` balances each datagram) and connected (`connect4` once, then
+    // `getpeername4` as well) sockets alike.
+    for mode in ["udp", "udp-connected"] {
+        for i in 0..5 {
+            let seen = inside.send(mode, frontend, &format!("q{i}"))?;
+            // `recvmsg4` (and `getpeername4`) show the service, not the backend.
+            assert_eq!(
+                seen,
+                Ok(Seen {
+                    reply: format!("dns-a:q{i}"),
+                    peer: frontend.into()
+                }),
+                "{mode}"
+            );
+        }
     }
     // The TCP port of the same number is not a service.
     let err = inside

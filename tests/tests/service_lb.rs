@@ -462,12 +462,22 @@ impl Session {
         Ok(line.trim_end().to_owned())
     }
 
+    /// What `getpeername(2)` says now.
+    fn peer(&mut self) -> Result<String> {
+        self.command("?peer", "peer: ")
+    }
+
     /// Sends `msg` over the connection; the reply, `<backend>:<msg>`.
     fn exchange(&mut self, msg: &str) -> Result<String> {
-        writeln!(self.input, "{msg}")?;
+        self.command(msg, "reply: ")
+    }
+
+    /// Writes `line` to lbclient; its answer, which starts with `prefix`, without it.
+    fn command(&mut self, line: &str, prefix: &str) -> Result<String> {
+        writeln!(self.input, "{line}")?;
         self.input.flush()?;
         let line = self.line()?;
-        line.strip_prefix("reply: ")
+        line.strip_prefix(prefix)
             .map(str::to_owned)
             .with_context(|| format!("lbclient said {line:?}"))
     }
@@ -740,12 +750,24 @@ fn an_upgrade_replaces_older_programs_and_maps_of_another_layout() -> Result<()>
     )?;
     assert_eq!(backend(&netns, &cgroup, maglev_vip)?, "backend-a");
 
+    // A connection made before the upgrade: the reverse translation map is pinned, so the
+    // new programs still show its service address as the peer.
+    let lines = LineEcho::start(&netns, "backend-lines")?;
+    let lines_vip = "10.96.0.34:80";
+    lb(&pins, &["set", lines_vip, &lines.addr.to_string()])?;
+    let mut session = Session::open(&netns, &cgroup, lines_vip)?;
+
     // Links pinned under the names an older agent used (version 1: the bare program name)
     // are older programs: the next attach puts this version's beside them, then removes
     // them; the services in the shared maps keep answering throughout.
     let programs = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
+    // This build's version, as its link pins carry it (`connect4_v<N>`).
+    let version = std::fs::read_dir(&pins)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .find_map(|n| n.strip_prefix("connect4_v").map(str::to_owned))
+        .context("no connect4 link pin")?;
     for p in programs {
-        std::fs::rename(pins.join(format!("{p}_v4")), pins.join(p))
+        std::fs::rename(pins.join(format!("{p}_v{version}")), pins.join(p))
             .with_context(|| format!("renaming the {p} link pin"))?;
     }
     assert_eq!(backend(&netns, &cgroup, vip)?, "backend-a");
@@ -756,8 +778,13 @@ fn an_upgrade_replaces_older_programs_and_maps_of_another_layout() -> Result<()>
     );
     for p in programs {
         ensure!(!pins.join(p).exists(), "old link {p} still pinned");
-        ensure!(pins.join(format!("{p}_v4")).exists(), "{p}_v4 not pinned");
+        ensure!(
+            pins.join(format!("{p}_v{version}")).exists(),
+            "{p}_v{version} not pinned"
+        );
     }
+    assert_eq!(session.peer()?, lines_vip);
+    assert_eq!(session.exchange("still")?, "backend-lines:still");
     assert_eq!(backend(&netns, &cgroup, vip)?, "backend-a");
     assert_eq!(backend(&netns, &cgroup, maglev_vip)?, "backend-a");
     Ok(())

@@ -33,7 +33,7 @@ use crate::machine;
 use netns::NetnsExt as _;
 use probe::ClientResult;
 use report::{Point, Report, SYSTEMS, Workload};
-use topology::{BACKENDS, Placement, SERVICE_PORT, Topology, backend, service_vip};
+use topology::{BACKENDS, Pinning, Placement, SERVICE_PORT, Topology, backend, service_vip};
 
 /// Options of the dataplane benchmark.
 #[derive(Debug, Clone, clap::Args)]
@@ -67,7 +67,7 @@ pub struct DataplaneArgs {
     update_samples: u32,
     /// Rounds per point: each round runs every system in turn with a share of the samples
     /// and seconds, so that noise from other work spreads over all of them.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 10)]
     rounds: usize,
     /// Full iptables restores timed per point, for reference.
     #[arg(long, default_value_t = 2)]
@@ -83,6 +83,12 @@ pub struct DataplaneArgs {
     /// and FORWARD hooks) or in the node's (a host-network client: OUTPUT).
     #[arg(long, value_enum, default_value_t = Placement::Pod)]
     client: Placement,
+    /// Which CPUs the client and the echo server run on: `split` puts them on two different
+    /// CPUs (the first two the benchmark may use), `same` on one, `none` leaves it to the
+    /// scheduler (whose choices differ from one system's processes to the next: ±15% on
+    /// this 2-core machine between otherwise identical systems).
+    #[arg(long, value_enum, default_value_t = Pinning::Split)]
+    pin: Pinning,
     /// Leave out the node's pod-network NAT table (then only the iptables system tracks
     /// connections, as in the first version of this benchmark).
     #[arg(long)]
@@ -184,10 +190,16 @@ fn run_blocking(args: &DataplaneArgs) -> Result<()> {
             );
         }
         // Rounds alternate between the systems so that noise from other work on the machine
-        // spreads over all of them.
+        // spreads over all of them; every other round runs them in reverse order, so that a
+        // drift (the machine warming up, a neighbour starting) does not favour the first.
         let rounds = args.rounds.max(1);
         for round in 0..rounds {
-            for p in &mut prepared {
+            let order: Box<dyn Iterator<Item = &mut Prepared>> = if round % 2 == 0 {
+                Box::new(prepared.iter_mut())
+            } else {
+                Box::new(prepared.iter_mut().rev())
+            };
+            for p in order {
                 check_interrupted()?;
                 p.traffic(args, round, tmp.path())
                     .with_context(|| format!("{} with {n} services", p.point.system))?;
@@ -232,6 +244,7 @@ fn run_blocking(args: &DataplaneArgs) -> Result<()> {
                 Placement::Node => "node",
             },
             node_nat: !args.no_node_nat,
+            cpus: args.pin.cpus()?,
             driver_build: DRIVER_BUILD,
         },
         points,
@@ -279,8 +292,10 @@ impl Prepared {
     /// Builds a topology and installs `n` services of `system` in it. A system this machine
     /// cannot run (IPVS without kernel support) is recorded as unavailable.
     fn new(args: &DataplaneArgs, system: &'static str, n: u32) -> Result<Self> {
+        let (_, server_cpu) = args.pin.cpus()?;
         let options = topology::Options {
             placement: args.client,
+            server_cpu,
             node_nat: !args.no_node_nat,
         };
         let topo = Topology::new(&format!("{system}-{n}"), options)?;
@@ -370,8 +385,11 @@ impl Prepared {
             .args(["--samples", &(args.samples / rounds).to_string()])
             .args(["--seconds", &(args.seconds / rounds as f64).to_string()])
             .args(["--threads", &args.threads.to_string()])
-            .args(["--seed", &round.to_string()])
-            .stdin(Stdio::null())
+            .args(["--seed", &round.to_string()]);
+        if let (Some(cpu), _) = args.pin.cpus()? {
+            cmd.args(["--cpu", &cpu.to_string()]);
+        }
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let placed = topo.client().place(&mut cmd, Some(topo.cgroup()))?;

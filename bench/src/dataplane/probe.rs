@@ -24,6 +24,9 @@ pub struct ServerArgs {
     /// Accepting threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// The CPU to run on (every thread); any CPU without it.
+    #[arg(long)]
+    cpu: Option<usize>,
 }
 
 /// Options of the hidden `dataplane-client` sub-command.
@@ -47,6 +50,9 @@ pub struct ClientArgs {
     /// Seed of the target choice (rounds use different seeds).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The CPU to run on (every thread); any CPU without it.
+    #[arg(long)]
+    cpu: Option<usize>,
 }
 
 /// What the client measured.
@@ -79,6 +85,7 @@ pub struct ClientResult {
 /// # Errors
 /// The port cannot be bound.
 pub fn serve(args: &ServerArgs) -> Result<()> {
+    pin(args.cpu)?;
     let listener = TcpListener::bind(("0.0.0.0", args.port))
         .with_context(|| format!("binding port {}", args.port))?;
     let seconds: libc::c_int = 1;
@@ -120,6 +127,7 @@ pub fn serve(args: &ServerArgs) -> Result<()> {
 /// # Errors
 /// The targets cannot be read.
 pub fn client(args: &ClientArgs) -> Result<()> {
+    pin(args.cpu)?;
     let text = std::fs::read_to_string(&args.targets)
         .with_context(|| format!("reading {}", args.targets.display()))?;
     let targets: Vec<SocketAddr> = text
@@ -189,6 +197,28 @@ pub fn client(args: &ClientArgs) -> Result<()> {
         first_error: first_error.lock().ok().and_then(|f| f.clone()),
     };
     println!("{}", serde_json::to_string(&result)?);
+    Ok(())
+}
+
+/// Restricts the calling thread, and the threads it starts afterwards, to `cpu`.
+fn pin(cpu: Option<usize>) -> Result<()> {
+    let Some(cpu) = cpu else {
+        return Ok(());
+    };
+    anyhow::ensure!(
+        cpu < libc::CPU_SETSIZE as usize,
+        "CPU {cpu} is beyond the affinity mask"
+    );
+    // SAFETY: `cpu_set_t` is a plain bit mask; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is inside the mask (checked above).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: the mask is initialised and its size passed with it; 0 is the calling thread.
+    let rc = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("pinning to CPU {cpu}"));
+    }
     Ok(())
 }
 

@@ -221,6 +221,8 @@ pub struct Workload {
     pub placement: &'static str,
     /// Whether the node had the pod network's NAT table (connection tracking for every system).
     pub node_nat: bool,
+    /// The CPUs of the client and the echo server (`None`: the scheduler's choice).
+    pub cpus: (Option<usize>, Option<usize>),
     /// `release` or `debug`: how the driver (client, echo server, map writes) was built.
     pub driver_build: &'static str,
 }
@@ -467,13 +469,15 @@ pub fn print_summary(report: &Report) {
     let w = &report.workload;
     println!(
         "machine: {} ({} cores), kernel {}; {}; client in the {}'s namespace, node NAT table: {}; \
-         driver built {}",
+         client/server CPU: {}/{}; driver built {}",
         m.cpu_model,
         m.cores,
         m.kernel,
         w.iptables,
         w.placement,
         if w.node_nat { "yes" } else { "no" },
+        w.cpus.0.map_or_else(|| "any".to_owned(), |c| c.to_string()),
+        w.cpus.1.map_or_else(|| "any".to_owned(), |c| c.to_string()),
         w.driver_build
     );
 }

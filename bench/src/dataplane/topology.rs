@@ -79,6 +79,52 @@ pub enum Placement {
     Node,
 }
 
+/// Which CPUs the client and the echo server run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pinning {
+    /// The client on the first CPU the benchmark may use, the server on the second, as two
+    /// pods on different cores: every system pays the same cross-CPU wake-ups, instead of
+    /// whichever the scheduler picked for that system's processes.
+    Split,
+    /// Both on the first CPU.
+    Same,
+    /// Wherever the scheduler puts them.
+    None,
+}
+
+impl Pinning {
+    /// The CPUs of the client and the server, from those the calling process may use.
+    ///
+    /// # Errors
+    /// The affinity mask cannot be read, or `Split` with fewer than two CPUs.
+    pub fn cpus(self) -> Result<(Option<usize>, Option<usize>)> {
+        if self == Pinning::None {
+            return Ok((None, None));
+        }
+        // SAFETY: `cpu_set_t` is a plain bit mask; all zeroes is the empty set.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: the mask's size is passed with it; 0 is the calling thread.
+        let rc = unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &raw mut set) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("reading the CPU affinity");
+        }
+        // SAFETY: every index is inside the mask.
+        let mut allowed =
+            (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) });
+        let first = allowed.next().context("no CPU in the affinity mask")?;
+        match self {
+            Pinning::Same => Ok((Some(first), Some(first))),
+            _ => {
+                let second = allowed
+                    .next()
+                    .context("`--pin split` needs two CPUs (use `--pin same` or `none`)")?;
+                Ok((Some(first), Some(second)))
+            }
+        }
+    }
+}
+
 /// How a topology is built.
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
@@ -86,6 +132,8 @@ pub struct Options {
     pub placement: Placement,
     /// Whether the node has the pod network's NAT table (and so connection tracking).
     pub node_nat: bool,
+    /// The echo server's CPU.
+    pub server_cpu: Option<usize>,
 }
 
 /// A client namespace and cgroup, a node namespace holding the service rules, a server
@@ -145,7 +193,7 @@ impl Topology {
             .unwrap_or(&node)
             .sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
         let cgroup = Cgroup2::new(&format!("dp-{tag}"))?;
-        let server = start_server(&server_ns)?;
+        let server = start_server(&server_ns, options.server_cpu)?;
         Ok(Topology {
             server,
             cgroup,
@@ -232,12 +280,14 @@ fn node_nat(node: &Netns) -> Result<()> {
 }
 
 /// Starts `keelson-bench dataplane-server` in `netns` and waits until it listens.
-fn start_server(netns: &Netns) -> Result<Child> {
+fn start_server(netns: &Netns, cpu: Option<usize>) -> Result<Child> {
     let exe = std::env::current_exe().context("locating keelson-bench")?;
     let mut cmd = Command::new(exe);
-    cmd.args(["dataplane-server", "--port", &BACKEND_PORT.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped());
+    cmd.args(["dataplane-server", "--port", &BACKEND_PORT.to_string()]);
+    if let Some(cpu) = cpu {
+        cmd.args(["--cpu", &cpu.to_string()]);
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped());
     let placed = netns.place(&mut cmd, None)?;
     let mut child = cmd.spawn().context("starting the echo server")?;
     drop(placed);

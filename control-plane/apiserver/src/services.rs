@@ -89,6 +89,109 @@ fn invalid(r: &Resource, name: &str, field: &str, message: String) -> ApiError {
     )
 }
 
+/// Refuses what an IPv4 single-stack cluster cannot give a Service, as Kubernetes does on one:
+/// an unknown or IPv6 family, `RequireDualStack`, an IPv6 cluster IP. (The service CIDR and
+/// the load balancer are IPv4; without this, a request for IPv6 was silently answered with
+/// an IPv4 address.)
+fn check_ip_families(r: &Resource, name: &str, spec: &Value) -> ApiResult<()> {
+    const POLICIES: [&str; 3] = ["PreferDualStack", "RequireDualStack", "SingleStack"];
+    let unsupported = |field: String, value: &str, supported: &[&str]| {
+        let list: Vec<String> = supported.iter().map(|s| format!("\"{s}\"")).collect();
+        ApiError::invalid(
+            r,
+            name,
+            vec![Cause {
+                reason: "FieldValueNotSupported",
+                message: format!(
+                    "Unsupported value: \"{value}\": supported values: {}",
+                    list.join(", ")
+                ),
+                field,
+            }],
+        )
+    };
+    match spec.get("ipFamilyPolicy") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(p)) if p == "RequireDualStack" => {
+            return Err(invalid(
+                r,
+                name,
+                "spec.ipFamilyPolicy",
+                format!(
+                    "Invalid value: \"{p}\": this cluster is not configured for dual-stack services"
+                ),
+            ));
+        }
+        Some(Value::String(p)) if POLICIES.contains(&p.as_str()) => {}
+        Some(other) => {
+            let text = other
+                .as_str()
+                .map_or_else(|| other.to_string(), str::to_owned);
+            return Err(unsupported("spec.ipFamilyPolicy".into(), &text, &POLICIES));
+        }
+    }
+    let families = spec.get("ipFamilies").and_then(Value::as_array);
+    for (i, family) in families.into_iter().flatten().enumerate() {
+        let field = format!("spec.ipFamilies[{i}]");
+        match family.as_str() {
+            Some("IPv4") if i == 0 => {}
+            Some("IPv4") => {
+                return Err(ApiError::invalid(
+                    r,
+                    name,
+                    vec![Cause {
+                        reason: "FieldValueDuplicate",
+                        message: "Duplicate value: \"IPv4\"".into(),
+                        field,
+                    }],
+                ));
+            }
+            Some("IPv6") => {
+                return Err(invalid(
+                    r,
+                    name,
+                    &field,
+                    "Invalid value: \"IPv6\": not configured on this cluster".into(),
+                ));
+            }
+            other => {
+                let text = other.map_or_else(|| family.to_string(), str::to_owned);
+                return Err(unsupported(field, &text, &["IPv4", "IPv6"]));
+            }
+        }
+    }
+    let ips = spec
+        .get("clusterIPs")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .chain(spec.get("clusterIP"))
+        .filter_map(Value::as_str);
+    for ip in ips {
+        if ip.parse::<std::net::Ipv6Addr>().is_ok() {
+            return Err(invalid(
+                r,
+                name,
+                "spec.clusterIPs[0]",
+                format!(
+                    "Invalid value: \"{ip}\": IPv6 is not configured on this cluster (IPv4 single-stack)"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The `ipFamilyPolicy` a Service with a cluster IP is stored with: `PreferDualStack` stays
+/// (Kubernetes keeps it on a single-stack cluster, with one family), anything else is
+/// `SingleStack`.
+fn stored_policy(spec: &Value) -> &'static str {
+    match spec.get("ipFamilyPolicy").and_then(Value::as_str) {
+        Some("PreferDualStack") => "PreferDualStack",
+        _ => "SingleStack",
+    }
+}
+
 async fn claim(api: &Api, key: String) -> ApiResult<bool> {
     match api.store.create(&key, Vec::new()).await {
         Ok(_) => Ok(true),
@@ -161,6 +264,7 @@ async fn allocate_into(
     let Some(spec) = obj.get_mut("spec").filter(|s| s.is_object()) else {
         return Ok(());
     };
+    check_ip_families(r, &name, spec)?;
     if wants_cluster_ip(spec) {
         let requested = spec
             .get("clusterIP")
@@ -214,8 +318,8 @@ async fn allocate_into(
         spec["clusterIP"] = json!(ip_text);
         spec["clusterIPs"] = json!([ip_text]);
         if ip.is_some() {
+            spec["ipFamilyPolicy"] = json!(stored_policy(spec));
             spec["ipFamilies"] = json!(["IPv4"]);
-            spec["ipFamilyPolicy"] = json!("SingleStack");
         }
         if let Some(o) = spec.as_object_mut() {
             o.entry("internalTrafficPolicy").or_insert(json!("Cluster"));
@@ -490,6 +594,9 @@ pub async fn on_update(
         ) {
             spec.entry(field).or_insert(v.clone());
         }
+    }
+    if let Some(spec) = new.get("spec").filter(|s| s.is_object()) {
+        check_ip_families(r, &name, spec)?;
     }
     let mut got = Allocated::default();
     let old_spec = old.get("spec");

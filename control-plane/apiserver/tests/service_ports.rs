@@ -191,3 +191,71 @@ async fn local_load_balancers_get_a_health_check_node_port() -> anyhow::Result<(
     assert_eq!(node_ports(&reused), [31999]);
     Ok(())
 }
+
+/// The cluster is IPv4 single-stack: what needs IPv6 is refused with Kubernetes' messages
+/// instead of being answered with an IPv4 address; `PreferDualStack` is kept, with IPv4 only.
+#[tokio::test]
+async fn ip_families_other_than_ipv4_are_refused() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (client, _stop) = start(dir.path()).await;
+    let api: Api<Service> = Api::namespaced(client, "default");
+    let pp = PostParams::default();
+
+    let v6 = refused(
+        api.create(&pp, &service("v6", json!({"ipFamilies": ["IPv6"]})))
+            .await,
+    );
+    assert!(
+        v6.contains("spec.ipFamilies[0]") && v6.contains("not configured on this cluster"),
+        "{v6}"
+    );
+    let dual = refused(
+        api.create(
+            &pp,
+            &service("dual", json!({"ipFamilyPolicy": "RequireDualStack"})),
+        )
+        .await,
+    );
+    assert!(dual.contains("not configured for dual-stack"), "{dual}");
+    let addr = refused(
+        api.create(&pp, &service("addr", json!({"clusterIP": "fd00::10"})))
+            .await,
+    );
+    assert!(addr.contains("IPv6 is not configured"), "{addr}");
+    let typo = refused(
+        api.create(
+            &pp,
+            &service("typo", json!({"ipFamilyPolicy": "DualStack"})),
+        )
+        .await,
+    );
+    assert!(typo.contains("Unsupported value: \"DualStack\""), "{typo}");
+    for name in ["v6", "dual", "addr", "typo"] {
+        assert!(api.get_opt(name).await?.is_none(), "{name} was stored");
+    }
+
+    let prefer = api
+        .create(
+            &pp,
+            &service("prefer", json!({"ipFamilyPolicy": "PreferDualStack"})),
+        )
+        .await?;
+    let spec = prefer.spec.expect("spec");
+    assert_eq!(spec.ip_family_policy.as_deref(), Some("PreferDualStack"));
+    assert_eq!(spec.ip_families, Some(vec!["IPv4".to_owned()]));
+    assert_eq!(spec.cluster_ips.map(|ips| ips.len()), Some(1));
+
+    // An update may not ask for dual-stack either; the Service stays as it was.
+    let update = refused(
+        merge(
+            &api,
+            "prefer",
+            json!({"spec": {"ipFamilyPolicy": "RequireDualStack"}}),
+        )
+        .await,
+    );
+    assert!(update.contains("not configured for dual-stack"), "{update}");
+    let kept = api.get("prefer").await?.spec.expect("spec");
+    assert_eq!(kept.ip_family_policy.as_deref(), Some("PreferDualStack"));
+    Ok(())
+}

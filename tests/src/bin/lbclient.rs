@@ -1,7 +1,8 @@
 //! `lbclient ADDR`: one long-lived TCP connection for the load-balancer tests.
 //!
 //! Connects to ADDR, prints `peer: <getpeername>`, then for each line read from stdin sends
-//! it and prints `reply: <the line that came back>`, until stdin ends. Exit status 0, or 2
+//! it and prints `reply: <the line that came back>`, until stdin ends; the line `?peer`
+//! prints `peer: <getpeername>` again instead. Exit status 0, or 2
 //! with `error: …` on stderr when the connection fails — so a test can tell that an
 //! established connection kept working while the service's backends changed.
 
@@ -23,7 +24,13 @@ fn run(addr: SocketAddr) -> std::io::Result<()> {
     let mut replies = BufReader::new(conn.try_clone()?);
     let mut writer = conn;
     for line in std::io::stdin().lock().lines() {
-        writer.write_all(format!("{}\n", line?).as_bytes())?;
+        let line = line?;
+        if line == "?peer" {
+            writeln!(out, "peer: {}", writer.peer_addr()?)?;
+            out.flush()?;
+            continue;
+        }
+        writer.write_all(format!("{line}\n").as_bytes())?;
         let mut reply = String::new();
         if replies.read_line(&mut reply)? == 0 {
             return Err(std::io::Error::new(

@@ -1,10 +1,12 @@
-//! `netprobe tcp|udp ADDR MESSAGE [SOURCE_IP]`: sends MESSAGE to ADDR and prints the reply and
+//! `netprobe tcp|udp|udp-connected ADDR MESSAGE [SOURCE_IP]`: sends MESSAGE to ADDR and prints the reply and
 //! the address the reply came from, as the application sees them.
 //!
 //! - `tcp`: connect, send, half-close, read to the end; `peer:` is `getpeername(2)`. With
 //!   SOURCE_IP (TCP only) the socket is bound to that address first, as a client with an
 //!   address of its own (the load balancer's Maglev and affinity key on it).
 //! - `udp`: an unconnected socket, `sendto` then `recvfrom`; `peer:` is the reply's source.
+//! - `udp-connected`: `connect`, `send`, `recvfrom`; `peer:` is the reply's source, and the
+//!   probe fails if `getpeername(2)` says otherwise.
 //!
 //! A client that the end-to-end tests start inside the namespaces and cgroups they create.
 //! Exit status 0 with `reply: …` and `peer: …` lines on stdout, or 2 with `error: …` (the OS
@@ -73,6 +75,22 @@ fn udp(addr: SocketAddr, message: &str) -> std::io::Result<(String, SocketAddr)>
     Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
 }
 
+fn udp_connected(addr: SocketAddr, message: &str) -> std::io::Result<(String, SocketAddr)> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(TIMEOUT))?;
+    socket.connect(addr)?;
+    socket.send(message.as_bytes())?;
+    let mut buf = [0u8; 2048];
+    let (n, from) = socket.recv_from(&mut buf)?;
+    let peer = socket.peer_addr()?;
+    if peer != from {
+        return Err(std::io::Error::other(format!(
+            "getpeername says {peer}, the reply came from {from}"
+        )));
+    }
+    Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (mode, addr, message, source) = match args.as_slice() {
@@ -85,7 +103,7 @@ fn main() -> ExitCode {
             }
         },
         _ => {
-            eprintln!("usage: netprobe tcp|udp ADDR MESSAGE [SOURCE_IP]");
+            eprintln!("usage: netprobe tcp|udp|udp-connected ADDR MESSAGE [SOURCE_IP]");
             return ExitCode::from(64);
         }
     };
@@ -99,8 +117,9 @@ fn main() -> ExitCode {
     let result = match mode.as_str() {
         "tcp" => tcp(addr, message, source),
         "udp" => udp(addr, message),
+        "udp-connected" => udp_connected(addr, message),
         other => {
-            eprintln!("netprobe: unknown mode {other:?} (tcp or udp)");
+            eprintln!("netprobe: unknown mode {other:?} (tcp, udp or udp-connected)");
             return ExitCode::from(64);
         }
     };
