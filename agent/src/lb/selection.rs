@@ -277,8 +277,11 @@ impl<K: Pod, V: Summable> KvMap<K, V> for SummedPerCpu<K, V> {
         let values: Vec<V> = (0..cpus)
             .map(|i| if i == 0 { value } else { V::default() })
             .collect();
-        let values = PerCpuValues::try_from(values).map_err(cpu_err)?;
-        self.0.insert(key, values, 0)
+        // `PerCpuValues` is not `Clone`: each attempt builds its own.
+        super::maps::retrying_enomem(|| {
+            let values = PerCpuValues::try_from(values.clone()).map_err(cpu_err)?;
+            self.0.insert(key, values, 0)
+        })
     }
 
     fn remove(&mut self, key: &K) -> Result<(), MapError> {

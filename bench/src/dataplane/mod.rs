@@ -83,6 +83,11 @@ pub struct DataplaneArgs {
     /// and FORWARD hooks) or in the node's (a host-network client: OUTPUT).
     #[arg(long, value_enum, default_value_t = Placement::Pod)]
     client: Placement,
+    /// Keep each system's first topology for every round (by default every round builds
+    /// the system's namespaces, cgroup and rules afresh, so that one topology's placement in
+    /// memory does not bias a whole point).
+    #[arg(long)]
+    keep_topology: bool,
     /// Which CPUs the client and the echo server run on: `split` puts them on two different
     /// CPUs (the first two the benchmark may use), `same` on one, `none` leaves it to the
     /// scheduler (whose choices differ from one system's processes to the next: ±15% on
@@ -104,6 +109,9 @@ const DRIVER_BUILD: &str = if cfg!(debug_assertions) {
 } else {
     "optimised"
 };
+
+/// The pause after rebuilding topologies, before the next round is timed.
+const SETTLE: Duration = Duration::from_secs(2);
 
 /// Most one-service adds timed for the systems driven through a process per change.
 const SLOW_UPDATE_SAMPLES: u32 = 5;
@@ -194,6 +202,17 @@ fn run_blocking(args: &DataplaneArgs) -> Result<()> {
         // drift (the machine warming up, a neighbour starting) does not favour the first.
         let rounds = args.rounds.max(1);
         for round in 0..rounds {
+            if round > 0 && !args.keep_topology {
+                for p in &mut prepared {
+                    check_interrupted()?;
+                    p.rebuild(args).with_context(|| {
+                        format!("rebuilding {} with {n} services", p.point.system)
+                    })?;
+                }
+                // The kernel tears removed namespaces down in the background (conntrack,
+                // 10,000 services' rules): let that finish before anything is timed.
+                std::thread::sleep(SETTLE);
+            }
             let order: Box<dyn Iterator<Item = &mut Prepared>> = if round % 2 == 0 {
                 Box::new(prepared.iter_mut())
             } else {
@@ -349,6 +368,22 @@ impl Prepared {
             completed: 0,
             elapsed_s: 0.0,
         })
+    }
+
+    /// Replaces the topology and the installed system with fresh ones, keeping what was
+    /// measured so far, so that a point averages over several topologies rather than
+    /// carrying one topology's luck (where its memory landed, hash seeds) through every round.
+    fn rebuild(&mut self, args: &DataplaneArgs) -> Result<()> {
+        if self.topo.is_none() {
+            return Ok(());
+        }
+        // The load balancer before the topology (its cgroup), as on drop.
+        self.installed = None;
+        self.topo = None;
+        let fresh = Prepared::new(args, self.point.system, self.point.services)?;
+        self.installed = fresh.installed;
+        self.topo = fresh.topo;
+        Ok(())
     }
 
     fn empty(point: Point) -> Self {
