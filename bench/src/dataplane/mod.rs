@@ -1,9 +1,9 @@
 //! `keelson-bench dataplane`: the cost a Service adds to a connection, with 100, 1,000 and
 //! 10,000 services, for Keelson's eBPF socket load balancer, kube-proxy's iptables layout,
-//! IPVS, and a connect straight to the pod address as the floor. For every system and scale a
-//! fresh [`topology`] is built (a client pod, the node holding the service rules and a server
-//! namespace with the backends, joined by veths; the client in a cgroup2 directory of its
-//! own), the services installed, a client process in the pod's namespace and cgroup measures
+//! IPVS, and a connect straight to the pod address as the floor. For every system, scale and
+//! round a fresh [`topology`] is built (a client pod, the node holding the service rules and a
+//! server namespace with the backends, joined by veths; the client in a cgroup2 directory of
+//! its own; client and echo server pinned to CPUs), the services installed, a client process in the pod's namespace and cgroup measures
 //! first-connection latency (and the `connect(2)` call alone) and short-connection throughput
 //! over randomly chosen services, and the time to add one service is taken (for eBPF also a
 //! Maglev service's). Every namespace, cgroup, rule, pin and process is removed afterwards,
@@ -256,7 +256,8 @@ fn run_blocking(args: &DataplaneArgs) -> Result<()> {
                      too), close with RST; the client runs in a pod namespace (or the node's) \
                      and a cgroup2 directory of its own, the service rules in the node's \
                      namespace, the backends in a third namespace behind a veth; a fresh \
-                     topology per system and scale"
+                     topology per system, scale and round (unless --keep-topology), the \
+                     client and the echo server on the CPUs --pin gives them"
                 .into(),
             placement: match args.client {
                 Placement::Pod => "pod",
