@@ -3,11 +3,11 @@
 //! IPVS, and a connect straight to the pod address as the floor. For every system, scale and
 //! round a fresh [`topology`] is built (a client pod, the node holding the service rules and a
 //! server namespace with the backends, joined by veths; the client in a cgroup2 directory of
-//! its own; client and echo server pinned to CPUs), the services installed, a client process in the pod's namespace and cgroup measures
-//! first-connection latency (and the `connect(2)` call alone) and short-connection throughput
-//! over randomly chosen services, and the time to add one service is taken (for eBPF also a
-//! Maglev service's). Every namespace, cgroup, rule, pin and process is removed afterwards,
-//! also on failure and Ctrl-C.
+//! its own; client and echo server pinned to CPUs), the services installed, a client process
+//! in the pod's namespace and cgroup measures first-connection latency (and the `connect(2)`
+//! call alone) and short-connection throughput over randomly chosen services, and the time to
+//! add one service is taken (for eBPF also a Maglev service's). Every namespace, cgroup, rule,
+//! pin and process is removed afterwards, also on failure and Ctrl-C.
 
 mod ebpf;
 mod iptables;

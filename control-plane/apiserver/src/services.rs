@@ -78,11 +78,22 @@ fn random_u32() -> u32 {
 }
 
 fn invalid(r: &Resource, name: &str, field: &str, message: String) -> ApiError {
+    refused(r, name, "FieldValueInvalid", field, message)
+}
+
+/// 422 with one cause of `reason` on `field`.
+fn refused(
+    r: &Resource,
+    name: &str,
+    reason: &'static str,
+    field: &str,
+    message: String,
+) -> ApiError {
     ApiError::invalid(
         r,
         name,
         vec![Cause {
-            reason: "FieldValueInvalid",
+            reason,
             message,
             field: field.into(),
         }],
@@ -95,20 +106,16 @@ fn invalid(r: &Resource, name: &str, field: &str, message: String) -> ApiError {
 /// an IPv4 address.)
 fn check_ip_families(r: &Resource, name: &str, spec: &Value) -> ApiResult<()> {
     const POLICIES: [&str; 3] = ["PreferDualStack", "RequireDualStack", "SingleStack"];
-    let unsupported = |field: String, value: &str, supported: &[&str]| {
+    let unsupported = |field: &str, value: &Value, supported: &[&str]| {
+        let value = value
+            .as_str()
+            .map_or_else(|| value.to_string(), str::to_owned);
         let list: Vec<String> = supported.iter().map(|s| format!("\"{s}\"")).collect();
-        ApiError::invalid(
-            r,
-            name,
-            vec![Cause {
-                reason: "FieldValueNotSupported",
-                message: format!(
-                    "Unsupported value: \"{value}\": supported values: {}",
-                    list.join(", ")
-                ),
-                field,
-            }],
-        )
+        let message = format!(
+            "Unsupported value: \"{value}\": supported values: {}",
+            list.join(", ")
+        );
+        refused(r, name, "FieldValueNotSupported", field, message)
     };
     match spec.get("ipFamilyPolicy") {
         None | Some(Value::Null) => {}
@@ -123,12 +130,7 @@ fn check_ip_families(r: &Resource, name: &str, spec: &Value) -> ApiResult<()> {
             ));
         }
         Some(Value::String(p)) if POLICIES.contains(&p.as_str()) => {}
-        Some(other) => {
-            let text = other
-                .as_str()
-                .map_or_else(|| other.to_string(), str::to_owned);
-            return Err(unsupported("spec.ipFamilyPolicy".into(), &text, &POLICIES));
-        }
+        Some(other) => return Err(unsupported("spec.ipFamilyPolicy", other, &POLICIES)),
     }
     let families = spec.get("ipFamilies").and_then(Value::as_array);
     for (i, family) in families.into_iter().flatten().enumerate() {
@@ -136,47 +138,35 @@ fn check_ip_families(r: &Resource, name: &str, spec: &Value) -> ApiResult<()> {
         match family.as_str() {
             Some("IPv4") if i == 0 => {}
             Some("IPv4") => {
-                return Err(ApiError::invalid(
-                    r,
-                    name,
-                    vec![Cause {
-                        reason: "FieldValueDuplicate",
-                        message: "Duplicate value: \"IPv4\"".into(),
-                        field,
-                    }],
-                ));
+                let message = "Duplicate value: \"IPv4\"".into();
+                return Err(refused(r, name, "FieldValueDuplicate", &field, message));
             }
             Some("IPv6") => {
-                return Err(invalid(
-                    r,
-                    name,
-                    &field,
-                    "Invalid value: \"IPv6\": not configured on this cluster".into(),
-                ));
+                let message = "Invalid value: \"IPv6\": not configured on this cluster".into();
+                return Err(invalid(r, name, &field, message));
             }
-            other => {
-                let text = other.map_or_else(|| family.to_string(), str::to_owned);
-                return Err(unsupported(field, &text, &["IPv4", "IPv6"]));
-            }
+            _ => return Err(unsupported(&field, family, &["IPv4", "IPv6"])),
         }
     }
-    let ips = spec
-        .get("clusterIPs")
-        .and_then(Value::as_array)
+    let listed = spec.get("clusterIPs").and_then(Value::as_array);
+    let ips = listed
         .into_iter()
         .flatten()
-        .chain(spec.get("clusterIP"))
-        .filter_map(Value::as_str);
-    for ip in ips {
-        if ip.parse::<std::net::Ipv6Addr>().is_ok() {
-            return Err(invalid(
-                r,
-                name,
-                "spec.clusterIPs[0]",
-                format!(
-                    "Invalid value: \"{ip}\": IPv6 is not configured on this cluster (IPv4 single-stack)"
-                ),
-            ));
+        .enumerate()
+        .map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip))
+        .chain(
+            spec.get("clusterIP")
+                .map(|ip| ("spec.clusterIP".to_owned(), ip)),
+        );
+    for (field, ip) in ips {
+        if let Some(ip) = ip
+            .as_str()
+            .filter(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok())
+        {
+            let message = format!(
+                "Invalid value: \"{ip}\": IPv6 is not configured on this cluster (IPv4 single-stack)"
+            );
+            return Err(invalid(r, name, &field, message));
         }
     }
     Ok(())
